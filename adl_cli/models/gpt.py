@@ -1,0 +1,202 @@
+"""GPT-2 (Radford et al., 2019), configurable: attention kernel and positions by name.
+
+    x_0 = wte[idx] (+ position embedding)
+    x_{l+1/2} = x_l + Attn(LN_1(x_l));  x_{l+1} = x_{l+1/2} + MLP(LN_2(x_{l+1/2}))
+    logits = LN_f(x_L) wte^T                      (tied input/output embeddings)
+
+Pre-LayerNorm blocks, a 4x GELU MLP, GPT-2 initialisation N(0, 0.02) with residual
+projections scaled by 1/sqrt(2 n_layer). Parameter names follow GPT-2's layout
+(transformer.h.N.attn.c_attn ...) so converting to and from transformers is a renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adl_cli.nn.attention import ATTENTION, ATTENTION_BLOCKS
+from adl_cli.nn.losses import fused_linear_cross_entropy
+from adl_cli.nn.position import POSITIONS
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head
+    dropout: float = 0.0
+    bias: bool = True
+    attention: str = "sdpa"  # a kernel in ATTENTION or a block in ATTENTION_BLOCKS
+    position: str = "learned"
+    position_options: dict[str, Any] = field(default_factory=dict)  # e.g. rope theta, scaling
+    attention_options: dict[str, Any] = field(default_factory=dict)  # e.g. window, block sizes
+    loss_chunk_rows: int = 256  # rows of logits alive at once in the fused loss; 0 = plain loss
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.attention not in ATTENTION and self.attention not in ATTENTION_BLOCKS:
+            ATTENTION.get(self.attention)  # raises with the valid names
+        POSITIONS.get(self.position)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention around a kernel chosen by name."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kernel = ATTENTION.get(cfg.attention)
+        self.kernel_options = dict(cfg.attention_options)
+
+    def forward(self, x, pos, position, bias=None, cache: dict | None = None):
+        B, T, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split((C, kv_dim, kv_dim), dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = position.rotate(q, pos), position.rotate(k, pos)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat((cache["k"], k), dim=2)
+                v = torch.cat((cache["v"], v), dim=2)
+            cache["k"], cache["v"] = k, v
+        y = self.kernel(q, k, v, causal=True, bias=bias, **self.kernel_options)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        block_cls = ATTENTION_BLOCKS.get(cfg.attention) if cfg.attention in ATTENTION_BLOCKS else CausalSelfAttention
+        self.attn = block_cls(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos, position, bias=None, cache=None):
+        x = x + self.drop(self.attn(self.ln_1(x), pos, position, bias, cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                pos=POSITIONS.get(cfg.position)(
+                    n_embd=cfg.n_embd,
+                    head_dim=cfg.head_dim,
+                    n_head=cfg.n_head,
+                    block_size=cfg.block_size,
+                    **cfg.position_options,
+                ),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.transformer.pos.parameters())
+        return n
+
+    def hidden(self, idx: torch.Tensor, caches: list[dict] | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C); ``caches`` (one dict per layer) enable decoding."""
+        B, T = idx.shape
+        start = 0
+        if caches is not None and caches[0]:
+            start = self.cached_length(caches)
+        if start + T > self.config.block_size and self.config.position == "learned":
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context of {self.config.block_size}")
+        tr = self.transformer
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = tr.wte(idx)
+        pe = tr.pos.embed(pos)
+        if pe is not None:
+            x = x + pe
+        x = tr.drop(x)
+        bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))
+        for i, block in enumerate(tr.h):
+            x = block(x, pos, tr.pos, bias, None if caches is None else caches[i])
+        return tr.ln_f(x)
+
+    @staticmethod
+    def cached_length(caches: list[dict]) -> int:
+        c = caches[0]
+        return int(c["length"]) if "length" in c else c["k"].shape[2]
+
+    def forward(self, idx, targets=None, caches=None):
+        """(logits, loss). With targets, loss is the mean token cross-entropy and logits is
+        None (the fused loss never builds them); without, logits are (B, T, vocab)."""
+        h = self.hidden(idx, caches)
+        if targets is None:
+            return self.lm_head(h), None
+        if self.config.loss_chunk_rows > 0:
+            return None, fused_linear_cross_entropy(h, self.lm_head.weight, targets, chunk_rows=self.config.loss_chunk_rows)
+        logits = self.lm_head(h)
+        return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 L T C (attention)."""
+        cfg = self.config
+        t = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * t * cfg.n_embd

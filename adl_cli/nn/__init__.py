@@ -1,0 +1,1 @@
+"""Building blocks: plain nn.Modules and functions, one concept per file."""
