@@ -1,0 +1,29 @@
+"""KV-cache size per token of context, by attention type.
+
+    MHA / GQA:  2 * n_layer * n_kv_head * head_dim * bytes     (keys and values)
+    MLA:        n_layer * (kv_lora_rank + rope_head_dim) * bytes (latent + shared rope key)
+
+(Shazeer 2019 for multi-query, Ainslie et al. 2023 for grouped-query, DeepSeek-V2 2024
+for latent attention.) A block in ATTENTION_BLOCKS with its own cache layout declares
+it through a ``cache_bytes_per_token(config, dtype_bytes)`` static method.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adl_cli.nn.attention import ATTENTION_BLOCKS
+
+
+def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """Bytes of KV cache one token of context costs, summed over all layers of ``config``."""
+    if config.attention in ATTENTION_BLOCKS:
+        per_token = getattr(ATTENTION_BLOCKS.get(config.attention), "cache_bytes_per_token", None)
+        if per_token is not None:
+            return per_token(config, dtype_bytes)
+    return 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype_bytes
+
+
+def cache_bytes(caches: list[dict]) -> int:
+    """Bytes actually held by the tensors of per-layer cache dicts (to check the formula)."""
+    return sum(v.numel() * v.element_size() for c in caches for v in c.values() if isinstance(v, torch.Tensor))
