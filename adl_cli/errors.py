@@ -9,8 +9,16 @@ from collections.abc import Iterable
 class AdlError(Exception):
     """An error caused by the user's input (a file, a recipe, a flag).
 
-    The CLI prints ``str(err)`` in one line and exits with status 2.
+    The CLI prints ``str(err)`` in one line and exits with ``exit_code`` (2 by default).
     """
+
+    exit_code = 2
+
+
+class Interrupted(AdlError):
+    """The user stopped a run (Ctrl-C); state was saved. Exit status 130 as for SIGINT."""
+
+    exit_code = 130
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=False)
     except AdlError as err:
         console_err.print(f"[bold red]error:[/] {err}", highlight=False)
-        sys.exit(2)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console_err.print("[yellow]interrupted[/]")
         sys.exit(130)

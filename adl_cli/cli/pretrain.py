@@ -1,0 +1,35 @@
+"""adl pretrain: train a GPT from a recipe, show progress, print a report and a sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adl_cli.cli.common import default_out, set_option
+
+
+def pretrain(
+    recipe: Path = typer.Argument(..., help="Recipe TOML (e.g. recipes/pretrain/tiny.toml) or a run's recipe.toml.", show_default=False),
+    set_: list[str] = set_option(),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
+) -> None:
+    """Pretrain a GPT on a corpus: [bold]adl pretrain recipes/pretrain/tiny.toml --set train.steps=200[/]"""
+    from adl_cli.engine.checkpoint import atomic_write_text
+    from adl_cli.engine.report import console, render_run
+    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+    rec = load_pretrain_recipe(recipe, set_)
+    out = out or default_out(recipe, rec.name)
+    console.print(f"[bold]adl pretrain[/] {recipe} -> {out}" + (" (resuming)" if resume else ""))
+    outcome = run_pretrain(rec, out, resume=resume, progress=progress, log=console.print)
+    if outcome.summary and outcome.sample is not None and (out / "summary.json").exists():
+        md = render_run(out, outcome.summary)
+        atomic_write_text(out / "report.md", md)
+        console.print(f"[dim]run folder: {out} (report.md, metrics.jsonl, model.safetensors, checkpoints/)[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain", rich_help_panel="Train")(pretrain)

@@ -1,0 +1,223 @@
+"""Checkpoints: safetensors only, written atomically, resumable.
+
+A checkpoint folder ``checkpoints/step-N/`` holds ``model.safetensors`` (weights),
+``optimizer.safetensors`` (optimizer tensors and RNG states) and ``state.json`` (step,
+counters, optimizer hyper-parameters). It is written under a temporary name and renamed
+into place, so a crash mid-write leaves the previous checkpoint untouched; ``latest``
+names the newest complete one. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adl_cli.errors import AdlError
+
+COMPILE_PREFIX = "_orig_mod."
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the unwrapped model, tied (shared) tensors kept once, no compile prefixes."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in unwrap(model).state_dict().items():
+        name = name.replace(COMPILE_PREFIX, "")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise AdlError(f"missing file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdlError(f"cannot read {path}: the file is truncated or not a safetensors file ({e})") from None
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_safetensors(model_tensors(model), path, metadata)
+
+
+def load_weights(model: nn.Module, path: Path, *, what: str = "checkpoint") -> None:
+    """Load weights into ``model``; any missing/unexpected key or shape mismatch is an AdlError."""
+    tensors = read_safetensors(path)
+    target = unwrap(model)
+    expected = model_tensors(target)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise AdlError(f"{what} {path} does not match the model: {detail}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise AdlError(
+                f"{what} {path} does not match the model: '{name}' has shape {tuple(t.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
+            )
+    target.load_state_dict(tensors, strict=False)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        if not name.startswith("state."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for name, value in meta.get("scalars", {}).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = meta["param_groups"]
+    if len(groups) != len(opt.param_groups) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, opt.param_groups)):
+        raise AdlError("the checkpoint's optimizer state does not match the model's parameters")
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise AdlError(f"the checkpoint's optimizer state does not match: {e}") from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoints/step-N atomically and point ``latest`` at it; keep the newest ``keep``."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
+    try:
+        save_weights(model, tmp / "model.safetensors")
+        tensors, meta = optimizer_tensors(opt)
+        tensors.update(rng_tensors())
+        save_safetensors(tensors, tmp / "optimizer.safetensors")
+        atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state, "optimizer": meta}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", f"step-{step}\n")
+    olds = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for old in olds[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = checkpoint_root(run_dir)
+    marker = root / "latest"
+    if marker.exists():
+        path = root / marker.read_text().strip()
+        if (path / "state.json").exists():
+            return path
+    done = [p for p in root.glob("step-*") if (p / "state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from a checkpoint folder; returns its state dict."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdlError(f"cannot read {path / 'state.json'}: {e}") from None
+    load_weights(model, path / "model.safetensors")
+    tensors = read_safetensors(path / "optimizer.safetensors")
+    if opt is not None:
+        load_optimizer(opt, tensors, state.pop("optimizer"))
+    restore_rng(tensors)
+    return state

@@ -1,0 +1,83 @@
+"""Where and how work runs: precision choice, seeding, the machine's measured matmul peak."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cache_dir() -> Path:
+    """adl's cache (tokenized corpora, trained tokenizers, the matmul peak): $ADL_CACHE or ~/.cache/adl."""
+    root = os.environ.get("ADL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adl")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls are fast: CUDA with bf16 support, or a CPU with AMX/AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            caps = torch.backends.cpu.get_cpu_capability()
+        except Exception:
+            return False
+        return "AMX" in caps.upper()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 where the hardware does it fast, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """Best observed FLOP/s of an n^3 matmul: the roof that model-FLOPs utilisation is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n**3 / best
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The peak measured now, on this device with this thread count: MFU's denominator.
+
+    Measured at the start of each run rather than cached, so a busy machine lowers both the
+    throughput and the roof it is compared with."""
+    n = 4096 if device.type == "cuda" else 1024
+    return measure_matmul_peak(device, dtype, n=n)

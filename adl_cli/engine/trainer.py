@@ -1,0 +1,396 @@
+"""The one training loop, on accelerate.
+
+It takes a model, a batch function and a loss function and knows nothing of tokens
+beyond a throughput unit; pretraining, fine-tuning, vision and self-supervised labs all
+run through it. Per optimizer step t:
+
+    for m in range(grad_accum):          # micro-batches; DDP syncs only on the last
+        loss_m = loss_fn(model, batch_fn(t, m, rank, world)) / grad_accum
+        backward(loss_m)                 # scaled when fp16
+    clip ||g|| to grad_clip;  lr = schedule(t);  AdamW step
+
+Batches are a pure function of (step, micro, rank, world), so the data position is the
+step itself and resuming is exact. Checkpoints (weights, optimizer, RNG, step) are written
+atomically; Ctrl-C finishes the current step, writes one and exits; a non-finite loss stops
+the run with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adl_cli.engine import checkpoint as ckpt
+from adl_cli.engine.optim import lr_at, make_adamw
+from adl_cli.engine.runtime import autocast_dtype, matmul_peak, resolve_precision, seed_everything
+from adl_cli.errors import AdlError, Interrupted
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    fused_adamw: bool = True
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 20
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1337
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got lr={self.lr}, min_lr={self.min_lr})")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be one of auto, fp32, bf16, fp16, got '{self.precision}'")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    units: int
+    unit: str
+    wall_s: float
+    units_per_s: float
+    train_loss: float
+    val_loss: float | None
+    mfu: float | None
+    precision: str
+    optimizer: str
+    compile_s: float | None
+    device: str
+    world_size: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StopRequested(Exception):
+    pass
+
+
+class _SigintGuard:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="no")
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        run_dir: Path,
+        batch_fn: Callable[[int, int, int, int], tuple],
+        loss_fn: Callable[[nn.Module, tuple], torch.Tensor],
+        eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        units_per_batch: int,
+        unit: str = "tokens",
+        flops_per_unit: float | None = None,
+        accelerator=None,
+        progress: bool = True,
+        state_extra: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.batch_fn, self.loss_fn, self.eval_fn = batch_fn, loss_fn, eval_fn
+        self.unit, self.units_per_batch, self.flops_per_unit = unit, units_per_batch, flops_per_unit
+        self.acc = accelerator or _accelerator()
+        self.show_progress = progress and self.acc.is_main_process
+        self.state_extra = state_extra or {}
+        self.device = self.acc.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.raw_model = model.to(self.device)
+        self.optimizer, self.optimizer_kind = make_adamw(
+            self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), fused=cfg.fused_adamw
+        )
+        self.compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.model, self.optimizer = self.acc.prepare(self.compiled, self.optimizer)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ pieces
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch):
+        return tuple(t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t for t in batch)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                out = self.eval_fn(self.raw_model)
+        finally:
+            self.model.train()
+        return {k: float(self.acc.reduce(torch.tensor(v, device=self.device), reduction="mean")) for k, v in out.items()}
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.acc.is_main_process:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _save(self, step: int, units: int, wall: float) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            state = {"units": units, "wall_s": wall, "unit": self.unit, **self.state_extra}
+            path = ckpt.save_checkpoint(self.run_dir, step, self.raw_model, self.optimizer, state, keep=self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _truncate_metrics(self, step: int) -> None:
+        if not self.acc.is_main_process or not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        ckpt.atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        seed_everything(cfg.seed + self.acc.process_index)
+        start_step, units, wall_before = 0, 0, 0.0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            path = ckpt.latest_checkpoint(self.run_dir)
+            if path is None:
+                raise AdlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+            start_step, units, wall_before = int(state["step"]), int(state.get("units", 0)), float(state.get("wall_s", 0.0))
+            if start_step >= cfg.steps:
+                raise AdlError(f"--resume: the checkpoint is at step {start_step}, the recipe has train.steps={cfg.steps}; raise train.steps to continue")
+            self._truncate_metrics(start_step)
+        elif self.acc.is_main_process and self.metrics_path.exists():
+            self.metrics_path.unlink()
+
+        rank, world = self.acc.process_index, self.acc.num_processes
+        units_per_step = self.units_per_batch * cfg.grad_accum * world
+        peak = matmul_peak(self.device, self.amp_dtype or torch.float32) if self.flops_per_unit else None
+        history: list[dict[str, Any]] = []
+        rates: list[float] = []
+        losses: list[float] = []
+        compile_s = None
+        val_loss = None
+        t_start = time.perf_counter()
+        progress = _Progress(cfg.steps, start_step, self.unit, enabled=self.show_progress)
+        interval_t, interval_units, interval_loss, interval_n = time.perf_counter(), 0, torch.zeros((), device=self.device), 0
+        step = start_step
+        last_saved = start_step if resume else None
+        self.model.train()
+        with _SigintGuard() as guard, progress:
+            try:
+                for step in range(start_step, cfg.steps):
+                    lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, steps=cfg.steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    t_step = time.perf_counter()
+                    step_loss = self._step(step, rank, world)
+                    if compile_s is None and cfg.compile and step == start_step:
+                        compile_s = time.perf_counter() - t_step
+                        interval_t = time.perf_counter()  # keep compilation out of the throughput
+                    else:
+                        interval_units += units_per_step
+                    interval_loss += step_loss
+                    interval_n += 1
+                    units += units_per_step
+                    done = step + 1
+                    if done % cfg.log_every == 0 or done == cfg.steps:
+                        loss = float(self.acc.reduce(interval_loss / interval_n, reduction="mean"))
+                        if not math.isfinite(loss):
+                            raise AdlError(
+                                f"the loss became {loss} at step {done}; stopped. "
+                                + (f"Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}" if last_saved is not None else "No checkpoint was written yet.")
+                                + " Try a lower train.lr or train.precision=fp32."
+                            )
+                        elapsed = time.perf_counter() - interval_t
+                        rate = interval_units / elapsed if interval_units and elapsed > 0 else 0.0
+                        if rate:
+                            rates.append(rate)
+                        losses.append(loss)
+                        row = {"step": done, "loss": loss, "lr": lr, f"{self.unit}_per_s": rate, "elapsed_s": wall_before + time.perf_counter() - t_start}
+                        history.append(row)
+                        self._log(row)
+                        progress.update(done, loss, lr, rate)
+                        interval_t, interval_units, interval_loss, interval_n = time.perf_counter(), 0, torch.zeros((), device=self.device), 0
+                    if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                        t_eval = time.perf_counter()
+                        metrics = self.evaluate()
+                        if metrics:
+                            val_loss = metrics.get("val_loss", val_loss)
+                            self._log({"step": done, **metrics})
+                            progress.note(done, metrics)
+                        interval_t += time.perf_counter() - t_eval
+                    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                        t_ck = time.perf_counter()
+                        self._save(done, units, wall_before + time.perf_counter() - t_start)
+                        last_saved = done
+                        interval_t += time.perf_counter() - t_ck
+                    if guard.requested:
+                        raise StopRequested
+            except StopRequested:
+                done = step + 1
+                path = self._save(done, units, wall_before + time.perf_counter() - t_start)
+                progress.stop()
+                raise Interrupted(f"stopped by Ctrl-C after step {done}; checkpoint written to {path}; continue with --resume") from None
+            except KeyboardInterrupt:
+                progress.stop()
+                raise Interrupted("interrupted twice: stopped without writing a checkpoint; --resume continues from the last one") from None
+
+        metrics = self.evaluate()
+        if metrics:
+            val_loss = metrics.get("val_loss", val_loss)
+            self._log({"step": cfg.steps, **metrics})
+        wall = wall_before + time.perf_counter() - t_start
+        self._save(cfg.steps, units, wall)
+        steady = rates[1:] if len(rates) > 2 else rates
+        rate = statistics.median(steady) if steady else 0.0
+        mfu = rate * self.flops_per_unit / world / peak if peak and rate else None
+        tail = losses[-max(1, len(losses) // 10):]
+        return TrainResult(
+            steps=cfg.steps,
+            units=units,
+            unit=self.unit,
+            wall_s=wall,
+            units_per_s=rate,
+            train_loss=statistics.fmean(tail) if tail else float("nan"),
+            val_loss=val_loss,
+            mfu=mfu,
+            precision=self.precision,
+            optimizer=f"AdamW ({self.optimizer_kind})",
+            compile_s=compile_s,
+            device=str(self.device),
+            world_size=world,
+            history=history,
+        )
+
+    def _step(self, step: int, rank: int, world: int) -> torch.Tensor:
+        cfg = self.cfg
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            batch = self._to_device(self.batch_fn(step, micro, rank, world))
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            with sync:
+                with self.autocast():
+                    loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+
+class _Progress:
+    """A rich progress bar with loss, lr, throughput and ETA (silent when disabled)."""
+
+    def __init__(self, total: int, start: int, unit: str, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from adl_cli.engine.report import console
+
+        self.unit = unit
+        self.bar = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def stop(self):
+        if self.enabled:
+            self.bar.stop()
+
+    def update(self, step: int, loss: float, lr: float, rate: float) -> None:
+        if self.enabled:
+            stats = f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
+            self.bar.update(self.task, completed=step, stats=stats)
+
+    def note(self, step: int, metrics: dict[str, float]) -> None:
+        if self.enabled:
+            text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.bar.console.print(f"  step {step}: {text}")

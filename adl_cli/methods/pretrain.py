@@ -1,0 +1,262 @@
+"""Pretraining a GPT on a corpus: recipe -> tokens -> model -> the trainer -> report + sample.
+
+The training objective is next-token cross-entropy, L = -mean_t log p(x_{t+1} | x_<=t);
+bits per byte = L * tokens / bytes / ln 2 makes it comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_windows, load_tokens
+from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint, load_weights, save_weights, unwrap
+from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
+from adl_cli.errors import AdlError
+from adl_cli.models.gpt import GPT, GPTConfig
+from adl_cli.recipe import dump_recipe, load_recipe
+
+
+@dataclass
+class ModelSection:
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_kv_head: int | None = None
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    attention: str = "sdpa"
+    position: str = "learned"
+    vocab_multiple: int = 64  # pad the embedding table to a multiple of this (GPU-friendly shapes)
+    loss_chunk_rows: int = 256  # fused linear cross-entropy chunk; 0 = plain logits + loss
+    attention_options: dict = field(default_factory=dict)
+    position_options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        from adl_cli.nn.attention import ATTENTION, ATTENTION_BLOCKS
+        from adl_cli.nn.position import POSITIONS
+
+        if self.attention not in ATTENTION and self.attention not in ATTENTION_BLOCKS:
+            names = ATTENTION.names() + ATTENTION_BLOCKS.names()
+            from adl_cli.errors import closest
+
+            raise ValueError(f"model.attention '{self.attention}' is unknown{closest(self.attention, names)}; choose from: {', '.join(names)}")
+        if self.position not in POSITIONS:
+            from adl_cli.errors import closest
+
+            raise ValueError(f"model.position '{self.position}' is unknown{closest(self.position, POSITIONS.names())}; choose from: {', '.join(POSITIONS.names())}")
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        padded = math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple
+        try:
+            return GPTConfig(
+                vocab_size=padded,
+                block_size=self.block_size,
+                n_layer=self.n_layer,
+                n_head=self.n_head,
+                n_embd=self.n_embd,
+                n_kv_head=self.n_kv_head,
+                dropout=self.dropout,
+                bias=self.bias,
+                attention=self.attention,
+                position=self.position,
+                attention_options=dict(self.attention_options),
+                position_options=dict(self.position_options),
+                loss_chunk_rows=self.loss_chunk_rows,
+            )
+        except ValueError as e:
+            raise AdlError(f"model: {e}") from None
+
+
+@dataclass
+class PretrainRecipe:
+    name: str = "pretrain"
+    description: str = ""
+    sample_prompt: str = ""
+    sample_tokens: int = 120
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_pretrain_recipe(path: str | Path, overrides: list[str] | None = None) -> PretrainRecipe:
+    return load_recipe(path, PretrainRecipe, overrides)
+
+
+def build_model(cfg: GPTConfig) -> GPT:
+    try:
+        return GPT(cfg)
+    except ValueError as e:
+        raise AdlError(f"model: {e}") from None
+
+
+def save_run_model(run_dir: Path, model, tokenizer=None) -> None:
+    """The run folder's final model: model.safetensors + config.json (+ tokenizer files)."""
+    run_dir = Path(run_dir)
+    m = unwrap(model)
+    save_weights(m, run_dir / "model.safetensors", metadata={"format": "pt", "adl": "gpt"})
+    atomic_write_text(run_dir / "config.json", json.dumps(m.config.to_dict(), indent=1))
+    if tokenizer is not None:
+        tokenizer.save(run_dir)
+
+
+def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> GPT:
+    """A GPT from a run folder (its final model, else its latest checkpoint)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AdlError(f"run folder not found: {run_dir}")
+    try:
+        cfg = GPTConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except FileNotFoundError:
+        raise AdlError(f"{run_dir} has no config.json: is it an adl run folder?") from None
+    except (ValueError, TypeError) as e:
+        raise AdlError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    model = build_model(cfg)
+    weights = run_dir / "model.safetensors"
+    if not weights.exists():
+        ck = latest_checkpoint(run_dir)
+        if ck is None:
+            raise AdlError(f"{run_dir} has no model.safetensors and no checkpoint")
+        weights = ck / "model.safetensors"
+    load_weights(model, weights, what="weights")
+    return model.to(device).eval()
+
+
+def _check_resume_shape(run_dir: Path, cfg: GPTConfig) -> None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for key in ("vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "block_size", "attention", "position", "bias"):
+        if key in old and old[key] != getattr(cfg, key):
+            raise AdlError(
+                f"--resume: the checkpoint in {run_dir} was trained with {key}={old[key]!r}, the recipe now says {getattr(cfg, key)!r}; "
+                "use the run's own recipe.toml or a new --out"
+            )
+
+
+@dataclass
+class PretrainOutcome:
+    run_dir: Path
+    result: TrainResult
+    summary: dict[str, Any]
+    sample: str
+
+
+def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, progress: bool = True, accelerator=None, log=print) -> PretrainOutcome:
+    out = Path(out)
+    t0 = time.perf_counter()
+    if resume and latest_checkpoint(out) is None:
+        raise AdlError(f"--resume: no checkpoint in {out / 'checkpoints'} (train first, or check --out)")
+    log(f"data: corpus [bold]{recipe.data.corpus}[/], tokenizer {recipe.data.tokenizer}")
+    data: TokenData = load_tokens(recipe.data)
+    gcfg = recipe.model.gpt_config(data.tokenizer.vocab_size)
+    if resume:
+        _check_resume_shape(out, gcfg)
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(gcfg)
+    log(
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {gcfg.n_layer}L/{gcfg.n_head}H/{gcfg.n_embd}, "
+        f"block {gcfg.block_size}, vocab {gcfg.vocab_size} ({data.tokenizer.describe()}), attention {gcfg.attention}, position {gcfg.position}; "
+        f"data: {len(data.train):,} train / {len(data.val):,} val tokens"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=f"resolved recipe of the run in {out.name}; `adl pretrain {out / 'recipe.toml'}` reproduces it"))
+    data.tokenizer.save(out)
+    atomic_write_text(out / "config.json", json.dumps(gcfg.to_dict(), indent=1))
+    tc = recipe.train
+    batches = WindowBatches(data.train, gcfg.block_size, tc.batch_size, tc.grad_accum, tc.seed)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return m(x, y)[1]
+
+    def eval_fn(m):
+        losses = [m(x.to(next(m.parameters()).device), y.to(next(m.parameters()).device))[1].item() for x, y in eval_windows(data.val, gcfg.block_size, tc.batch_size, tc.eval_batches, tc.seed)]
+        return {"val_loss": sum(losses) / len(losses)}
+
+    trainer = Trainer(
+        model,
+        tc,
+        run_dir=out,
+        batch_fn=batches,
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+        units_per_batch=tc.batch_size * gcfg.block_size,
+        unit="tokens",
+        flops_per_unit=model.flops_per_token(gcfg.block_size),
+        accelerator=accelerator,
+        progress=progress,
+    )
+    result = trainer.fit(resume=resume)
+    sample = ""
+    if trainer.acc.is_main_process:
+        save_run_model(out, trainer.raw_model, data.tokenizer)
+        sample = sample_text(trainer.raw_model, data.tokenizer, recipe.sample_prompt, recipe.sample_tokens, seed=tc.seed)
+    summary = summarize(recipe, model, data, result, sample, time.perf_counter() - t0)
+    if trainer.acc.is_main_process:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return PretrainOutcome(out, result, summary, sample)
+
+
+def sample_text(model, tokenizer, prompt: str, n: int, *, seed: int = 0, temperature: float = 0.8, top_k: int | None = 40) -> str:
+    from adl_cli.methods.generate import generate
+
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, idx, n, temperature=temperature, top_k=top_k, generator=g)
+    new = out[0, idx.shape[1]:].tolist()
+    return (prompt if prompt else "") + tokenizer.decode(new)
+
+
+def unigram_entropy(tokens, vocab: int) -> float:
+    """Cross-entropy (nats) of the best context-free model: the baseline a trained model must beat."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(tokens[: min(len(tokens), 2_000_000)], dtype=np.int64), minlength=vocab).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def summarize(recipe, model, data: TokenData, result: TrainResult, sample: str, wall: float) -> dict[str, Any]:
+    val = result.val_loss
+    return {
+        "name": recipe.name,
+        "parameters": model.num_params(),
+        "steps": result.steps,
+        "tokens": result.units,
+        "tokens_per_s": result.units_per_s,
+        "mfu": result.mfu,
+        "train_loss": result.train_loss,
+        "val_loss": val,
+        "val_bits_per_byte": val / math.log(2) / data.val_bytes_per_token if val is not None else None,
+        "unigram_loss": unigram_entropy(data.train, data.tokenizer.vocab_size),
+        "wall_s": wall,
+        "train_wall_s": result.wall_s,
+        "precision": result.precision,
+        "optimizer": result.optimizer,
+        "compile_s": result.compile_s,
+        "attention": model.config.attention,
+        "device": result.device,
+        "world_size": result.world_size,
+        "tokenizer": data.tokenizer.describe(),
+        "sample": sample,
+    }
