@@ -43,7 +43,8 @@ def test_pi_and_ntk_frequencies():
     torch.testing.assert_close(make("pi", scale=4.0).inv_freq.double(), base / 4)
     ntk = make("ntk", scale=4.0).inv_freq.double()
     assert ntk[0].item() == pytest.approx(1.0)  # the fastest pair is untouched
-    assert ntk[-1].item() == pytest.approx(base[-1].item() / 4 ** (14 / 16 * 16 / 14), rel=1e-5)
+    # theta_i' = theta_i * s^(-2i/(D-2)): the slowest pair (i = D/2 - 1) is interpolated by s.
+    assert ntk[-1].item() == pytest.approx(base[-1].item() / 4, rel=1e-5)
 
 
 def test_yarn_inverse_frequencies_follow_the_paper():

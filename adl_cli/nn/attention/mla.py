@@ -10,10 +10,10 @@ small rotary key shared by the heads) is cached:
     o_h = softmax([q_h^C ; q_h^R] . [k_h^C ; k^R] / sqrt(d_nope + d_rope)) v_h
     y   = W_o [o_1 ; ... ; o_H]
 
-Absorbed form (inference): q_h^C . W_uk,h c_kv = (W_uk,h^T q_h^C) . c_kv, and
-W_o,h W_uv,h (sum_j p_j c_kv,j) = W_o,h v-sum, so attention runs in the latent space
-as a single shared key/value "head" of width r (+ d_rope) and W_uv is folded into the
-output projection. Both forms give the same output; ``absorb`` picks one ("auto":
+Absorbed form (inference): q_h^C . (W_uk,h c_kv,j) = (W_uk,h^T q_h^C) . c_kv,j and
+W_o,h sum_j p_hj v_h,j = (W_o,h W_uv,h) sum_j p_hj c_kv,j, so attention runs in the
+latent space against one shared key [c_kv ; k^R] and value c_kv, with W_uk folded into
+the query and W_uv into the output projection. Both forms give the same output; ``absorb`` picks one ("auto":
 absorbed while decoding from a cache, unabsorbed for training and prefill).
 
 Positions. The compressed keys cannot be rotated (the rotation would sit between W_uk
