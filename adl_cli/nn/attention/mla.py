@@ -221,5 +221,12 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
         q = torch.cat((q_latent, q_rope), dim=-1)
         k = torch.cat((c_kv, k_rope), dim=-1)[:, None]
-        o_latent = self.kernel(q, k, c_kv[:, None], causal=True, scale=scale, bias=bias)  # (B, H, T, r)
+        if T == 1:
+            # One new token sees every cached key: lay the heads out as queries of a single
+            # head so the shared latent is never copied per head (multi-query style).
+            bias = None if bias is None else bias.transpose(-3, -2)
+            o_latent = self.kernel(q.transpose(1, 2), k, c_kv[:, None], causal=False, scale=scale, bias=bias)
+            o_latent = o_latent.transpose(1, 2)
+        else:
+            o_latent = self.kernel(q, k, c_kv[:, None], causal=True, scale=scale, bias=bias)  # (B, H, T, r)
         return F.linear(o_latent.transpose(1, 2).reshape(B, T, -1), w_fold, self.c_proj.bias)
