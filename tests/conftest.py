@@ -35,3 +35,42 @@ def small_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+TINY_RECIPE = """
+name = "t"
+sample_prompt = "The "
+sample_tokens = 8
+
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+vocab_multiple = 8
+
+[data]
+corpus = "{corpus}"
+tokenizer = "bytes"
+val_fraction = 0.1
+
+[train]
+steps = 6
+batch_size = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup = 2
+eval_every = 3
+eval_batches = 2
+checkpoint_every = 3
+log_every = 1
+seed = 7
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, small_corpus):
+    """A recipe for a 2-layer, 32-wide GPT on bytes of a small corpus: seconds to train."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
+    return path

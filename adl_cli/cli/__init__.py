@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except AdlError as err:
-        console_err.print(f"[bold red]error:[/] {err}", highlight=False)
+        console_err.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console_err.print("[yellow]interrupted[/]")

@@ -35,7 +35,7 @@ def generate(
     ids = list(tok.encode(prompt)) if prompt else [tok.eot_id]
     block = model.config.block_size
     if len(ids) > block:
-        console_err.print(f"[yellow]warning:[/] the prompt has {len(ids)} tokens, the context is {block}: keeping the last {block}")
+        console_err.print(f"[yellow]warning:[/] the prompt has {len(ids)} tokens, the context is {block}: keeping the last {block}", soft_wrap=True)
         ids = ids[-block:]
     g = torch.Generator().manual_seed(seed)
     for i in range(num_samples):

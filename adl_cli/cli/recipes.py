@@ -33,7 +33,8 @@ def find_recipe(name: str) -> Path:
         return table[by_stem[0]]
     if len(by_stem) > 1:
         raise AdlError(f"recipe name '{name}' is ambiguous: {', '.join(by_stem)}")
-    raise AdlError(f"no recipe named '{name}'{closest(name, table)}; `adl recipes list` shows them")
+    hint = closest(name, table) or closest(name, {k.split("/")[-1] for k in table})
+    raise AdlError(f"no recipe named '{name}'{hint}; `adl recipes list` shows them")
 
 
 def _description(path: Path) -> str:

@@ -1,0 +1,112 @@
+"""The CLI through its real entry point: pretrain, resume, generate, report, recipes, tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adl_cli.cli import main
+
+
+def run(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_pretrain_end_to_end_subprocess(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, COLUMNS="120")
+    p = subprocess.run(
+        [sys.executable, "-m", "adl_cli", "pretrain", str(tiny_recipe), "--out", str(out), "--set", "train.steps=4", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    for name in ("recipe.toml", "config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "summary.json", "report.md"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0])
+    assert any("val_loss" in r for r in rows)
+    assert "val bits per byte" in p.stdout and "loss curve" in p.stdout
+    # the resolved recipe reproduces the run's settings
+    resolved = (out / "recipe.toml").read_text()
+    assert "steps = 4" in resolved
+
+
+def test_resume_generate_report(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(["pretrain", tiny_recipe, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    code, _, err = run(["pretrain", out / "recipe.toml", "--resume", "--set", "train.steps=8", "--no-progress"], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 8 and rows[: len(first) - 1] == first[: len(first) - 1]
+    code, text, err = run(["generate", out, "--prompt", "The ", "--max-new-tokens", "20", "--seed", "1"], capsys)
+    assert code == 0, err and text.startswith("The ")
+    code2, text2, _ = run(["generate", out, "--prompt", "The ", "--max-new-tokens", "20", "--seed", "1"], capsys)
+    assert text2 == text  # seeded sampling is reproducible
+    code, text, err = run(["generate", out, "--prompt", "x" * 100, "--max-new-tokens", "3"], capsys)
+    assert code == 0 and "keeping the last 32" in err
+    code, text, _ = run(["report", out], capsys)
+    assert code == 0 and "val loss" in text and "loss curve" in text
+
+
+def one_line_error(code, err, *pieces):
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for p in pieces:
+        assert p in err, (p, err)
+
+
+def test_bad_inputs_are_one_line_errors(tiny_recipe, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    one_line_error(*run(["pretrain", tmp_path / "missing.toml"], capsys)[::2], "recipe not found")
+    bad.write_text("[train\nsteps = 3\n")
+    one_line_error(*run(["pretrain", bad], capsys)[::2], "TOML syntax error", "line 1")
+    one_line_error(*run(["pretrain", tiny_recipe, "--set", "train.stepz=3"], capsys)[::2], "did you mean 'train.steps'")
+    one_line_error(*run(["pretrain", tiny_recipe, "--set", "train.lr=fast"], capsys)[::2], "train.lr", "must be a number")
+    one_line_error(*run(["pretrain", tiny_recipe, "--set", f"data.corpus={tmp_path / 'nope.txt'}", "--out", tmp_path / "r"], capsys)[::2], "corpus not found")
+    one_line_error(*run(["pretrain", tiny_recipe, "--out", tmp_path / "empty", "--resume"], capsys)[::2], "no checkpoint")
+
+
+def test_resume_with_a_different_shape_and_corrupt_weights(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["pretrain", tiny_recipe, "--out", out, "--no-progress", "--set", "train.steps=3"], capsys)[0] == 0
+    one_line_error(*run(["pretrain", tiny_recipe, "--out", out, "--resume", "--set", "model.n_embd=64"], capsys)[::2], "n_embd=32", "64")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    one_line_error(*run(["generate", out, "--prompt", "a"], capsys)[::2], "truncated or not a safetensors")
+    one_line_error(*run(["generate", tmp_path / "nowhere"], capsys)[::2], "run folder not found")
+    one_line_error(*run(["generate", out, "--top-p", "2"], capsys)[::2], "--top-p")
+
+
+def test_recipes_and_tokenizer_commands(tmp_path, capsys):
+    code, text, _ = run(["recipes", "list"], capsys)
+    assert code == 0 and "pretrain/tiny" in text
+    code, text, _ = run(["recipes", "show", "tiny"], capsys)
+    assert code == 0 and "[model]" in text
+    assert run(["recipes", "cp", "tiny", tmp_path], capsys)[0] == 0
+    assert (tmp_path / "tiny.toml").exists()
+    one_line_error(*run(["recipes", "show", "tiyn"], capsys)[::2], "did you mean")
+    ranks = tmp_path / "bpe.tiktoken"
+    code, text, err = run(["tokenizer", "train", "--corpus", "pydoc", "--vocab-size", "600", "--out", ranks], capsys)
+    assert code == 0, err and ranks.exists()
+    code, text, _ = run(["tokenizer", "encode", "The with statement", "--tokenizer", ranks], capsys)
+    assert code == 0 and "ids:" in text
+    one_line_error(*run(["tokenizer", "train", "--corpus", tmp_path / "none.txt", "--out", ranks], capsys)[::2], "corpus not found")
+    one_line_error(*run(["tokenizer", "encode", "x", "--tokenizer", "gpt3"], capsys)[::2], "unknown tokenizer")
+
+
+def test_version_and_help(capsys):
+    code, text, _ = run(["--version"], capsys)
+    assert code == 0 and text.startswith("adl ")
+    code, text, _ = run(["pretrain", "--help"], capsys)
+    assert code == 0 and "--resume" in text and "--set" in text
