@@ -306,6 +306,8 @@ def shard_corpus(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdlError(f"--out {out_dir} is a file, not a folder")
+    if tokenizer == "bpe" and vocab_size > MAX_VOCAB:
+        raise AdlError(f"--vocab-size {vocab_size:,} does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,} ids)")
     docs = load_documents(corpus)
     text = "\n\n".join(docs) if tokenizer == "bpe" else None
     tok = make_tokenizer(tokenizer, text=text, corpus_key=corpus_key(docs), vocab_size=vocab_size, progress=progress)

@@ -1,0 +1,206 @@
+"""GPT-2 interop with transformers: import a GPT2LMHeadModel folder as an adl run, export back.
+
+Import reads ``DIR/config.json`` and ``DIR/model.safetensors`` (or the shards that
+``model.safetensors.index.json`` lists) in transformers' layout, converts them with
+``adl_cli.models.hf_gpt2`` and writes an adl run folder (config.json, model.safetensors,
+tokenizer.json [+ tokenizer.tiktoken]) that ``adl generate`` reads. The tokenizer, unless
+given: the adl tokenizer an ``adl export hf`` left in ``DIR/adl_tokenizer/``; else
+``vocab.json`` + ``merges.txt`` converted to tiktoken ranks when they have GPT-2's
+layout (no tiktoken cache needed); else the ``gpt2`` kind, which needs tiktoken's cache
+at generation time (``adl generate`` says how to provide it).
+
+Export writes ``model.safetensors`` + ``config.json`` (+ ``generation_config.json``) that
+``GPT2LMHeadModel.from_pretrained(DIR)`` loads offline, and copies the adl tokenizer
+into ``DIR/adl_tokenizer/`` (a plain ``tokenizer.json`` there would be taken for a
+Hugging Face tokenizers file). Weights round-trip bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adl_cli.data.tokenizer import Tokenizer, gpt2_tokenizer, make_tokenizer
+from adl_cli.engine.checkpoint import atomic_write_text, model_tensors, read_safetensors, save_safetensors
+from adl_cli.errors import AdlError
+from adl_cli.models import hf_gpt2
+from adl_cli.models.gpt import GPT, GPTConfig
+
+ADL_TOKENIZER_DIR = "adl_tokenizer"
+GPT2_META = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+
+
+@dataclass
+class InteropResult:
+    out: Path
+    config: GPTConfig
+    tokenizer: str
+    parameters: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise AdlError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdlError(f"cannot read {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise AdlError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or every shard model.safetensors.index.json names."""
+    single, index = src / "model.safetensors", src / "model.safetensors.index.json"
+    if single.exists():
+        return read_safetensors(single)
+    if index.exists():
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not files:
+            raise AdlError(f"{index} lists no weight files")
+        tensors: dict[str, torch.Tensor] = {}
+        for name in files:
+            tensors.update(read_safetensors(src / name))
+        return tensors
+    if (src / "pytorch_model.bin").exists():
+        raise AdlError(
+            f"{src} holds pytorch_model.bin but no model.safetensors; adl reads safetensors only (it never unpickles). "
+            "Convert once with transformers: GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(NEW_DIR)"
+        )
+    raise AdlError(f"{src} has no model.safetensors: is it a transformers model folder (save_pretrained)?")
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _write_tokenizer(spec: str | None, src: Path, out: Path, vocab_size: int, notes: list[str]) -> str:
+    """Write the run's tokenizer files; returns a description. See the module docstring."""
+    meta: dict | None = None
+    tok: Tokenizer | None = None
+    explicit = spec is not None
+    if spec is None:
+        saved = src / ADL_TOKENIZER_DIR
+        vocab, merges = src / "vocab.json", src / "merges.txt"
+        if (saved / "tokenizer.json").exists():
+            meta = _read_json(saved / "tokenizer.json")
+            if meta.get("kind") != "gpt2":
+                tok, meta = Tokenizer.load(saved), None
+        elif vocab.exists() and merges.exists():
+            try:
+                ranks = hf_gpt2.ranks_from_vocab(_read_json(vocab), hf_gpt2.read_merges(merges.read_text(encoding="utf-8")))
+            except (ValueError, UnicodeDecodeError) as e:
+                notes.append(f"vocab.json/merges.txt not converted ({e}); using the gpt2 tokenizer kind")
+                meta = dict(GPT2_META)
+            else:
+                from adl_cli.data import bpe
+                from adl_cli.data.tokenizer import from_ranks_file
+
+                out.mkdir(parents=True, exist_ok=True)
+                bpe.save_ranks(ranks, out / "tokenizer.tiktoken")
+                tok = from_ranks_file(out / "tokenizer.tiktoken", kind="file", pattern=bpe.GPT2_PATTERN)
+                notes.append(f"tokenizer converted from vocab.json + merges.txt ({tok.vocab_size} ids)")
+        else:
+            meta = dict(GPT2_META)
+    elif spec == "gpt2":
+        meta = dict(GPT2_META)
+    elif Path(spec).is_dir():
+        tok = Tokenizer.load(Path(spec))
+    else:
+        tok = make_tokenizer(spec)
+    if meta is not None:  # the gpt2 kind: written without its files, which may not be cached here
+        try:
+            gpt2_tokenizer()
+        except AdlError:
+            notes.append("tokenizer gpt2: tiktoken's gpt2 file is not cached here; `adl generate` explains how to provide it, or pass --tokenizer")
+        n = int(meta.get("vocab_size", GPT2_META["vocab_size"]))
+        desc = f"gpt2 ({n} ids)"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "tokenizer.json", json.dumps(meta, indent=1))
+    else:
+        assert tok is not None
+        n = tok.vocab_size
+        desc = tok.describe()
+        tok.save(out)
+    if n > vocab_size:
+        msg = f"the tokenizer ({desc}) has more ids than the model's vocabulary ({vocab_size})"
+        if explicit:
+            raise AdlError(msg + "; choose another --tokenizer")
+        notes.append(msg + ": generation may fail; pass --tokenizer bytes|gpt2|PATH")
+    return desc
+
+
+def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None) -> InteropResult:
+    """A transformers GPT-2 folder -> an adl run folder. AdlError on any bad input."""
+    from adl_cli.methods.pretrain import save_run_model
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise AdlError(f"model folder not found: {src}")
+    if out.exists() and not out.is_dir():
+        raise AdlError(f"--out {out} is a file, not a folder")
+    cfg = hf_gpt2.hf_to_adl_config(_read_json(src / "config.json"), where=str(src / "config.json"))
+    tensors = read_hf_weights(src)
+    adl = hf_gpt2.hf_to_adl(tensors, cfg, where=str(src / "model.safetensors"))
+    model = GPT(cfg)
+    model.load_state_dict(adl, strict=False)  # names and shapes were checked; lm_head is tied to wte
+    notes: list[str] = []
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in adl.values()})
+    if dtypes != ["float32"]:
+        notes.append(f"weights stored as {', '.join(dtypes)}, imported as float32")
+    out.mkdir(parents=True, exist_ok=True)
+    desc = _write_tokenizer(tokenizer, src, out, cfg.vocab_size, notes)
+    save_run_model(out, model)
+    return InteropResult(out, cfg, desc, sum(t.numel() for t in adl.values()), notes)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_hf(run_dir: Path, out: Path) -> InteropResult:
+    """An adl run folder -> a folder GPT2LMHeadModel.from_pretrained reads offline."""
+    from adl_cli.methods.pretrain import load_run_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise AdlError(f"run folder not found: {run_dir}")
+    if out.exists() and not out.is_dir():
+        raise AdlError(f"--out {out} is a file, not a folder")
+    try:
+        cfg = GPTConfig.from_dict(_read_json(run_dir / "config.json"))
+    except (ValueError, TypeError) as e:
+        raise AdlError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    try:
+        hf_gpt2.check_exportable(cfg)
+    except AdlError as e:
+        raise AdlError(f"cannot export {run_dir} to transformers' GPT-2: {e}") from None
+    model = load_run_model(run_dir)
+    tensors = hf_gpt2.adl_to_hf(model_tensors(model), cfg)
+    dtype = str(tensors["transformer.wte.weight"].dtype).removeprefix("torch.")
+    tok_meta = _read_json(run_dir / "tokenizer.json") if (run_dir / "tokenizer.json").exists() else {}
+    eot = tok_meta.get("eot_id")
+    hf_cfg = hf_gpt2.adl_to_hf_config(cfg, eot_id=eot, dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
+    if "eos_token_id" in hf_cfg:  # generate() stops at <|endoftext|>
+        gen = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"]}
+        atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    notes: list[str] = []
+    desc = "none"
+    if tok_meta:
+        dest = out / ADL_TOKENIZER_DIR
+        dest.mkdir(exist_ok=True)
+        shutil.copyfile(run_dir / "tokenizer.json", dest / "tokenizer.json")
+        ranks = tok_meta.get("ranks")
+        if ranks and (run_dir / ranks).exists():
+            shutil.copyfile(run_dir / ranks, dest / ranks)
+        desc = f"{tok_meta.get('kind')} ({tok_meta.get('vocab_size')} ids), copied to {dest.name}/ for `adl import hf-gpt2`"
+    else:
+        notes.append(f"{run_dir} has no tokenizer.json: only the weights were exported")
+    return InteropResult(out, cfg, desc, sum(t.numel() for t in tensors.values()), notes)
