@@ -228,7 +228,7 @@ class Trainer:
         compile_s = None
         val_loss = None
         t_start = time.perf_counter()
-        progress = _Progress(cfg.steps, start_step, self.unit, enabled=self.show_progress)
+        progress = _Progress(cfg.steps, start_step, self.unit, bar=self.show_progress, main=self.acc.is_main_process)
         interval_t, interval_units, interval_loss, interval_n = time.perf_counter(), 0, torch.zeros((), device=self.device), 0
         step = start_step
         last_saved = start_step if resume else None
@@ -348,17 +348,17 @@ class Trainer:
 
 
 class _Progress:
-    """A rich progress bar with loss, lr, throughput and ETA (silent when disabled)."""
+    """A rich progress bar with loss, lr, throughput and ETA; without the bar, evaluation
+    steps still print one line each on the main process (readable in logs and CI)."""
 
-    def __init__(self, total: int, start: int, unit: str, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
+    def __init__(self, total: int, start: int, unit: str, bar: bool, main: bool):
+        from adl_cli.engine.report import console
+
+        self.enabled, self.main, self.unit, self.console, self.last = bar, main, unit, console, ""
+        if not bar:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from adl_cli.engine.report import console
-
-        self.unit = unit
         self.bar = Progress(
             TextColumn("[bold]train[/]"),
             BarColumn(),
@@ -386,11 +386,15 @@ class _Progress:
             self.bar.stop()
 
     def update(self, step: int, loss: float, lr: float, rate: float) -> None:
+        self.last = f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
         if self.enabled:
-            stats = f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
-            self.bar.update(self.task, completed=step, stats=stats)
+            self.bar.update(self.task, completed=step, stats=self.last)
 
     def note(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.main:
+            return
+        text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         if self.enabled:
-            text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             self.bar.console.print(f"  step {step}: {text}")
+        else:
+            self.console.print(f"step {step}: {self.last}  {text}", highlight=False)
