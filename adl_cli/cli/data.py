@@ -11,7 +11,7 @@ data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 
 @data_app.command("shard")
 def shard(
-    corpus: str = typer.Argument(..., help="pydoc | stdlib | a text file, folder or glob.", show_default=False),
+    corpus: str = typer.Argument(..., help="pydoc | stdlib | a text file, folder or glob.", show_default=False, metavar="CORPUS"),
     tokenizer: str = typer.Option("bpe", "--tokenizer", help="bytes | bpe (trained on the corpus) | gpt2 | a .tiktoken file."),
     vocab_size: int = typer.Option(4096, "--vocab-size", help="Ids in a bpe tokenizer trained on the corpus."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the shards, shards.json and the tokenizer file."),

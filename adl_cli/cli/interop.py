@@ -25,7 +25,7 @@ def _show(result, verb: str) -> None:
 
 @import_app.command("hf-gpt2")
 def import_hf_gpt2(
-    src: Path = typer.Argument(..., help="A transformers GPT-2 folder (config.json + model.safetensors).", show_default=False),
+    src: Path = typer.Argument(..., help="A transformers GPT-2 folder (config.json + model.safetensors).", show_default=False, metavar="DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="The adl run folder to write."),
     tokenizer: str = typer.Option(
         None,
@@ -41,7 +41,7 @@ def import_hf_gpt2(
 
 @export_app.command("hf")
 def export_hf(
-    run_dir: Path = typer.Argument(..., help="An adl run folder (adl pretrain or adl import).", show_default=False),
+    run_dir: Path = typer.Argument(..., help="An adl run folder (adl pretrain or adl import).", show_default=False, metavar="RUN_DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="The folder to write (GPT2LMHeadModel.from_pretrained reads it)."),
 ) -> None:
     """Export a run as transformers GPT-2: [bold]adl export hf runs/tiny --out hf/tiny[/]"""

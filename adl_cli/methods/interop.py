@@ -55,6 +55,13 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _check_out(src: Path, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise AdlError(f"--out {out} is a file, not a folder")
+    if out.exists() and out.resolve() == src.resolve():
+        raise AdlError(f"--out {out} is the source folder itself; write to another folder")
+
+
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or every shard model.safetensors.index.json names."""
     single, index = src / "model.safetensors", src / "model.safetensors.index.json"
@@ -110,7 +117,9 @@ def _write_tokenizer(spec: str | None, src: Path, out: Path, vocab_size: int, no
     elif spec == "gpt2":
         meta = dict(GPT2_META)
     elif Path(spec).is_dir():
-        tok = Tokenizer.load(Path(spec))
+        meta = _read_json(Path(spec) / "tokenizer.json")
+        if meta.get("kind") != "gpt2":
+            tok, meta = Tokenizer.load(Path(spec)), None
     else:
         tok = make_tokenizer(spec)
     if meta is not None:  # the gpt2 kind: written without its files, which may not be cached here
@@ -142,8 +151,7 @@ def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None) -> Int
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise AdlError(f"model folder not found: {src}")
-    if out.exists() and not out.is_dir():
-        raise AdlError(f"--out {out} is a file, not a folder")
+    _check_out(src, out)
     cfg = hf_gpt2.hf_to_adl_config(_read_json(src / "config.json"), where=str(src / "config.json"))
     tensors = read_hf_weights(src)
     adl = hf_gpt2.hf_to_adl(tensors, cfg, where=str(src / "model.safetensors"))
@@ -169,8 +177,7 @@ def export_hf(run_dir: Path, out: Path) -> InteropResult:
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir}")
-    if out.exists() and not out.is_dir():
-        raise AdlError(f"--out {out} is a file, not a folder")
+    _check_out(run_dir, out)
     try:
         cfg = GPTConfig.from_dict(_read_json(run_dir / "config.json"))
     except (ValueError, TypeError) as e:

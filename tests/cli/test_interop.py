@@ -129,6 +129,7 @@ def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys):
         (["import", "hf-gpt2", hf_dir, "--out", tmp_path / "o7", "--tokenizer", "bytes"], "more ids than"),
         (["export", "hf", rope, "--out", tmp_path / "o8"], "'rope' positions"),
         (["export", "hf", tmp_path / "nowhere", "--out", tmp_path / "o9"], "run folder not found"),
+        (["export", "hf", rope, "--out", rope], "source folder itself"),
         (["data", "shard", tmp_path / "nowhere.txt", "--tokenizer", "bytes", "--out", tmp_path / "s"], "corpus not found"),
         (["data", "shard", "pydoc", "--tokenizer", "bpe", "--vocab-size", "70000", "--out", tmp_path / "s"], "uint16"),
     ]
