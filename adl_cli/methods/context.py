@@ -1,0 +1,471 @@
+"""Context extension: perplexity by evaluation length for a model trained at a short context.
+
+A model trained on windows of L tokens is read on windows of L' = s L tokens. The
+perplexity at each length is exp of the mean next-token cross-entropy over the same
+validation tokens, cut into windows of L' (so a longer window only adds context):
+
+    ppl(L') = exp( -1/N sum_t log p(x_{t+1} | the window's tokens up to t) ).
+
+Plain RoPE extrapolates: past L the rotation angles m theta_i of its slow dimensions
+were never seen in training, and perplexity climbs. Position interpolation (Chen et al.,
+2023), NTK-aware scaling (bloc97, 2023) and YaRN (Peng et al., 2023) rescale the
+frequencies by s = L' / L at evaluation time (``position.with_position``; nothing is
+learned), and a short fine-tune at L' with the scaled frequencies recovers the rest
+(the experiment of the PI and YaRN papers, at a small scale). ALiBi (Press et al., 2021)
+needs no rescaling: it is read at every length as trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adl_cli.errors import AdlError
+
+ROPE_FAMILY = ("rope", "pi", "ntk", "yarn")
+SCALED = ("pi", "ntk", "yarn")  # the variants whose frequencies depend on the scale s
+
+
+@dataclass
+class ContextRow:
+    """One cell of the table: a position variant read at one length."""
+
+    position: str
+    mode: str  # "zero-shot" or "finetuned"
+    length: int
+    scale: float | None  # the s given to pi/ntk/yarn; None for rope, alibi, ...
+    loss: float
+    ppl: float
+    ratio: float  # ppl / the run's own perplexity at its trained length
+    tokens: int  # tokens scored
+
+
+@dataclass
+class ContextReport:
+    run_dir: Path
+    trained_length: int
+    run_position: str
+    lengths: list[int]
+    positions: list[str]
+    windows: int  # windows of the longest length scored at every length
+    reference_ppl: float
+    rows: list[ContextRow]
+    kv_cache: list[dict[str, Any]]
+    finetune: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "trained_length": self.trained_length,
+            "run_position": self.run_position,
+            "lengths": self.lengths,
+            "positions": self.positions,
+            "windows": self.windows,
+            "reference_ppl": self.reference_ppl,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "kv_cache": self.kv_cache,
+            "finetune": self.finetune,
+        }
+
+
+# ------------------------------------------------------------------ parsing and checks
+
+
+def parse_lengths(text: str | list[int]) -> list[int]:
+    """'256,512,1024' -> [256, 512, 1024] (sorted, unique); each >= 2."""
+    items = text if isinstance(text, list) else [p.strip() for p in str(text).split(",") if p.strip()]
+    out = []
+    for item in items:
+        try:
+            n = int(item)
+        except (TypeError, ValueError):
+            raise AdlError(f"--lengths: '{item}' is not an integer (give a comma list such as 256,512,1024)") from None
+        if n < 2:
+            raise AdlError(f"--lengths: each length must be >= 2, got {n}")
+        out.append(n)
+    if not out:
+        raise AdlError("--lengths: give at least one length, e.g. --lengths 128,256,512")
+    return sorted(set(out))
+
+
+def parse_positions(text: str | list[str] | None, run_position: str) -> list[str]:
+    """The position variants to compare; None -> every variant the run allows."""
+    if text is None:
+        return list(ROPE_FAMILY) if run_position in ROPE_FAMILY else [run_position]
+    items = text if isinstance(text, list) else [p.strip() for p in str(text).split(",") if p.strip()]
+    if not items:
+        raise AdlError("--position: give at least one of rope, pi, ntk, yarn, alibi")
+    out: list[str] = []
+    for name in items:
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_positions(positions: list[str], run_position: str, trained: int) -> None:
+    """A trained model can be read with another RoPE variant, or with its own encoding."""
+    from adl_cli.errors import closest
+    from adl_cli.nn.position import POSITIONS
+
+    for name in positions:
+        if name not in POSITIONS:
+            raise AdlError(f"--position: unknown position '{name}'{closest(name, POSITIONS.names())}; choose from: rope, pi, ntk, yarn, alibi")
+        if run_position == "learned":
+            raise AdlError(
+                f"--position {name}: this run was trained with learned positions, a table of {trained} vectors that cannot "
+                f"extend beyond block_size={trained}; context extension needs a run trained with position=rope "
+                "(e.g. adl pretrain recipes/pretrain/tiny-rope.toml) or alibi"
+            )
+        if name == run_position:
+            continue
+        if name in ROPE_FAMILY and run_position in ROPE_FAMILY:
+            continue
+        if name in ROPE_FAMILY:
+            raise AdlError(
+                f"--position {name}: the run must have been trained with rope to be read with '{name}' "
+                f"(it was trained with position={run_position}); use --position {run_position}"
+            )
+        raise AdlError(
+            f"--position {name}: the run was trained with position={run_position}; "
+            f"'{name}' would need retraining (use --position {run_position})"
+        )
+
+
+def check_scale(scale: float | None) -> None:
+    if scale is not None and (not math.isfinite(scale) or scale < 1.0):
+        raise AdlError(f"--scale must be a finite number >= 1 (the context multiple s), got {scale}")
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def position_options(name: str, base: dict[str, Any], scale: float | None, trained: int) -> dict[str, Any]:
+    """Options for ``with_position``: the run's theta, plus s for pi/ntk/yarn."""
+    opts: dict[str, Any] = {}
+    if name in ROPE_FAMILY and "theta" in base:
+        opts["theta"] = base["theta"]
+    if name in SCALED:
+        opts["scale"] = float(scale if scale is not None else 1.0)
+    if name == "yarn":
+        opts["original_max_position"] = trained
+    if name not in ROPE_FAMILY:
+        opts = dict(base)  # the run's own encoding, as trained
+    return opts
+
+
+def eval_span(val, lengths: list[int], windows: int | None, cap: int = 16) -> tuple[int, int]:
+    """(windows of the longest length, span in tokens): the same tokens are scored at every length."""
+    longest = max(lengths)
+    fit = (len(val) - 1) // longest
+    if fit < 1:
+        raise AdlError(
+            f"--lengths: {longest} tokens is beyond the validation split ({len(val):,} tokens); "
+            f"use lengths up to {len(val) - 1} or a bigger corpus"
+        )
+    if windows is None:
+        windows = min(cap, fit)
+    if windows < 1:
+        raise AdlError(f"--batches must be >= 1, got {windows}")
+    if windows > fit:
+        raise AdlError(
+            f"--batches {windows}: the validation split ({len(val):,} tokens) holds only {fit} windows of {longest} tokens; "
+            f"use --batches {fit} or shorter --lengths"
+        )
+    return windows, windows * longest
+
+
+@torch.no_grad()
+def perplexity(model, val, length: int, span: int, *, max_tokens: int = 8192) -> tuple[float, int]:
+    """(mean cross-entropy in nats, tokens scored) over the first ``span`` tokens of
+    ``val`` cut into windows of ``length`` (each predicting its next token)."""
+    n = span // length
+    device = next(model.parameters()).device
+    chunk = np.asarray(val[: n * length + 1], dtype=np.int64)
+    x_all = torch.from_numpy(chunk[:-1].reshape(n, length))
+    y_all = torch.from_numpy(chunk[1:].reshape(n, length))
+    per_batch = max(1, max_tokens // length)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, n, per_batch):
+            x, y = x_all[i : i + per_batch].to(device), y_all[i : i + per_batch].to(device)
+            _, loss = model(x, y)
+            total += float(loss) * x.numel()
+            count += x.numel()
+    finally:
+        model.train(was_training)
+    return total / count, count
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def kv_cache_table(cfg, length: int, dtype_bytes: int = 2) -> list[dict[str, Any]]:
+    """KV-cache bytes per token (and for one sequence of ``length``) for MHA, GQA and MLA at the run's shape."""
+    from adl_cli.models.gpt import GPTConfig
+    from adl_cli.nn.attention.cache import kv_cache_bytes_per_token
+
+    base = dict(cfg.to_dict(), attention="sdpa", attention_options={})
+    gqa_heads = max(d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0 and d <= max(1, cfg.n_head // 4))
+    rope_position = cfg.position if cfg.position in ROPE_FAMILY else "rope"
+    shapes = [
+        ("MHA", dict(base, n_kv_head=cfg.n_head), f"{cfg.n_head} kv heads x {cfg.head_dim}"),
+        ("GQA", dict(base, n_kv_head=gqa_heads), f"{gqa_heads} kv heads x {cfg.head_dim}"),
+        ("MLA", dict(base, n_kv_head=cfg.n_head, attention="mla", position=rope_position, position_options={}), None),
+    ]
+    rows = []
+    for name, d, shape in shapes:
+        c = GPTConfig.from_dict(d)
+        per_token = kv_cache_bytes_per_token(c, dtype_bytes)
+        if shape is None:
+            from adl_cli.nn.attention.mla import mla_dims
+
+            m = mla_dims(c)
+            shape = f"latent {m.kv_lora_rank} + rope key {m.rope_head_dim}"
+        rows.append({"attention": name, "shape": shape, "bytes_per_token": per_token, "bytes_at_length": per_token * length, "length": length, "dtype_bytes": dtype_bytes})
+    return rows
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+def finetune_at_length(
+    model,
+    data,
+    recipe,
+    length: int,
+    steps: int,
+    out_dir: Path,
+    *,
+    lr: float | None = None,
+    tokenizer=None,
+    progress: bool = False,
+):
+    """Train ``model`` (already carrying the position it is tuned with) for ``steps`` steps
+    on windows of ``length`` from the run's training split, through the one Trainer.
+    About as many tokens per step as pretraining; lr defaults to a tenth of the recipe's.
+    Writes metrics, a checkpoint and the tuned model into ``out_dir`` (never the run's own files)."""
+    from adl_cli.data.tokens import WindowBatches
+    from adl_cli.engine.trainer import Trainer
+    from adl_cli.methods.pretrain import save_run_model
+
+    tc0 = recipe.train
+    tokens_per_step = tc0.batch_size * tc0.grad_accum * recipe.model.block_size
+    batch = max(1, tokens_per_step // length)
+    lr = lr if lr is not None else tc0.lr / 10
+    if not (lr > 0 and math.isfinite(lr)):
+        raise AdlError(f"--finetune-lr must be a positive number, got {lr}")
+    tc = dataclasses.replace(
+        tc0,
+        steps=steps,
+        batch_size=batch,
+        grad_accum=1,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup=min(10, steps // 5),
+        eval_every=0,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        log_every=max(1, min(10, steps)),
+        compile=False,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = WindowBatches(data.train, length, tc.batch_size, 1, tc.seed + 17)
+
+    def loss_fn(m, b):
+        x, y = b
+        return m(x, y)[1]
+
+    trainer = Trainer(
+        model,
+        tc,
+        run_dir=out_dir,
+        batch_fn=batches,
+        loss_fn=loss_fn,
+        units_per_batch=tc.batch_size * length,
+        unit="tokens",
+        progress=progress,
+    )
+    result = trainer.fit()
+    tuned = trainer.raw_model
+    if trainer.acc.is_main_process:
+        saved = copy.deepcopy(tuned).cpu()
+        saved.config.block_size = length  # the tuned model reads `length` tokens; positions keep their own options
+        save_run_model(out_dir, saved, tokenizer)
+    return tuned.eval(), result, tc
+
+
+# ------------------------------------------------------------------ the bench
+
+
+def run_shape(run_dir: Path) -> tuple[str, int]:
+    """(position, trained block_size) from a run folder's config.json."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AdlError(f"run folder not found: {run_dir} (train one first: adl pretrain recipes/pretrain/tiny-rope.toml)")
+    path = run_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+        return str(cfg.get("position", "learned")), int(cfg["block_size"])
+    except FileNotFoundError:
+        raise AdlError(f"{run_dir} has no config.json: is it an adl pretrain run folder?") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdlError(f"cannot read {path}: {e}") from None
+
+
+def load_run(run_dir: Path):
+    """(model, recipe, tokenizer) of a pretrain run folder; every problem is an AdlError."""
+    from adl_cli.data.tokenizer import Tokenizer
+    from adl_cli.methods.pretrain import load_pretrain_recipe, load_run_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AdlError(f"run folder not found: {run_dir} (train one first: adl pretrain recipes/pretrain/tiny-rope.toml)")
+    if not (run_dir / "recipe.toml").exists():
+        raise AdlError(f"{run_dir} has no recipe.toml: is it an adl pretrain run folder?")
+    model = load_run_model(run_dir)
+    recipe = load_pretrain_recipe(run_dir / "recipe.toml")
+    tokenizer = Tokenizer.load(run_dir)
+    return model, recipe, tokenizer
+
+
+def bench_context(
+    run_dir: str | Path,
+    lengths: list[int] | str,
+    positions: list[str] | str | None = None,
+    *,
+    scale: float | None = None,
+    finetune_steps: int = 0,
+    finetune_lr: float | None = None,
+    batches: int | None = None,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    log: Callable[[str], Any] = lambda *_: None,
+) -> ContextReport:
+    """Perplexity at each length for each position variant, zero-shot and (with
+    ``finetune_steps``) after a short fine-tune at the longest length.
+
+    Zero-shot, pi/ntk/yarn use s = length / trained length at each length (at least 1),
+    or the fixed ``scale``. A fine-tuned variant is tuned and read with one fixed s:
+    ``scale``, else longest length / trained length. Fine-tunes go to
+    ``out_dir/context-<position>/`` (default: inside ``run_dir``).
+    """
+    from adl_cli.data.tokens import load_tokens
+    from adl_cli.nn.position import with_position
+
+    run_dir = Path(run_dir)
+    lengths = parse_lengths(lengths)
+    check_scale(scale)
+    if finetune_steps < 0:
+        raise AdlError(f"--finetune-steps must be >= 0, got {finetune_steps}")
+    run_position, trained = run_shape(run_dir)
+    positions = parse_positions(positions, run_position)
+    check_positions(positions, run_position, trained)  # before loading any weights
+    model, recipe, tokenizer = load_run(run_dir)
+    cfg = model.config
+    base_options = dict(cfg.position_options)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+
+    log(f"data: corpus {recipe.data.corpus}, tokenizer {tokenizer.describe()}")
+    data = load_tokens(recipe.data, tokenizer=tokenizer)
+    windows, span = eval_span(data.val, lengths, batches)
+    log(
+        f"run: {run_dir} trained at {trained} tokens with position={run_position}; scoring the same {span:,} "
+        f"validation tokens at lengths {', '.join(map(str, lengths))}"
+    )
+    ref_loss, _ = perplexity(model, data.val, trained, (span // trained) * trained if span >= trained else trained)
+    reference = _ppl(ref_loss)
+    rows: list[ContextRow] = []
+
+    def score(m, name: str, mode: str, fixed: float | None) -> None:
+        for length in lengths:
+            s = fixed if fixed is not None else max(1.0, length / trained)
+            opts = position_options(name, base_options, s, trained)
+            m_cfg = m.config
+            saved = (m.transformer.pos, m_cfg.position, dict(m_cfg.position_options))
+            try:
+                with_position(m, name, **opts)
+            except ValueError as e:
+                raise AdlError(f"--position {name}: {e}") from None
+            try:
+                loss, n = perplexity(m, data.val, length, span)
+            finally:
+                m.transformer.pos, m_cfg.position, m_cfg.position_options = saved
+            ppl = _ppl(loss)
+            rows.append(ContextRow(name, mode, length, s if name in SCALED else None, loss, ppl, ppl / reference, n))
+
+    for name in positions:
+        score(model, name, "zero-shot", scale)
+        log(f"zero-shot {name}: " + ", ".join(f"{r.length}: {r.ppl:.2f}" for r in rows if r.position == name and r.mode == "zero-shot"))
+
+    finetune: dict[str, Any] = {}
+    if finetune_steps:
+        longest = max(lengths)
+        s_ft = scale if scale is not None else max(1.0, longest / trained)
+        root = Path(out_dir) if out_dir is not None else run_dir
+        for name in positions:
+            tuned = copy.deepcopy(model)
+            try:
+                with_position(tuned, name, **position_options(name, base_options, s_ft, trained))
+            except ValueError as e:
+                raise AdlError(f"--position {name}: {e}") from None
+            target = root / f"context-{name}"
+            log(f"fine-tune {name} (s={s_ft:g}) at {longest} tokens for {finetune_steps} steps -> {target}")
+            tuned, result, tc = finetune_at_length(
+                tuned, data, recipe, longest, finetune_steps, target, lr=finetune_lr, tokenizer=tokenizer, progress=progress
+            )
+            # read the tuned model with the position it was tuned with, at every length
+            ft_rows_start = len(rows)
+            for length in lengths:
+                loss, n = perplexity(tuned, data.val, length, span)
+                ppl = _ppl(loss)
+                rows.append(ContextRow(name, "finetuned", length, s_ft if name in SCALED else None, loss, ppl, ppl / reference, n))
+            log(f"fine-tuned {name}: " + ", ".join(f"{r.length}: {r.ppl:.2f}" for r in rows[ft_rows_start:]))
+            finetune[name] = {
+                "dir": str(target),
+                "steps": finetune_steps,
+                "length": longest,
+                "scale": s_ft if name in SCALED else None,
+                "batch_size": tc.batch_size,
+                "lr": tc.lr,
+                "train_loss": result.train_loss,
+                "wall_s": result.wall_s,
+            }
+            del tuned
+
+    return ContextReport(
+        run_dir=run_dir,
+        trained_length=trained,
+        run_position=run_position,
+        lengths=lengths,
+        positions=positions,
+        windows=windows,
+        reference_ppl=reference,
+        rows=rows,
+        kv_cache=kv_cache_table(cfg, max(lengths)),
+        finetune=finetune,
+    )
+
+
+def write_json(report: ContextReport, path: str | Path) -> None:
+    from adl_cli.engine.checkpoint import atomic_write_text
+
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=1))
