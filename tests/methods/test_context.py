@@ -1,0 +1,139 @@
+"""Context extension (methods/context.py) on a tiny RoPE model trained for a few steps."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from adl_cli.errors import AdlError
+from adl_cli.methods.context import ROPE_FAMILY, bench_context, kv_cache_table
+
+RECIPE = """
+name = "ctx"
+sample_prompt = "The "
+sample_tokens = 2
+
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 16
+vocab_multiple = 8
+position = "rope"
+
+[data]
+corpus = "{corpus}"
+tokenizer = "bytes"
+val_fraction = 0.1
+
+[train]
+steps = 8
+batch_size = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup = 2
+eval_every = 0
+eval_batches = 1
+checkpoint_every = 0
+log_every = 4
+seed = 3
+"""
+
+
+def train_tiny_rope(root, monkeypatch):
+    """A 1-layer RoPE GPT on bytes of ~20 KB of pydoc text, trained 8 steps at 16 tokens."""
+    from pydoc_data.topics import topics
+
+    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+    monkeypatch.setenv("ADL_CACHE", str(root / "cache"))
+    monkeypatch.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)  # skip the roof measurement
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:20])[:20_000], encoding="utf-8")
+    recipe = root / "ctx.toml"
+    recipe.write_text(RECIPE.format(corpus=corpus.as_posix()), encoding="utf-8")
+    run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def rope_run(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        yield train_tiny_rope(tmp_path_factory.mktemp("ctx"), mp)
+
+
+def test_finite_perplexity_per_length_and_position(rope_run):
+    report = bench_context(rope_run, "16,32,64", "rope,pi,ntk,yarn")
+    assert report.trained_length == 16 and report.lengths == [16, 32, 64]
+    assert [(r.position, r.length) for r in report.rows] == [(p, n) for p in ROPE_FAMILY for n in (16, 32, 64)]
+    for r in report.rows:
+        assert math.isfinite(r.ppl) and 1.0 < r.ppl < 300, r  # bytes: at most ~vocab
+        assert r.tokens == 64 * report.windows // r.length * r.length
+    plain = {r.length: r for r in report.rows if r.position == "rope"}
+    assert plain[16].ratio == pytest.approx(1.0)
+    # s = length / trained for the scaled variants, none for plain rope
+    assert [r.scale for r in report.rows if r.position == "yarn"] == [1.0, 2.0, 4.0]
+    assert plain[64].scale is None
+
+
+def test_scale_one_is_plain_rope(rope_run):
+    report = bench_context(rope_run, [16, 32], "rope,pi,ntk,yarn", scale=1.0)
+    by_len = {}
+    for r in report.rows:
+        by_len.setdefault(r.length, []).append(r.ppl)
+    for ppls in by_len.values():
+        assert max(ppls) == pytest.approx(min(ppls), rel=1e-5)
+
+
+def test_finetune_writes_its_own_folder(rope_run, tmp_path):
+    from adl_cli.methods.context import perplexity
+    from adl_cli.methods.pretrain import load_run_model
+
+    before = {p.name: p.read_bytes() for p in rope_run.iterdir() if p.is_file()}
+    report = bench_context(rope_run, [16, 32], "yarn", finetune_steps=2, out_dir=tmp_path)
+    tuned_rows = [r for r in report.rows if r.mode == "finetuned"]
+    assert [r.length for r in tuned_rows] == [16, 32] and all(r.scale == 2.0 and math.isfinite(r.ppl) for r in tuned_rows)
+    assert {p.name: p.read_bytes() for p in rope_run.iterdir() if p.is_file()} == before  # the run is untouched
+    target = tmp_path / "context-yarn"
+    assert report.finetune["yarn"]["dir"] == str(target)
+    cfg = json.loads((target / "config.json").read_text())
+    assert cfg["position"] == "yarn" and cfg["block_size"] == 32 and cfg["position_options"]["original_max_position"] == 16
+    # the saved fine-tune reloads as a model that reads 32 tokens with YaRN s=2
+    from adl_cli.data.tokens import load_tokens
+    from adl_cli.methods.pretrain import load_pretrain_recipe
+
+    data = load_tokens(load_pretrain_recipe(rope_run / "recipe.toml").data)
+    loss, _ = perplexity(load_run_model(target), data.val, 32, 32 * report.windows)
+    assert math.exp(loss) == pytest.approx(tuned_rows[1].ppl, rel=1e-4)
+
+
+def test_kv_cache_table(rope_run):
+    from adl_cli.methods.pretrain import load_run_model
+
+    cfg = load_run_model(rope_run).config
+    rows = {r["attention"]: r for r in kv_cache_table(cfg, 64)}
+    assert rows["MHA"]["bytes_per_token"] == 2 * 1 * 2 * 16 * 2
+    assert rows["GQA"]["bytes_per_token"] == 2 * 1 * 1 * 16 * 2
+    assert rows["MLA"]["bytes_at_length"] == 64 * rows["MLA"]["bytes_per_token"]
+
+
+def test_bad_inputs(rope_run, tmp_path):
+    with pytest.raises(AdlError, match="run folder not found"):
+        bench_context(tmp_path / "nope", [16])
+    with pytest.raises(AdlError, match="validation split"):
+        bench_context(rope_run, [100_000])
+    with pytest.raises(AdlError, match="--scale"):
+        bench_context(rope_run, [16], "pi", scale=0.5)
+    with pytest.raises(AdlError, match="--lengths"):
+        bench_context(rope_run, "16,abc")
+    with pytest.raises(AdlError, match="unknown position 'yarm'.*did you mean 'yarn'"):
+        bench_context(rope_run, [16], "yarm")
+    with pytest.raises(AdlError, match="trained with position=rope"):
+        bench_context(rope_run, [16], "alibi")
+    learned = tmp_path / "learned"
+    shutil.copytree(rope_run, learned)
+    cfg = json.loads((learned / "config.json").read_text())
+    (learned / "config.json").write_text(json.dumps(dict(cfg, position="learned")))
+    with pytest.raises(AdlError, match="must have been trained with.*rope|learned positions.*cannot extend beyond block_size"):
+        bench_context(learned, [16, 32], "rope")
