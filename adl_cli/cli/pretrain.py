@@ -21,11 +21,14 @@ def pretrain(
     from adl_cli.engine.report import console, render_run
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
+    from adl_cli.engine.distributed import is_main_env
+
     rec = load_pretrain_recipe(recipe, set_)
     out = out or default_out(recipe, rec.name)
-    console.print(f"[bold]adl pretrain[/] {recipe} -> {out}" + (" (resuming)" if resume else ""))
+    if is_main_env():  # under torchrun / accelerate launch only rank 0 prints
+        console.print(f"[bold]adl pretrain[/] {recipe} -> {out}" + (" (resuming)" if resume else ""))
     outcome = run_pretrain(rec, out, resume=resume, progress=progress, log=console.print)
-    if outcome.summary and outcome.sample is not None and (out / "summary.json").exists():
+    if outcome.main and outcome.summary and outcome.sample is not None and (out / "summary.json").exists():
         md = render_run(out, outcome.summary)
         atomic_write_text(out / "report.md", md)
         console.print(f"[dim]run folder: {out} (report.md, metrics.jsonl, model.safetensors, checkpoints/)[/]")

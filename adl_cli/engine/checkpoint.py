@@ -174,14 +174,22 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoints/step-N atomically and point ``latest`` at it; keep the newest ``keep``."""
+    tensors, meta = optimizer_tensors(opt)
+    return write_checkpoint(run_dir, step, model_tensors(model), tensors, meta, state, keep=keep)
+
+
+def write_checkpoint(
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any], state: dict[str, Any], keep: int = 2
+) -> Path:
+    """save_checkpoint from tensors already gathered (e.g. the full state of a sharded model)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
+    meta = opt_meta
     try:
-        save_weights(model, tmp / "model.safetensors")
-        tensors, meta = optimizer_tensors(opt)
-        tensors.update(rng_tensors())
+        save_safetensors(weights, tmp / "model.safetensors")
+        tensors = {**opt_tensors, **rng_tensors()}
         save_safetensors(tensors, tmp / "optimizer.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state, "optimizer": meta}, indent=1))
         if final.exists():
@@ -207,6 +215,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
             return path
     done = [p for p in root.glob("step-*") if (p / "state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state, weights, optimizer+RNG tensors) of a checkpoint folder, without loading them anywhere."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdlError(f"cannot read {path / 'state.json'}: {e}") from None
+    return state, read_safetensors(path / "model.safetensors"), read_safetensors(path / "optimizer.safetensors")
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from adl_cli.engine import checkpoint as ckpt
+from adl_cli.engine import distributed as dist_
+from adl_cli.engine.distributed import STRATEGIES
 from adl_cli.engine.optim import lr_at, make_adamw
 from adl_cli.engine.runtime import autocast_dtype, matmul_peak, resolve_precision, seed_everything
 from adl_cli.errors import AdlError, Interrupted
@@ -41,7 +43,8 @@ from adl_cli.errors import AdlError, Interrupted
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 8
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps per optimizer step, per process: global batch = batch_size * grad_accum * world
+    global_batch_tokens: int = 0  # > 0: fixed global batch in tokens; grad_accum is derived from the world size (and ignored)
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup: int = 100
@@ -52,6 +55,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     fused_adamw: bool = True
+    tf32: bool = False  # CUDA: TF32 matmuls for fp32 work (no effect on CPU)
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2 full shard); nothing to do with one process
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 20
     checkpoint_every: int = 500  # 0: only at the end
@@ -70,6 +75,12 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got lr={self.lr}, min_lr={self.min_lr})")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be one of auto, fp32, bf16, fp16, got '{self.precision}'")
+        if self.global_batch_tokens < 0:
+            raise ValueError(f"train.global_batch_tokens must be >= 0 (0 = use train.grad_accum), got {self.global_batch_tokens}")
+        if self.distributed not in STRATEGIES:
+            from adl_cli.errors import closest
+
+            raise ValueError(f"train.distributed must be one of {', '.join(STRATEGIES)}, got '{self.distributed}'{closest(self.distributed, STRATEGIES)}")
 
 
 @dataclass
@@ -88,6 +99,9 @@ class TrainResult:
     device: str
     world_size: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    grad_accum: int = 1
+    parallel: str = "none"  # none | ddp | fsdp
+    tf32: str = "off"
 
 
 class StopRequested(Exception):
@@ -119,9 +133,7 @@ class _SigintGuard:
 
 
 def _accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision="no")
+    return dist_.make_accelerator()
 
 
 class Trainer:
@@ -151,13 +163,37 @@ class Trainer:
         self.device = self.acc.device
         self.precision = resolve_precision(cfg.precision, self.device)
         self.amp_dtype = autocast_dtype(self.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.raw_model = model.to(self.device)
-        self.optimizer, self.optimizer_kind = make_adamw(
-            self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), fused=cfg.fused_adamw
+        self.tf32 = dist_.set_tf32(cfg.tf32, self.device)
+        world = self.acc.num_processes
+        self.grad_accum = dist_.resolve_grad_accum(
+            cfg.global_batch_tokens, cfg.grad_accum, world, cfg.batch_size, max(1, units_per_batch // cfg.batch_size), unit
         )
-        self.compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.model, self.optimizer = self.acc.prepare(self.compiled, self.optimizer)
+        self.parallel = "none" if world == 1 else cfg.distributed
+        self.sharded = self.parallel == "fsdp"
+        self.raw_model = model.to(self.device)
+        fused = cfg.fused_adamw
+        if self.sharded:
+            # FSDP2 in place (adl's own, see engine/distributed.py); the optimizer is built on the shards.
+            dist_.shard_model(self.raw_model, self.device, world, compile_blocks=cfg.compile)
+            fused = fused and self.precision != "fp16"  # fused AdamW rejects the sharded scaler's found_inf
+        if self.precision == "fp16":
+            if self.sharded:
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.device.type)  # all-reduces found_inf across shards
+            else:
+                self.scaler = torch.amp.GradScaler(self.device.type)
+        else:
+            self.scaler = None
+        self.optimizer, self.optimizer_kind = make_adamw(
+            self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), fused=fused
+        )
+        if self.sharded:
+            self.compiled = self.raw_model  # blocks were compiled before sharding
+            self.model = self.raw_model
+        else:
+            self.compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+            self.model, self.optimizer = self.acc.prepare(self.compiled, self.optimizer)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------ pieces
@@ -188,11 +224,33 @@ class Trainer:
 
     def _save(self, step: int, units: int, wall: float) -> Path | None:
         path = None
-        if self.acc.is_main_process:
-            state = {"units": units, "wall_s": wall, "unit": self.unit, **self.state_extra}
+        state = {"units": units, "wall_s": wall, "unit": self.unit, "world_size": self.acc.num_processes, "grad_accum": self.grad_accum, **self.state_extra}
+        if self.sharded:  # every rank takes part in the gather; rank 0 writes the same format as unsharded runs
+            full = dist_.gather_full_state(self.raw_model, self._plain_optimizer(), self.acc.is_main_process)
+            if full is not None:
+                path = ckpt.write_checkpoint(self.run_dir, step, *full, state, keep=self.cfg.keep_checkpoints)
+        elif self.acc.is_main_process:
             path = ckpt.save_checkpoint(self.run_dir, step, self.raw_model, self.optimizer, state, keep=self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
         return path
+
+    def _plain_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's AcceleratedOptimizer
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        if not self.sharded:
+            return ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        state, weights, tensors = ckpt.read_checkpoint(path)
+        dist_.load_full_state(self.raw_model, self._plain_optimizer(), weights, tensors, state.pop("optimizer", None), str(path))
+        ckpt.restore_rng(tensors)
+        return state
+
+    def full_model_state(self) -> dict[str, torch.Tensor] | None:
+        """The trained weights, unsharded, on the main process (None elsewhere). Collective under FSDP."""
+        if self.sharded:
+            full = dist_.gather_full_state(self.raw_model, self._plain_optimizer(), self.acc.is_main_process)
+            return full[0] if full is not None else None
+        return ckpt.model_tensors(self.raw_model) if self.acc.is_main_process else None
 
     def _truncate_metrics(self, step: int) -> None:
         if not self.acc.is_main_process or not self.metrics_path.exists():
@@ -211,8 +269,10 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.run_dir)
             if path is None:
                 raise AdlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-            state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+            state = self._load(path)
             start_step, units, wall_before = int(state["step"]), int(state.get("units", 0)), float(state.get("wall_s", 0.0))
+            if self.acc.process_index:  # the file holds rank 0's RNG; keep the other ranks' streams (dropout) distinct
+                torch.manual_seed(cfg.seed + 7919 * self.acc.process_index + start_step)
             if start_step >= cfg.steps:
                 raise AdlError(f"--resume: the checkpoint is at step {start_step}, the recipe has train.steps={cfg.steps}; raise train.steps to continue")
             self._truncate_metrics(start_step)
@@ -220,7 +280,7 @@ class Trainer:
             self.metrics_path.unlink()
 
         rank, world = self.acc.process_index, self.acc.num_processes
-        units_per_step = self.units_per_batch * cfg.grad_accum * world
+        units_per_step = self.units_per_batch * self.grad_accum * world
         peak = matmul_peak(self.device, self.amp_dtype or torch.float32) if self.flops_per_unit else None
         history: list[dict[str, Any]] = []
         rates: list[float] = []
@@ -317,18 +377,25 @@ class Trainer:
             device=str(self.device),
             world_size=world,
             history=history,
+            grad_accum=self.grad_accum,
+            parallel=self.parallel,
+            tf32=self.tf32,
         )
 
     def _step(self, step: int, rank: int, world: int) -> torch.Tensor:
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
+        accum = self.grad_accum
+        for micro in range(accum):
             batch = self._to_device(self.batch_fn(step, micro, rank, world))
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            last = micro == accum - 1
+            if self.sharded:
+                sync = dist_.grad_sync(self.raw_model, last)
+            else:
+                sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync:
                 with self.autocast():
-                    loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+                    loss = self.loss_fn(self.model, batch) / accum
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:

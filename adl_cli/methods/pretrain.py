@@ -17,6 +17,7 @@ import torch
 
 from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_windows, load_tokens
 from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint, load_weights, save_weights, unwrap
+from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError
 from adl_cli.models.gpt import GPT, GPTConfig
@@ -157,15 +158,23 @@ class PretrainOutcome:
     result: TrainResult
     summary: dict[str, Any]
     sample: str
+    main: bool = True  # False on the other ranks of a multi-process run: they print and write nothing
 
 
 def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, progress: bool = True, accelerator=None, log=print) -> PretrainOutcome:
+    """Train; under torchrun / accelerate launch every process calls this, only the main one
+    prints (``log``) and writes files; the others return an outcome with ``main=False``."""
     out = Path(out)
     t0 = time.perf_counter()
+    acc = accelerator or make_accelerator()
+    main, world = acc.is_main_process, acc.num_processes
+    if not main:
+        log = _quiet
     if resume and latest_checkpoint(out) is None:
         raise AdlError(f"--resume: no checkpoint in {out / 'checkpoints'} (train first, or check --out)")
     log(f"data: corpus [bold]{recipe.data.corpus}[/], tokenizer {recipe.data.tokenizer}")
-    data: TokenData = load_tokens(recipe.data)
+    with acc.main_process_first():  # one process tokenizes (and trains a BPE) into the cache; the others read it
+        data: TokenData = load_tokens(recipe.data)
     gcfg = recipe.model.gpt_config(data.tokenizer.vocab_size)
     if resume:
         _check_resume_shape(out, gcfg)
@@ -176,12 +185,21 @@ def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, pro
         f"block {gcfg.block_size}, vocab {gcfg.vocab_size} ({data.tokenizer.describe()}), attention {gcfg.attention}, position {gcfg.position}; "
         f"data: {len(data.train):,} train / {len(data.val):,} val tokens"
     )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=f"resolved recipe of the run in {out.name}; `adl pretrain {out / 'recipe.toml'}` reproduces it"))
-    data.tokenizer.save(out)
-    atomic_write_text(out / "config.json", json.dumps(gcfg.to_dict(), indent=1))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=f"resolved recipe of the run in {out.name}; `adl pretrain {out / 'recipe.toml'}` reproduces it"))
+        data.tokenizer.save(out)
+        atomic_write_text(out / "config.json", json.dumps(gcfg.to_dict(), indent=1))
     tc = recipe.train
-    batches = WindowBatches(data.train, gcfg.block_size, tc.batch_size, tc.grad_accum, tc.seed)
+    accum = resolve_grad_accum(tc.global_batch_tokens, tc.grad_accum, world, tc.batch_size, gcfg.block_size)
+    if tc.global_batch_tokens and tc.grad_accum not in (1, accum):
+        log(f"[yellow]note:[/] train.grad_accum={tc.grad_accum} is ignored: train.global_batch_tokens={tc.global_batch_tokens:,} sets it to {accum}")
+    if world > 1 or accum > 1:
+        log(
+            f"parallel: {world} process(es), {tc.distributed if world > 1 else 'single'}; global batch {tc.batch_size} x {gcfg.block_size} tokens "
+            f"x {accum} accumulation x {world} = {tc.batch_size * gcfg.block_size * accum * world:,} tokens"
+        )
+    batches = WindowBatches(data.train, gcfg.block_size, tc.batch_size, accum, tc.seed)
 
     def loss_fn(m, batch):
         x, y = batch
@@ -201,18 +219,28 @@ def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, pro
         units_per_batch=tc.batch_size * gcfg.block_size,
         unit="tokens",
         flops_per_unit=model.flops_per_token(gcfg.block_size),
-        accelerator=accelerator,
-        progress=progress,
+        accelerator=acc,
+        progress=progress and main,
     )
+    assert trainer.grad_accum == accum
     result = trainer.fit(resume=resume)
-    sample = ""
-    if trainer.acc.is_main_process:
-        save_run_model(out, trainer.raw_model, data.tokenizer)
-        sample = sample_text(trainer.raw_model, data.tokenizer, recipe.sample_prompt, recipe.sample_tokens, seed=tc.seed)
+    weights = trainer.full_model_state() if trainer.sharded else None  # collective: the full weights on the main process
+    if not main:
+        return PretrainOutcome(out, result, {}, "", main=False)
+    final = trainer.raw_model
+    if trainer.sharded:  # the trained model lives in shards: rebuild a plain one for saving and sampling
+        final = build_model(gcfg)
+        final.load_state_dict(weights, strict=False)
+        final.to(trainer.device)
+    save_run_model(out, final, data.tokenizer)
+    sample = sample_text(final, data.tokenizer, recipe.sample_prompt, recipe.sample_tokens, seed=tc.seed)
     summary = summarize(recipe, model, data, result, sample, time.perf_counter() - t0)
-    if trainer.acc.is_main_process:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return PretrainOutcome(out, result, summary, sample)
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def sample_text(model, tokenizer, prompt: str, n: int, *, seed: int = 0, temperature: float = 0.8, top_k: int | None = 40) -> str:
@@ -257,6 +285,10 @@ def summarize(recipe, model, data: TokenData, result: TrainResult, sample: str, 
         "attention": model.config.attention,
         "device": result.device,
         "world_size": result.world_size,
+        "parallel": result.parallel,
+        "grad_accum": result.grad_accum,
+        "global_batch_tokens": result.units // result.steps if result.steps else None,
+        "tf32": result.tf32,
         "tokenizer": data.tokenizer.describe(),
         "sample": sample,
     }
