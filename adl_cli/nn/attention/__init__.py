@@ -22,7 +22,7 @@ ATTENTION = Registry("attention")
 ATTENTION_BLOCKS = Registry("attention block")
 
 # Importing the modules registers their kernels.
-from adl_cli.nn.attention import naive, sdpa  # noqa: E402,F401
+from adl_cli.nn.attention import flash, naive, ring, s2, sdpa, tree, window  # noqa: E402,F401
 from adl_cli.nn.attention import mla  # noqa: E402,F401  (registers the "mla" block)
 
 __all__ = ["ATTENTION", "ATTENTION_BLOCKS"]
