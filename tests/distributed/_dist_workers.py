@@ -1,0 +1,108 @@
+"""Process bodies and a launcher for the distributed tests (a module of its own so that
+spawned processes can import it).
+
+Each launch fixes MASTER_PORT (a port derived from a hash once differed between parent and
+children and the rendezvous hung) and runs every process on one thread."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def no_peak_measurement() -> None:
+    """The trainer measures the matmul peak (MFU's roof) at each start: a second of pure
+    overhead for these tests, whose MFU nobody reads."""
+    from adl_cli.engine import trainer
+
+    trainer.matmul_peak = lambda *args, **kwargs: 1e12
+
+
+def _env(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _traced_trainer(digests: list[str]) -> None:
+    from adl_cli.engine.trainer import Trainer
+
+    step = Trainer._step
+
+    def traced(self, *args):
+        loss = step(self, *args)
+        if not self.sharded:
+            digests.append(weights_digest(self.raw_model))
+        return loss
+
+    Trainer._step = traced
+
+
+def scenario(rank: int, world: int, port: int, recipe: str, root: str) -> None:
+    """One launch, three runs of the same recipe in the same processes (a launch costs
+    seconds): root/ddp (weight digests after every step in root/ddp/digests.<rank>.json),
+    root/fsdp, root/fsdp-resumed (FSDP resuming a copy of root/fsdp's step-3 checkpoint) and
+    root/fsdp-fp16 (3 steps with the sharded grad scaler)."""
+    _env(rank, world, port)
+    import torch.distributed as dist
+
+    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+    no_peak_measurement()
+    digests: list[str] = []
+    _traced_trainer(digests)
+    quiet = dict(progress=False, log=lambda *a, **k: None)
+    ddp, fsdp, again = Path(root, "ddp"), Path(root, "fsdp"), Path(root, "fsdp-resumed")
+    run_pretrain(load_pretrain_recipe(recipe, ["train.distributed=ddp"]), ddp, **quiet)
+    (ddp / f"digests.{rank}.json").write_text(json.dumps(digests))
+    rec = load_pretrain_recipe(recipe, ["train.distributed=fsdp"])
+    run_pretrain(rec, fsdp, **quiet)
+    if rank == 0:
+        (again / "checkpoints").mkdir(parents=True)
+        shutil.copytree(fsdp / "checkpoints" / "step-3", again / "checkpoints" / "step-3")
+        shutil.copy(fsdp / "config.json", again / "config.json")
+    dist.barrier()
+    run_pretrain(rec, again, resume=True, **quiet)
+    fp16 = ["train.distributed=fsdp", "train.precision=fp16", "train.steps=3", "train.checkpoint_every=0"]
+    run_pretrain(load_pretrain_recipe(recipe, fp16), Path(root, "fsdp-fp16"), **quiet)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip torch's slow interpreter teardown (seconds per process on a busy machine)
+
+
+def launch(fn, args: tuple, nprocs: int = 2, timeout: float = 120.0) -> None:
+    """Run fn(rank, *args) in ``nprocs`` spawned processes; fail (not hang) past ``timeout``."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed processes did not finish within {timeout:.0f} s")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

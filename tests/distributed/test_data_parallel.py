@@ -1,0 +1,123 @@
+"""DDP and FSDP on 2 CPU processes (gloo) against one process with the same global batch.
+
+The recipe fixes train.global_batch_tokens, so the same recipe runs with grad_accum 2 on
+one process and grad_accum 1 on two: the same global batch every step (WindowBatches
+slices it by micro-step and rank), so the loss curves must agree to rounding."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import _dist_workers as workers
+import pytest
+import torch
+from _dist_workers import launch, losses
+
+from adl_cli.engine import checkpoint as ckpt
+from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+pytestmark = pytest.mark.dist
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_peak_measurement():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *args, **kwargs: 1e12)
+        yield
+
+
+@pytest.fixture(scope="module")
+def single(dist_recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    outcome = run_pretrain(load_pretrain_recipe(dist_recipe), out, progress=False, log=lambda *a, **k: None)
+    assert outcome.result.grad_accum == 2 and outcome.result.world_size == 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def launched(dist_recipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("launched")
+    launch(workers.scenario, (2, 29631, str(dist_recipe), str(root)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp(launched):
+    return launched / "ddp"
+
+
+@pytest.fixture(scope="module")
+def fsdp(launched):
+    return launched / "fsdp"
+
+
+def assert_close_curves(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=RTOL), (s, a[s], b[s])
+
+
+def resume_on_one_process(run, tmp_path, step=3):
+    part = tmp_path / "resumed"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / f"step-{step}", part / "checkpoints" / f"step-{step}")
+    shutil.copy(run / "config.json", part / "config.json")
+    rec = load_pretrain_recipe(run / "recipe.toml")
+    outcome = run_pretrain(rec, part, resume=True, progress=False, log=lambda *a, **k: None)
+    assert outcome.result.world_size == 1 and outcome.result.grad_accum == 2
+    return part
+
+
+def test_ddp_ranks_hold_identical_weights_after_every_step(ddp):
+    d0 = json.loads((ddp / "digests.0.json").read_text())
+    d1 = json.loads((ddp / "digests.1.json").read_text())
+    assert len(d0) == 6 and d0 == d1  # bit-identical replicas
+    assert len(set(d0)) == 6  # and they did move
+
+
+def test_ddp_loss_curve_equals_one_process_with_the_same_global_batch(ddp, single):
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "ddp" and summary["grad_accum"] == 1
+    assert summary["global_batch_tokens"] == 128
+    assert_close_curves(losses(ddp), losses(single), range(1, 7))
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir() if p.is_dir()) == ["step-3", "step-6"]
+
+
+def test_ddp_checkpoint_resumes_on_one_process(ddp, single, tmp_path):
+    part = resume_on_one_process(ddp, tmp_path)
+    assert sorted(losses(part)) == [4, 5, 6]
+    assert_close_curves(losses(part), losses(single), range(4, 7))
+
+
+def test_fsdp_loss_curve_equals_one_process_and_its_checkpoints_are_full(fsdp, single):
+    summary = json.loads((fsdp / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "fsdp"
+    assert_close_curves(losses(fsdp), losses(single), range(1, 7))
+    a = ckpt.read_safetensors(fsdp / "checkpoints" / "step-6" / "model.safetensors")
+    b = ckpt.read_safetensors(single / "checkpoints" / "step-6" / "model.safetensors")
+    assert a.keys() == b.keys()  # the same layout as an unsharded run: full tensors, tied weight once
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    oa = ckpt.read_safetensors(fsdp / "checkpoints" / "step-6" / "optimizer.safetensors")
+    ob = ckpt.read_safetensors(single / "checkpoints" / "step-6" / "optimizer.safetensors")
+    assert {k for k in oa if k.startswith("state.")} == {k for k in ob if k.startswith("state.")}
+    final = ckpt.read_safetensors(fsdp / "model.safetensors")
+    assert final.keys() == a.keys()
+
+
+def test_fsdp_checkpoint_resumes_under_fsdp(fsdp, single):
+    assert_close_curves(losses(fsdp.with_name("fsdp-resumed")), losses(single), range(4, 7))
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(fsdp, single, tmp_path):
+    part = resume_on_one_process(fsdp, tmp_path)
+    assert_close_curves(losses(part), losses(single), range(4, 7))
+
+
+def test_fsdp_trains_in_fp16_with_the_sharded_grad_scaler(launched):
+    summary = json.loads((launched / "fsdp-fp16" / "summary.json").read_text())
+    assert summary["precision"] == "fp16" and summary["parallel"] == "fsdp"
+    assert "foreach" in summary["optimizer"]  # fused AdamW cannot take the sharded scaler's found_inf
+    assert all(math.isfinite(x) for x in losses(launched / "fsdp-fp16").values())
