@@ -71,10 +71,15 @@ class ContextReport:
             "positions": self.positions,
             "windows": self.windows,
             "reference_ppl": self.reference_ppl,
-            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "rows": [{k: _finite(v) for k, v in dataclasses.asdict(r).items()} for r in self.rows],
             "kv_cache": self.kv_cache,
             "finetune": self.finetune,
         }
+
+
+def _finite(v):
+    """JSON has no infinity: a perplexity that overflowed is written as null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 # ------------------------------------------------------------------ parsing and checks
@@ -217,11 +222,13 @@ def kv_cache_table(cfg, length: int, dtype_bytes: int = 2) -> list[dict[str, Any
     from adl_cli.nn.attention.cache import kv_cache_bytes_per_token
 
     base = dict(cfg.to_dict(), attention="sdpa", attention_options={})
-    gqa_heads = max(d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0 and d <= max(1, cfg.n_head // 4))
+    # the run's own grouping if it has one, else groups of 4 query heads (2 when there are fewer than 8 heads)
+    group = 4 if cfg.n_head >= 8 else 2
+    gqa_heads = cfg.n_kv_head if cfg.n_kv_head < cfg.n_head else max(d for d in range(1, cfg.n_head // group + 2) if cfg.n_head % d == 0 and d <= max(1, cfg.n_head // group))
     rope_position = cfg.position if cfg.position in ROPE_FAMILY else "rope"
     shapes = [
-        ("MHA", dict(base, n_kv_head=cfg.n_head), f"{cfg.n_head} kv heads x {cfg.head_dim}"),
-        ("GQA", dict(base, n_kv_head=gqa_heads), f"{gqa_heads} kv heads x {cfg.head_dim}"),
+        ("MHA", dict(base, n_kv_head=cfg.n_head), f"k, v: {cfg.n_head} heads x {cfg.head_dim}"),
+        ("GQA", dict(base, n_kv_head=gqa_heads), f"k, v: {gqa_heads} head{'s' if gqa_heads > 1 else ''} x {cfg.head_dim}"),
         ("MLA", dict(base, n_kv_head=cfg.n_head, attention="mla", position=rope_position, position_options={}), None),
     ]
     rows = []
@@ -232,7 +239,7 @@ def kv_cache_table(cfg, length: int, dtype_bytes: int = 2) -> list[dict[str, Any
             from adl_cli.nn.attention.mla import mla_dims
 
             m = mla_dims(c)
-            shape = f"latent {m.kv_lora_rank} + rope key {m.rope_head_dim}"
+            shape = f"latent {m.kv_lora_rank} + rope key {m.rope_head_dim} (defaults)"
         rows.append({"attention": name, "shape": shape, "bytes_per_token": per_token, "bytes_at_length": per_token * length, "length": length, "dtype_bytes": dtype_bytes})
     return rows
 
@@ -388,7 +395,9 @@ def bench_context(
         f"run: {run_dir} trained at {trained} tokens with position={run_position}; scoring the same {span:,} "
         f"validation tokens at lengths {', '.join(map(str, lengths))}"
     )
-    ref_loss, _ = perplexity(model, data.val, trained, (span // trained) * trained if span >= trained else trained)
+    if len(data.val) <= trained:
+        raise AdlError(f"the validation split ({len(data.val):,} tokens) is shorter than the trained length {trained}; use a bigger corpus")
+    ref_loss, _ = perplexity(model, data.val, trained, max(span, trained))
     reference = _ppl(ref_loss)
     rows: list[ContextRow] = []
 
@@ -425,7 +434,7 @@ def bench_context(
             except ValueError as e:
                 raise AdlError(f"--position {name}: {e}") from None
             target = root / f"context-{name}"
-            log(f"fine-tune {name} (s={s_ft:g}) at {longest} tokens for {finetune_steps} steps -> {target}")
+            log(f"fine-tune {name}{f' (s={s_ft:g})' if name in SCALED else ''} at {longest} tokens for {finetune_steps} steps -> {target}")
             tuned, result, tc = finetune_at_length(
                 tuned, data, recipe, longest, finetune_steps, target, lr=finetune_lr, tokenizer=tokenizer, progress=progress
             )
