@@ -35,7 +35,7 @@ from adl_cli.engine import checkpoint as ckpt
 from adl_cli.engine import distributed as dist_
 from adl_cli.engine.distributed import STRATEGIES
 from adl_cli.engine.optim import lr_at, make_adamw
-from adl_cli.engine.runtime import autocast_dtype, matmul_peak, resolve_precision, seed_everything
+from adl_cli.engine.runtime import autocast_dtype, keep_freed_memory, matmul_peak, resolve_precision, seed_everything
 from adl_cli.errors import AdlError, Interrupted
 
 
@@ -170,6 +170,7 @@ class Trainer:
         )
         self.parallel = "none" if world == 1 else cfg.distributed
         self.sharded = self.parallel == "fsdp"
+        keep_freed_memory()  # glibc: reuse freed step buffers instead of re-faulting them (ADL_MALLOC=default opts out)
         self.raw_model = model.to(self.device)
         fused = cfg.fused_adamw
         if self.sharded:
