@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One-shot GPU check for adl's pretraining path (written for one H100/H200; any CUDA GPU works).
+# Run from the repository root:   bash benchmarks/gpu_check.sh        (about 6-8 minutes on an H200)
+#
+#   1. environment: GPU, torch, CUDA
+#   2. the tests that exercise CUDA: tests/distributed (CUDA-only ones included; the 2-process
+#      gloo tests run too) and tests/engine, where the trainer now lands on the GPU
+#   3. the GPT-2 124M speed ladder (benchmarks/pretrain_ablation.py --preset gpt2-124m):
+#      fp32 -> TF32 -> bf16 -> compile -> flash -> vocab 50304 -> fused AdamW
+#   4. `adl pretrain` of recipes/pretrain/gpt2-124m.toml itself for a few steps, bf16 + compile
+#      + flash + TF32 on one GPU (pydoc bytes padded to GPT-2's 50,304-row embedding, since the
+#      FineWeb shards and tiktoken's gpt2 file are not on the machine)
+#   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
+#      H100/H200 SXM; override with PEAK_TFLOPS=...)
+#
+# Results go to $OUT (the device runner's folder) or ./gpu-check-out. Needs torch with CUDA,
+# accelerate, typer, rich, safetensors, tiktoken, numpy, pytest in $PYTHON's environment.
+set -u
+PY=${PYTHON:-python3}
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then PY=.venv/bin/python; fi
+OUTDIR=${OUT:-gpu-check-out}
+PEAK=${PEAK_TFLOPS:-989}
+mkdir -p "$OUTDIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export ADL_CACHE="$OUTDIR/adl-cache"
+export PYTHONUNBUFFERED=1
+status=0
+
+echo "== 1. environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
+$PY - <<'EOF' || { echo "torch with CUDA is required"; exit 2; }
+import sys, torch
+print(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda}  available {torch.cuda.is_available()}")
+assert torch.cuda.is_available()
+print("device:", torch.cuda.get_device_name(0), " bf16:", torch.cuda.is_bf16_supported())
+EOF
+
+echo "== 2. tests on CUDA"
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/distributed tests/engine 2>&1 | tail -15
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 3. GPT-2 124M speed ladder"
+timeout 420 $PY benchmarks/pretrain_ablation.py --preset gpt2-124m --steps 5 --repeats 3 --peak-tflops "$PEAK" --json "$OUTDIR/ladder.json" 2>"$OUTDIR/ladder.log"
+[ $? = 0 ] || { status=1; tail -20 "$OUTDIR/ladder.log"; }
+
+echo "== 4. adl pretrain recipes/pretrain/gpt2-124m.toml, a few steps on one GPU"
+timeout 300 $PY -m adl_cli pretrain recipes/pretrain/gpt2-124m.toml --out "$OUTDIR/gpt2-run" --no-progress \
+  --set data.corpus=pydoc --set data.tokenizer=bytes --set data.val_fraction=0.1 --set model.vocab_multiple=50304 \
+  --set train.global_batch_tokens=0 --set train.batch_size=32 --set train.steps=30 --set train.warmup=5 \
+  --set train.log_every=5 --set train.eval_every=0 --set train.eval_batches=2 --set train.checkpoint_every=0 \
+  --set sample_tokens=16 > "$OUTDIR/pretrain.log" 2>&1
+[ $? = 0 ] || { status=1; tail -30 "$OUTDIR/pretrain.log"; }
+
+echo "== 5. summary"
+$PY - "$OUTDIR" "$PEAK" <<'EOF'
+import json, sys
+from pathlib import Path
+out, peak = Path(sys.argv[1]), float(sys.argv[2]) * 1e12
+lad = out / "ladder.json"
+if lad.exists():
+    r = json.loads(lad.read_text())
+    print(f"ladder ({r['device']}, {r['tokens_per_step']:,} tokens/step, MFU vs {r['peak']}):")
+    for x in r["rungs"]:
+        if x["applies"]:
+            extra = f"  compile {x['compile_s']:.0f} s" if x.get("compile_s") else ""
+            print(f"  {x['rung']:8s} {x['ms_per_step']:8.1f} ms/step {x['tokens_per_s']:>11,.0f} tok/s  MFU {100 * x['mfu']:5.1f}%  {x['speedup_vs_fp32']:5.2f}x{extra}")
+        else:
+            print(f"  {x['rung']:8s} {x['note']}")
+s = out / "gpt2-run" / "summary.json"
+if s.exists():
+    d = json.loads(s.read_text())
+    n, L, T, C = d["parameters"], 12, 1024, 768
+    fpt = 6 * n + 12 * L * T * C
+    tps = d["tokens_per_s"]
+    print(f"adl pretrain gpt2-124m (1 GPU, batch 32 x 1024, {d['precision']}, compile {d['compile_s'] and round(d['compile_s'])} s, attention {d['attention']}, tf32 {d.get('tf32')}):")
+    print(f"  {tps:,.0f} tok/s  MFU {100 * tps * fpt / peak:.1f}% of {peak / 1e12:g} TFLOP/s  (trainer's own MFU vs measured bf16 matmul: {100 * (d['mfu'] or 0):.1f}%)  loss {d['train_loss']:.3f}")
+    print(f"  8 GPUs at this rate: one 524,288-token step every {524288 / tps / 8:.2f} s -> 19,073 steps in {19073 * 524288 / tps / 8 / 3600:.1f} h")
+EOF
+echo "gpu_check: $([ $status = 0 ] && echo OK || echo 'FAILURES above')"
+exit $status
