@@ -371,13 +371,15 @@ def bench_context(
     ``out_dir/context-<position>/`` (default: inside ``run_dir``).
     """
     from adl_cli.data.tokens import load_tokens
-    from adl_cli.nn.position import with_position
+    from adl_cli.nn.position import swapped_position, with_position
 
     run_dir = Path(run_dir)
     lengths = parse_lengths(lengths)
     check_scale(scale)
     if finetune_steps < 0:
         raise AdlError(f"--finetune-steps must be >= 0, got {finetune_steps}")
+    if finetune_lr is not None and not (math.isfinite(finetune_lr) and finetune_lr > 0):
+        raise AdlError(f"--finetune-lr must be a positive number, got {finetune_lr}")
     run_position, trained = run_shape(run_dir)
     positions = parse_positions(positions, run_position)
     check_positions(positions, run_position, trained)  # before loading any weights
@@ -401,26 +403,16 @@ def bench_context(
     reference = _ppl(ref_loss)
     rows: list[ContextRow] = []
 
-    def score(m, name: str, mode: str, fixed: float | None) -> None:
-        for length in lengths:
-            s = fixed if fixed is not None else max(1.0, length / trained)
-            opts = position_options(name, base_options, s, trained)
-            m_cfg = m.config
-            saved = (m.transformer.pos, m_cfg.position, dict(m_cfg.position_options))
-            try:
-                with_position(m, name, **opts)
-            except ValueError as e:
-                raise AdlError(f"--position {name}: {e}") from None
-            try:
-                loss, n = perplexity(m, data.val, length, span)
-            finally:
-                m.transformer.pos, m_cfg.position, m_cfg.position_options = saved
-            ppl = _ppl(loss)
-            rows.append(ContextRow(name, mode, length, s if name in SCALED else None, loss, ppl, ppl / reference, n))
-
     for name in positions:
-        score(model, name, "zero-shot", scale)
-        log(f"zero-shot {name}: " + ", ".join(f"{r.length}: {r.ppl:.2f}" for r in rows if r.position == name and r.mode == "zero-shot"))
+        for length in lengths:
+            s = scale if scale is not None else max(1.0, length / trained)
+            try:
+                with swapped_position(model, name, **position_options(name, base_options, s, trained)):
+                    loss, n = perplexity(model, data.val, length, span)
+            except ValueError as e:  # a bad option or swap, named by the position module
+                raise AdlError(f"--position {name}: {e}") from None
+            rows.append(ContextRow(name, "zero-shot", length, s if name in SCALED else None, loss, _ppl(loss), _ppl(loss) / reference, n))
+        log(f"zero-shot {name}: " + ", ".join(f"{r.length}: {r.ppl:.2f}" for r in rows if r.position == name))
 
     finetune: dict[str, Any] = {}
     if finetune_steps:

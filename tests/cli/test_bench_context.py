@@ -88,6 +88,8 @@ def test_table_and_json(rope_run, tmp_path, capsys, monkeypatch):
         (["--lengths", "16,999999"], "validation split"),
         (["--lengths", "16", "--position", "alibi"], "trained with position=rope"),
         (["--lengths", "16", "--batches", "0"], "--batches"),
+        (["--lengths", "16", "--finetune-steps", "1", "--finetune-lr", "0"], "--finetune-lr"),
+        (["--lengths", "16", "--position", "rope,learnt"], "did you mean 'learned'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(rope_run, capsys, args, message):
