@@ -13,6 +13,14 @@ Batches are a pure function of (step, micro, rank, world), so the data position 
 step itself and resuming is exact. Checkpoints (weights, optimizer, RNG, step) are written
 atomically; Ctrl-C finishes the current step, writes one and exits; a non-finite loss stops
 the run with the last good checkpoint kept.
+
+Several processes (torchrun / accelerate launch): each rank takes its slice of every
+global batch; ``train.distributed`` picks DDP or FSDP2 (engine/distributed.py). The global
+batch is batch_size x grad_accum x world, or fixed by ``train.global_batch_tokens`` (then
+grad_accum is derived from the world size). Losses are averaged over ranks; only the main
+process logs, prints and writes; checkpoints always hold the full, unsharded state, so a
+run resumes under any world size or strategy. With several processes Ctrl-C takes effect
+at the next logging step, where the ranks agree on it.
 """
 
 from __future__ import annotations
@@ -311,8 +319,14 @@ class Trainer:
                     interval_n += 1
                     units += units_per_step
                     done = step + 1
+                    stop = guard.requested if world == 1 else False
                     if done % cfg.log_every == 0 or done == cfg.steps:
-                        loss = float(self.acc.reduce(interval_loss / interval_n, reduction="mean"))
+                        # one all-reduce carries the mean loss and whether any rank saw Ctrl-C, so that
+                        # every rank stops after the same step (a lone rank stopping would hang the others)
+                        flag = torch.tensor(float(guard.requested), device=self.device)
+                        reduced = self.acc.reduce(torch.stack([interval_loss / interval_n, flag]), reduction="mean")
+                        loss = float(reduced[0])
+                        stop = stop or (world > 1 and float(reduced[1]) > 0)
                         if not math.isfinite(loss):
                             raise AdlError(
                                 f"the loss became {loss} at step {done}; stopped. "
@@ -342,7 +356,7 @@ class Trainer:
                         self._save(done, units, wall_before + time.perf_counter() - t_start)
                         last_saved = done
                         interval_t += time.perf_counter() - t_ck
-                    if guard.requested:
+                    if stop:
                         raise StopRequested
             except StopRequested:
                 done = step + 1

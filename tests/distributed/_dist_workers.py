@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,13 +44,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _traced_trainer(digests: list[str]) -> None:
+def _traced_trainer(digests: list[str], sigint_at: dict) -> None:
+    """Record weight digests after each step; send this process a SIGINT during step
+    ``sigint_at['step']`` when ``sigint_at['rank']`` is this rank (a Ctrl-C seen by one rank)."""
     from adl_cli.engine.trainer import Trainer
 
     step = Trainer._step
 
-    def traced(self, *args):
-        loss = step(self, *args)
+    def traced(self, t, rank, world):
+        if sigint_at.get("rank") == rank and sigint_at.get("step") == t:
+            os.kill(os.getpid(), signal.SIGINT)
+        loss = step(self, t, rank, world)
         if not self.sharded:
             digests.append(weights_digest(self.raw_model))
         return loss
@@ -61,15 +66,18 @@ def scenario(rank: int, world: int, port: int, recipe: str, root: str) -> None:
     """One launch, three runs of the same recipe in the same processes (a launch costs
     seconds): root/ddp (weight digests after every step in root/ddp/digests.<rank>.json),
     root/fsdp, root/fsdp-resumed (FSDP resuming a copy of root/fsdp's step-3 checkpoint) and
-    root/fsdp-fp16 (3 steps with the sharded grad scaler)."""
+    root/fsdp-fp16 (3 steps with the sharded grad scaler), then root/ddp-ctrl-c, where only
+    rank 1 receives a Ctrl-C (both ranks must stop after the same step)."""
     _env(rank, world, port)
     import torch.distributed as dist
 
+    from adl_cli.errors import Interrupted
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
     no_peak_measurement()
     digests: list[str] = []
-    _traced_trainer(digests)
+    sigint_at: dict = {}
+    _traced_trainer(digests, sigint_at)
     quiet = dict(progress=False, log=lambda *a, **k: None)
     ddp, fsdp, again = Path(root, "ddp"), Path(root, "fsdp"), Path(root, "fsdp-resumed")
     run_pretrain(load_pretrain_recipe(recipe, ["train.distributed=ddp"]), ddp, **quiet)
@@ -84,6 +92,13 @@ def scenario(rank: int, world: int, port: int, recipe: str, root: str) -> None:
     run_pretrain(rec, again, resume=True, **quiet)
     fp16 = ["train.distributed=fsdp", "train.precision=fp16", "train.steps=3", "train.checkpoint_every=0"]
     run_pretrain(load_pretrain_recipe(recipe, fp16), Path(root, "fsdp-fp16"), **quiet)
+    sigint_at.update(rank=1, step=1)  # only rank 1 sees Ctrl-C, during the second step
+    try:
+        run_pretrain(load_pretrain_recipe(recipe, ["train.checkpoint_every=0"]), Path(root, "ddp-ctrl-c"), **quiet)
+        outcome = "finished"
+    except Interrupted as e:
+        outcome = f"interrupted: {e}"
+    Path(root, f"ddp-ctrl-c.{rank}.txt").write_text(outcome)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

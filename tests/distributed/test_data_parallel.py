@@ -121,3 +121,10 @@ def test_fsdp_trains_in_fp16_with_the_sharded_grad_scaler(launched):
     assert summary["precision"] == "fp16" and summary["parallel"] == "fsdp"
     assert "foreach" in summary["optimizer"]  # fused AdamW cannot take the sharded scaler's found_inf
     assert all(math.isfinite(x) for x in losses(launched / "fsdp-fp16").values())
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(launched):
+    outcomes = [(launched / f"ddp-ctrl-c.{r}.txt").read_text() for r in (0, 1)]
+    assert all(o.startswith("interrupted: stopped by Ctrl-C after step 2") for o in outcomes), outcomes
+    assert (launched / "ddp-ctrl-c" / "checkpoints" / "step-2" / "state.json").exists()
+    assert sorted(losses(launched / "ddp-ctrl-c")) == [1, 2]
