@@ -75,7 +75,7 @@ def bench_context(
     scale: float = typer.Option(None, "--scale", help="Fixed scale s for pi/ntk/yarn (default: length / trained length per column)."),
     finetune_steps: int = typer.Option(0, "--finetune-steps", help="Also fine-tune each variant this many steps at the longest length."),
     finetune_lr: float = typer.Option(None, "--finetune-lr", help="Fine-tune learning rate (default: the run's train.lr / 10)."),
-    batches: int = typer.Option(None, "--batches", "-b", help="Windows of the longest length to score (the same tokens at every length; default: up to 16)."),
+    batches: int = typer.Option(None, "--batches", "-b", help="Windows of the longest length to score (the same tokens at every length; default: as many as fit, up to 16 or 8,192 tokens)."),
     out: Path = typer.Option(None, "--out", "-o", help="Where fine-tunes go (default: RUN_DIR/context-<position>/)."),
     json_path: Path = typer.Option(None, "--json", help="Also write the rows (and the KV-cache sizes) as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the fine-tune progress bar."),

@@ -167,8 +167,9 @@ def position_options(name: str, base: dict[str, Any], scale: float | None, train
     return opts
 
 
-def eval_span(val, lengths: list[int], windows: int | None, cap: int = 16) -> tuple[int, int]:
-    """(windows of the longest length, span in tokens): the same tokens are scored at every length."""
+def eval_span(val, lengths: list[int], windows: int | None, cap: int = 16, cap_tokens: int = 8192) -> tuple[int, int]:
+    """(windows of the longest length, span in tokens): the same tokens are scored at every
+    length. By default as many windows as fit, up to max(16 windows, 8192 tokens)."""
     longest = max(lengths)
     fit = (len(val) - 1) // longest
     if fit < 1:
@@ -177,7 +178,7 @@ def eval_span(val, lengths: list[int], windows: int | None, cap: int = 16) -> tu
             f"use lengths up to {len(val) - 1} or a bigger corpus"
         )
     if windows is None:
-        windows = min(cap, fit)
+        windows = min(fit, max(cap, cap_tokens // longest))
     if windows < 1:
         raise AdlError(f"--batches must be >= 1, got {windows}")
     if windows > fit:
