@@ -73,6 +73,13 @@ def test_flash_bias_and_its_gradient():
     assert (out1 - out2).abs().max() < 1e-5 and (g1 - g2).abs().max() < 1e-5
 
 
+def test_flash_value_head_size_may_differ():
+    q, k, _, _ = _inputs(11, 11)
+    v = torch.randn(2, 2, 11, 5)
+    dout = torch.randn(2, 4, 11, 5)
+    _close(_run(naive, q, k, v, dout), _run(ATTENTION.get("flash"), q, k, v, dout, block_q=4, block_k=4))
+
+
 def test_flash_half_precision_runs_in_float32():
     q, k, v, _ = _inputs(10, 10)
     out = ATTENTION.get("flash")(q.bfloat16(), k.bfloat16(), v.bfloat16(), block_q=4, block_k=4)

@@ -61,7 +61,7 @@ def _from_rows(x: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
 def _check(q, k, v, window):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flash attention expects q, k, v of shape (B, H, T, D)")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"incompatible shapes q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"n_head={q.shape[1]} is not a multiple of n_kv_head={k.shape[1]}")
@@ -329,7 +329,7 @@ def _use_triton(q, bias, backend):
         return False
     from adl_cli.nn.attention import flash_triton
 
-    return flash_triton.available() and flash_triton.supports(q)
+    return flash_triton.available() and flash_triton.supports(q, v)
 
 
 def flash_attention_with_lse(q, k, v, *, causal=True, scale=None, bias=None, window=None,

@@ -35,8 +35,10 @@ def available() -> bool:
     return _HAVE_TRITON
 
 
-def supports(q: torch.Tensor) -> bool:
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
+def supports(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
+    """dtype and head size the kernels handle (value head size equal to the query's)."""
+    same = v is None or v.shape[-1] == q.shape[-1]
+    return same and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
 
 
 if _HAVE_TRITON:
@@ -280,5 +282,7 @@ def triton_attention_with_lse(q, k, v, *, causal=True, scale=None, window=None, 
         raise ValueError(f"window must be >= 1, got {window}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"n_head={q.shape[1]} is not a multiple of n_kv_head={k.shape[1]}")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError("the triton flash kernels need the value head size equal to the query's")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _TritonFlash.apply(q, k, v, causal, scale, window, block_m, block_n)
