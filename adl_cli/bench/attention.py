@@ -181,7 +181,7 @@ def _grad_call(fn, inputs, dout):
     return run
 
 
-def _kernel_cases(name, q, k, v, dout, ref, ref_window, *, causal, window, scale):
+def _kernel_cases(name, q, k, v, dout, ref, ref_window, *, causal, window):
     from adl_cli.nn.attention import ATTENTION
 
     kernel = ATTENTION.get(name)
@@ -192,7 +192,7 @@ def _kernel_cases(name, q, k, v, dout, ref, ref_window, *, causal, window, scale
         note = f"window {window}"
     if name == "s2":
         kw["group"] = max(2, q.shape[2] // 4)
-        note = f"group {kw['group']} (T/4)"
+        note = f"group {kw['group']} (T/4); no error column: S2 is sparse by design"
     if name == "sdpa":
         from adl_cli.nn.attention.sdpa import sdpa_backend
 
@@ -270,7 +270,7 @@ def _tree_case(q, k, v, *, causal, shards):
                  compare="sdpa-decode")
 
 
-def _mla_case(q, dout, *, causal, dtype):
+def _mla_case(q, dout, *, dtype):
     from adl_cli.models.gpt import GPTConfig
     from adl_cli.nn.attention import ATTENTION_BLOCKS
     from adl_cli.nn.position import POSITIONS
@@ -361,9 +361,9 @@ def _bench_one(impls, T, *, batch, heads, head_dim, causal, backward, dtype, rep
         elif name == "tree":
             cases.append(_tree_case(q, k, v, causal=causal, shards=tree_shards))
         elif name == "mla":
-            cases.append(_mla_case(q, dout, causal=causal, dtype=dtype))
+            cases.append(_mla_case(q, dout, dtype=dtype))
         else:
-            cases.append(_kernel_cases(name, q, k, v, dout, ref, ref_window, causal=causal, window=window, scale=None))
+            cases.append(_kernel_cases(name, q, k, v, dout, ref, ref_window, causal=causal, window=window))
 
     # hidden SDPA timings that rows are compared with
     sdpa_call = lambda q_, k_, v_: sdpa_attention(q_, k_, v_, causal=causal)  # noqa: E731

@@ -205,7 +205,6 @@ def _backward_rows(qs, k, v, do, lse, delta, G, plan, scale, bias_rows=None, dbi
     delta = rowsum(dO * O) - dL; lse is the full row log-sum-exp (global in ring attention).
     dbias_rows, when given, is a (B, Hkv, G, Tq, Tk) tensor that receives dS.
     """
-    N, R, D = qs.shape
     dq = torch.zeros_like(qs)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
