@@ -7,14 +7,6 @@ import pytest
 from adl_cli.cli import main
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 RECIPE = """
@@ -66,7 +58,7 @@ def rope_run(tmp_path_factory):
         yield root / "run"
 
 
-def test_table_and_json(rope_run, tmp_path, capsys, monkeypatch):
+def test_table_and_json(rope_run, tmp_path, capsys, monkeypatch, run):
     monkeypatch.setenv("COLUMNS", "160")
     path = tmp_path / "out" / "ctx.json"
     code, out, err = run(["bench-context", rope_run, "--lengths", "16,32", "--position", "rope,yarn", "--json", path], capsys)
@@ -92,12 +84,12 @@ def test_table_and_json(rope_run, tmp_path, capsys, monkeypatch):
         (["--lengths", "16", "--position", "rope,learnt"], "did you mean 'learned'"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(rope_run, capsys, args, message):
+def test_bad_input_exits_2_with_one_line(rope_run, capsys, args, message, run):
     code, out, err = run(["bench-context", rope_run, *args], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_missing_run_dir(tmp_path, capsys):
+def test_missing_run_dir(tmp_path, capsys, run):
     code, _, err = run(["bench-context", tmp_path / "missing", "--lengths", "16"], capsys)
     assert code == 2 and "run folder not found" in err and len(err.strip().splitlines()) == 1

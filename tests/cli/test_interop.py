@@ -7,19 +7,10 @@ import json
 import pytest
 import torch
 
-from adl_cli.cli import main
 
 transformers = pytest.importorskip("transformers")
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def adl_logits(run_dir, idx):
         return load_run_model(run_dir)(idx)[0]
 
 
-def test_import_export_round_trip(hf_dir, tmp_path, capsys):
+def test_import_export_round_trip(hf_dir, tmp_path, capsys, run):
     from safetensors.torch import load_file
 
     run_dir, back = tmp_path / "run", tmp_path / "back"
@@ -65,7 +56,7 @@ def test_import_export_round_trip(hf_dir, tmp_path, capsys):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_shard_pretrain_export_import_generate(small_corpus, tmp_path, capsys):
+def test_shard_pretrain_export_import_generate(small_corpus, tmp_path, capsys, run):
     """adl data shard -> adl pretrain on the shards -> adl export hf (same logits) -> import -> generate."""
     shards, run_dir, hf, again = (tmp_path / n for n in ("shards", "run", "hf", "again"))
     code, out, err = run(["data", "shard", small_corpus, "--tokenizer", "bpe", "--vocab-size", "300", "--out", shards, "--shard-tokens", "3000"], capsys)
@@ -98,7 +89,7 @@ def test_shard_pretrain_export_import_generate(small_corpus, tmp_path, capsys):
     assert out.startswith("The")
 
 
-def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys):
+def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys, run):
     import shutil
 
     from adl_cli.methods.pretrain import save_run_model

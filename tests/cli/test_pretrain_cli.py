@@ -7,20 +7,11 @@ import sys
 
 import pytest
 
-from adl_cli.cli import main
 
 
-def run(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_pretrain_end_to_end_subprocess(tiny_recipe, tmp_path):
+def test_pretrain_end_to_end_subprocess(tiny_recipe, tmp_path, run):
     out = tmp_path / "run"
     env = dict(os.environ, COLUMNS="120")
     p = subprocess.run(
@@ -39,7 +30,7 @@ def test_pretrain_end_to_end_subprocess(tiny_recipe, tmp_path):
     assert "steps = 4" in resolved
 
 
-def test_resume_generate_report(tiny_recipe, tmp_path, capsys):
+def test_resume_generate_report(tiny_recipe, tmp_path, capsys, run):
     out = tmp_path / "run"
     code, _, err = run(["pretrain", tiny_recipe, "--out", out, "--no-progress"], capsys)
     assert code == 0, err
@@ -66,7 +57,7 @@ def one_line_error(code, err, *pieces):
         assert p in err, (p, err)
 
 
-def test_bad_inputs_are_one_line_errors(tiny_recipe, tmp_path, capsys):
+def test_bad_inputs_are_one_line_errors(tiny_recipe, tmp_path, capsys, run):
     bad = tmp_path / "bad.toml"
     one_line_error(*run(["pretrain", tmp_path / "missing.toml"], capsys)[::2], "recipe not found")
     bad.write_text("[train\nsteps = 3\n")
@@ -77,7 +68,7 @@ def test_bad_inputs_are_one_line_errors(tiny_recipe, tmp_path, capsys):
     one_line_error(*run(["pretrain", tiny_recipe, "--out", tmp_path / "empty", "--resume"], capsys)[::2], "no checkpoint")
 
 
-def test_resume_with_a_different_shape_and_corrupt_weights(tiny_recipe, tmp_path, capsys):
+def test_resume_with_a_different_shape_and_corrupt_weights(tiny_recipe, tmp_path, capsys, run):
     out = tmp_path / "run"
     assert run(["pretrain", tiny_recipe, "--out", out, "--no-progress", "--set", "train.steps=3"], capsys)[0] == 0
     one_line_error(*run(["pretrain", tiny_recipe, "--out", out, "--resume", "--set", "model.n_embd=64"], capsys)[::2], "n_embd=32", "64")
@@ -88,7 +79,7 @@ def test_resume_with_a_different_shape_and_corrupt_weights(tiny_recipe, tmp_path
     one_line_error(*run(["generate", out, "--top-p", "2"], capsys)[::2], "--top-p")
 
 
-def test_recipes_and_tokenizer_commands(tmp_path, capsys):
+def test_recipes_and_tokenizer_commands(tmp_path, capsys, run):
     code, text, _ = run(["recipes", "list"], capsys)
     assert code == 0 and "pretrain/tiny" in text
     code, text, _ = run(["recipes", "show", "tiny"], capsys)
@@ -105,7 +96,7 @@ def test_recipes_and_tokenizer_commands(tmp_path, capsys):
     one_line_error(*run(["tokenizer", "encode", "x", "--tokenizer", "gpt3"], capsys)[::2], "unknown tokenizer")
 
 
-def test_version_and_help(capsys):
+def test_version_and_help(capsys, run):
     code, text, _ = run(["--version"], capsys)
     assert code == 0 and text.startswith("adl ")
     code, text, _ = run(["pretrain", "--help"], capsys)
