@@ -32,7 +32,6 @@ import base64
 import binascii
 import heapq
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ import regex
 import tiktoken
 
 from adl_cli.errors import AdlError
+from adl_cli.fileio import atomic_write
 
 # GPT-2 style pre-tokenization: English contractions (any case), an optional space then
 # letters, numbers or other symbols, whitespace that is not followed by a word (so the
@@ -190,25 +190,11 @@ def train_bpe(
 
 def save_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
     """Write ranks in tiktoken's format (base64 token, space, rank; one per line), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
     ]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, "".join(lines))
 
 
 def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import glob as globlib
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from adl_cli.errors import AdlError
+from adl_cli.fileio import atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -48,19 +48,7 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
         raise AdlError(f"token id {int(tokens.max()) if tokens.max() >= MAX_VOCAB else int(tokens.min())} does not fit llm.c's uint16 shards (ids must be in [0, {MAX_VOCAB}))")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, len(tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, (header.tobytes(), tokens.astype(TOKEN_DTYPE, copy=False).tobytes()))
 
 
 def _chunks(tokens) -> Iterable[np.ndarray]:

@@ -10,7 +10,6 @@ the data position to resume from is the step number.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from adl_cli.data.corpus import corpus_key, load_documents
 from adl_cli.data.tokenizer import Tokenizer, make_tokenizer
 from adl_cli.engine.runtime import cache_dir
 from adl_cli.errors import AdlError
+from adl_cli.fileio import atomic_path, atomic_write
 
 
 @dataclass
@@ -55,12 +55,9 @@ def _tokenize_to_cache(docs: list[str], tok: Tokenizer, path: Path) -> None:
         parts.append(ids.astype(dtype))
         parts.append(np.array([tok.eot_id], dtype=dtype))
     arr = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    arr.tofile(tmp)
-    meta = {"dtype": np.dtype(dtype).name, "n": int(len(arr))}
-    tmp.with_suffix(".json.tmp").write_text(json.dumps(meta))
-    os.replace(tmp.with_suffix(".json.tmp"), path.with_suffix(".json"))
-    os.replace(tmp, path)
+    atomic_write(path.with_suffix(".json"), json.dumps({"dtype": np.dtype(dtype).name, "n": int(len(arr))}))
+    with atomic_path(path) as tmp:
+        arr.tofile(tmp)
 
 
 def _tokenizer_key(tok: Tokenizer) -> str:

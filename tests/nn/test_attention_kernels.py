@@ -181,3 +181,19 @@ def test_gpt_flash_loss_equals_naive():
     for name in ("flash", "ring"):
         assert abs(losses[name][0] - losses["naive"][0]) < 1e-5
         assert (losses[name][1] - losses["naive"][1]).abs().max() < 1e-5
+
+
+def test_auto_backend_picks_triton_only_for_cuda_inputs_it_supports():
+    """The dispatch decision itself, with stand-in CUDA tensors (no GPU needed)."""
+    from types import SimpleNamespace
+
+    from adl_cli.nn.attention import flash, flash_triton
+
+    def fake(d, dtype=torch.bfloat16):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 2, 8, d))
+
+    q = fake(64)
+    assert flash._use_triton(q, fake(64), None, "auto") == flash_triton.available()
+    assert flash._use_triton(q, fake(32), None, "auto") is False  # value head size differs
+    assert flash._use_triton(q, fake(64), torch.zeros(1), "auto") is False  # bias: torch path
+    assert flash._use_triton(torch.zeros(1, 2, 8, 64), torch.zeros(1, 2, 8, 64), None, "auto") is False

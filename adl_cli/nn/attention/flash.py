@@ -317,7 +317,7 @@ def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=True, scale=Non
     return dq, dk, dv, dbias
 
 
-def _use_triton(q, bias, backend):
+def _use_triton(q, v, bias, backend):
     if backend == "torch":
         return False
     if backend == "triton":
@@ -338,7 +338,7 @@ def flash_attention_with_lse(q, k, v, *, causal=True, scale=None, bias=None, win
     Both outputs are differentiable, so partial results over key blocks can be merged by
     their log-sum-exp under autograd (ring and tree attention).
     """
-    if _use_triton(q, bias, backend):
+    if _use_triton(q, v, bias, backend):
         from adl_cli.nn.attention import flash_triton
 
         if bias is not None:
