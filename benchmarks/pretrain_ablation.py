@@ -43,6 +43,7 @@ from adl_cli.models.gpt import GPT, GPTConfig  # noqa: E402
 PRESETS = {
     # name: (n_layer, n_head, n_embd, block, batch)
     "cpu-tiny": (2, 2, 128, 128, 4),
+    "cpu-mini": (4, 4, 256, 128, 8),
     "cpu-small": (6, 6, 384, 256, 8),  # FACTS.md's CPU reference model
     "gpt2-124m": (12, 12, 768, 1024, 16),  # the ladder's shape; the recipe itself uses batch 64
 }
@@ -145,7 +146,7 @@ class Runner:
             loss = self.step()
         sync(self.device)
         dt = (time.perf_counter() - t0) / steps
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise RuntimeError(f"non-finite loss in {self.setup}")
         return dt
 
@@ -193,7 +194,7 @@ def run(args) -> dict:
             continue
         r.setup = base if r.name == "fp32" else base.with_rung(r.name)
         if r.name == "bf16" and args.keep == "auto" and not fast_bf16(device):
-            r.kept, r.note = False, "no fast bf16 on this hardware (no AMX / AVX512-BF16): measured, not kept"
+            r.kept, r.note = False, "measured, not kept: adl's precision=auto rule (runtime.fast_bf16) says fp32 on this hardware"
         print(f"  building {r.name:8s} {r.setup}", file=sys.stderr, flush=True)
         runner = Runner(r.setup, shape, device, loss_chunk)
         t0 = time.perf_counter()
@@ -207,15 +208,23 @@ def run(args) -> dict:
         if r.kept:
             base = r.setup
 
+    peaks = []
     for rep in range(args.repeats):
         order = [r for r in rungs if r.applies]
         if rep % 2:
             order.reverse()
         for r in order:
             r.times.append(runners[r.name].timed(args.steps))
+        if not args.peak_tflops:  # the roof measured in every round, under the same load as the steps
+            peaks.append(peak_flops(device, None))
         print(f"  round {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
-    peak, peak_note = peak_flops(device, args.peak_tflops)
+    if peaks and device.type != "cuda":
+        values = sorted(p for p, _ in peaks)
+        peak = statistics.median(values)
+        peak_note = f"{peak / 1e9:.0f} GFLOP/s (fp32 matmul, median of {len(values)} measurements between rounds: {', '.join(f'{v / 1e9:.0f}' for v in values)}; {torch.get_num_threads()} threads)"
+    else:
+        peak, peak_note = peak_flops(device, args.peak_tflops)
     rows = []
     fp32_ms = None
     for r in rungs:

@@ -30,11 +30,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PRESETS = {
-    "cpu-tiny": (2, 2, 128, 128, 4),
-    "cpu-small": (6, 6, 384, 256, 8),
-    "gpt2-124m": (12, 12, 768, 1024, 16),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_ablation import PRESETS  # noqa: E402  (the same model shapes as the ladder)
 
 
 def _worker(rank: int, world: int, port: int, threads: int, preset: str, steps: int, vocab: int, out: str, precision: str, compile_: bool) -> None:

@@ -122,7 +122,7 @@ def shard_model(model: nn.Module, device: torch.device, world: int, *, compile_b
 
     broadcast_parameters(model)
     mesh = init_device_mesh(device.type, (world,))
-    for block in repeated_blocks(model):
+    for block in reversed(repeated_blocks(model)):  # innermost first when lists nest
         if compile_blocks:
             block.compile()
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
