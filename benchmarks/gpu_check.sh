@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check for adl's pretraining path (written for one H100/H200; any CUDA GPU works).
-# Run from the repository root:   bash benchmarks/gpu_check.sh        (about 6-8 minutes on an H200)
+# Run from the repository root:   bash benchmarks/gpu_check.sh        (about 8-10 minutes on an H200)
 #
 #   1. environment: GPU, torch, CUDA
 #   2. the tests that exercise CUDA: tests/distributed (CUDA-only ones included; the 2-process
@@ -10,6 +10,8 @@
 #   4. `adl pretrain` of recipes/pretrain/gpt2-124m.toml itself for a few steps, bf16 + compile
 #      + flash + TF32 on one GPU (pydoc bytes padded to GPT-2's 50,304-row embedding, since the
 #      FineWeb shards and tiktoken's gpt2 file are not on the machine)
+#  4b. attention: adl's Triton flash kernel vs naive on CUDA (fwd + grads, fp32 and bf16), then
+#      `adl bench-attention` in bf16 against SDPA's flash backend
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
 #
@@ -50,6 +52,33 @@ timeout 300 $PY -m adl_cli pretrain recipes/pretrain/gpt2-124m.toml --out "$OUTD
   --set train.log_every=5 --set train.eval_every=0 --set train.eval_batches=2 --set train.checkpoint_every=0 \
   --set sample_tokens=16 > "$OUTDIR/pretrain.log" 2>&1
 [ $? = 0 ] || { status=1; tail -30 "$OUTDIR/pretrain.log"; }
+
+echo "== 4b. attention on CUDA: Triton flash vs naive (fwd + grads), then bf16 timing vs SDPA's flash backend"
+timeout 240 $PY - <<'EOF' || status=1
+import torch
+from adl_cli.nn.attention import ATTENTION
+naive, flash = ATTENTION.get("naive"), ATTENTION.get("flash")
+torch.manual_seed(0)
+worst = 0.0
+for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 3e-2)):
+    for T, causal, hkv in ((1, True, 4), (77, True, 4), (256, False, 2), (1000, True, 1)):
+        q = torch.randn(2, 4, T, 64, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(2, hkv, T, 64, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(2, hkv, T, 64, device="cuda", dtype=dtype, requires_grad=True)
+        go = torch.randn(2, 4, T, 64, device="cuda", dtype=dtype)
+        ref = naive(q.float(), k.float(), v.float(), causal=causal)
+        gr = torch.autograd.grad(ref, (q, k, v), go.float())
+        out = flash(q, k, v, causal=causal, backend="triton")
+        g = torch.autograd.grad(out, (q, k, v), go)
+        err = max([(out.float() - ref).abs().max().item()] + [(a.float() - b.float()).abs().max().item() for a, b in zip(g, gr)])
+        worst = max(worst, err / tol)
+        print(f"  {str(dtype):15s} T={T:5d} causal={causal} kv_heads={hkv}: max err {err:.2e} (tol {tol:g})")
+print("triton flash vs naive:", "OK" if worst <= 1 else "TOO LARGE")
+assert worst <= 1
+EOF
+timeout 240 $PY -m adl_cli bench-attention --impl naive,sdpa,flash,window --seq 1024,2048,4096,8192 --dtype bfloat16 \
+  --heads 16 --head-dim 64 --batch 4 --repeats 5 --json "$OUTDIR/attention-bf16.json" 2>&1 | tail -60
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 5. summary"
 $PY - "$OUTDIR" "$PEAK" <<'EOF'
