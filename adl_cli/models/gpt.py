@@ -196,7 +196,12 @@ class GPT(nn.Module):
         return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 L T C (attention)."""
+        """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 L T C (attention).
+
+        N counts every weight once, the token table included: with tied embeddings that is the
+        lm_head matmul (2 C V per token forward); the learned position table is left out (a
+        lookup, not a matmul). 12 L T C is QK^T and AV over all T keys, forward and backward
+        (PaLM's and nanoGPT's convention; a causal kernel does about half of it)."""
         cfg = self.config
         t = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * t * cfg.n_embd
