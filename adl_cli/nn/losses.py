@@ -129,7 +129,7 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
-    chunk_rows: int = 512,
+    chunk_rows: int = 256,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets``; h: (..., C), targets: (...).
