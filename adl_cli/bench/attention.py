@@ -200,7 +200,7 @@ def _kernel_cases(name, q, k, v, dout, ref, ref_window, *, causal, window):
     if name in ("flash", "window"):
         from adl_cli.nn.attention.flash import _use_triton
 
-        backend = "triton" if _use_triton(q, None, "auto") else "torch"
+        backend = "triton" if _use_triton(q, v, None, "auto") else "torch"
     call = lambda q_, k_, v_: kernel(q_, k_, v_, **kw)  # noqa: E731
     reference = ref_window if name == "window" else ref
 
