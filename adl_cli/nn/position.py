@@ -96,7 +96,9 @@ class LearnedPosition(PositionEncoding):
         self.wpe = nn.Embedding(self.block_size, self.n_embd)
 
     def embed(self, pos):
-        if pos.numel() and int(pos.max()) >= self.block_size:
+        # The check reads a tensor value (a graph break under torch.compile); GPT.hidden already
+        # checks lengths with Python ints, so compiled training skips it.
+        if not torch.compiler.is_compiling() and pos.numel() and int(pos.max()) >= self.block_size:
             raise ValueError(f"position {int(pos.max())} is past the learned table of {self.block_size}")
         return self.wpe(pos)
 
@@ -176,8 +178,12 @@ class RotaryPosition(PositionEncoding):
         )
 
     def _cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = int(pos.max()) + 1 if pos.numel() else 0
         cache = self._cache
+        if torch.compiler.is_compiling() and cache is not None and cache[1] == pos.device:
+            # Compiled training stays within block_size, which the cache always covers: no
+            # data-dependent size check (a graph break) inside the compiled graph.
+            return cache[2][pos], cache[3][pos]
+        n = int(pos.max()) + 1 if pos.numel() else 0
         if cache is None or cache[0] < n or cache[1] != pos.device:
             # Grow geometrically past block_size so that long decoding rebuilds rarely.
             size = max(n, self.block_size, 2 * cache[0] if cache is not None and cache[0] < n else 0)
