@@ -36,7 +36,7 @@ class ModelSection:
     attention: str = "sdpa"
     position: str = "learned"
     vocab_multiple: int = 64  # pad the embedding table to a multiple of this (GPU-friendly shapes)
-    loss_chunk_rows: int = 256  # fused linear cross-entropy chunk; 0 = plain logits + loss
+    loss_chunk_rows: int = 1024  # fused linear cross-entropy chunk (rows); 0 = plain logits + loss
     attention_options: dict = field(default_factory=dict)
     position_options: dict = field(default_factory=dict)
 

@@ -38,7 +38,7 @@ class GPTConfig:
     position: str = "learned"
     position_options: dict[str, Any] = field(default_factory=dict)  # e.g. rope theta, scaling
     attention_options: dict[str, Any] = field(default_factory=dict)  # e.g. window, block sizes
-    loss_chunk_rows: int = 256  # rows of logits alive at once in the fused loss; 0 = plain loss
+    loss_chunk_rows: int = 1024  # rows of logits alive at once in the fused loss (1024 x 50304 fp32: 206 MB); 0 = plain loss
 
     def __post_init__(self):
         if self.n_kv_head is None:

@@ -22,6 +22,10 @@ How a chunk is processed (fp32, the fast path on CPUs without AMX):
 
 The 1/M (and the incoming gradient) multiply dh and dW once, in backward, instead of every
 element of every chunk; ignored rows are zeroed in h_c and dh_c (rows x C), not in buf.
+Chunk size: bigger chunks feed the matmuls better (on 2 CPU threads h_c W^T with C = 384
+runs at 152 GFLOP/s for 256 rows, 178 for 1024 and 186 for 2048, against a 2048^3 peak of
+~195) and accumulate dW in fewer passes; the buffer costs rows x V x 4 bytes (206 MB at
+1024 x 50304). 1024 rows is the default.
 The loss is exact fp32 cross-entropy: it matches ``F.cross_entropy`` on materialised
 logits to rounding. Under autocast (or with low-precision inputs) the matmuls run in the
 autocast dtype and the softmax in fp32.
@@ -129,7 +133,7 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
-    chunk_rows: int = 256,
+    chunk_rows: int = 1024,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets``; h: (..., C), targets: (...).
