@@ -74,3 +74,54 @@ def tiny_recipe(tmp_path, small_corpus):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
     return path
+
+
+ROPE_RECIPE = """
+name = "ctx"
+sample_prompt = "The "
+sample_tokens = 2
+
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 16
+vocab_multiple = 8
+position = "rope"
+
+[data]
+corpus = "{corpus}"
+tokenizer = "bytes"
+val_fraction = 0.1
+
+[train]
+steps = 8
+batch_size = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup = 2
+eval_every = 0
+eval_batches = 1
+checkpoint_every = 0
+log_every = 4
+seed = 3
+"""
+
+
+@pytest.fixture(scope="session")
+def rope_run(tmp_path_factory):
+    """A 1-layer RoPE GPT on bytes of ~20 KB of pydoc text, trained 8 steps at 16 tokens
+    (shared by the context-extension tests; they must not change its files)."""
+    from pydoc_data.topics import topics
+
+    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+    root = tmp_path_factory.mktemp("ctx")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:20])[:20_000], encoding="utf-8")
+    recipe = root / "ctx.toml"
+    recipe.write_text(ROPE_RECIPE.format(corpus=corpus.as_posix()), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)  # skip the roof measurement
+        run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)
+    return root / "run"

@@ -4,59 +4,6 @@ import json
 
 import pytest
 
-from adl_cli.cli import main
-
-
-
-
-RECIPE = """
-name = "ctx"
-sample_prompt = "The "
-sample_tokens = 2
-[model]
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 16
-vocab_multiple = 8
-position = "rope"
-[data]
-corpus = "{corpus}"
-tokenizer = "bytes"
-[train]
-steps = 6
-batch_size = 4
-lr = 3e-3
-warmup = 2
-min_lr = 3e-4
-eval_every = 0
-eval_batches = 1
-checkpoint_every = 0
-log_every = 3
-"""
-
-
-@pytest.fixture(scope="module")
-def rope_run(tmp_path_factory):
-    """A 1-layer RoPE GPT on bytes of pydoc text, trained 6 steps at 16 tokens."""
-    from pydoc_data.topics import topics
-
-    root = tmp_path_factory.mktemp("ctx-cli")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:20])[:20_000], encoding="utf-8")
-    recipe = root / "ctx.toml"
-    recipe.write_text(RECIPE.format(corpus=corpus.as_posix()), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADL_CACHE", str(root / "cache"))
-        mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)  # skip the roof measurement
-        code = None
-        try:
-            main(["pretrain", str(recipe), "--out", str(root / "run"), "--no-progress"])
-        except SystemExit as e:
-            code = e.code
-        assert not code
-        yield root / "run"
-
 
 def test_table_and_json(rope_run, tmp_path, capsys, monkeypatch, run):
     monkeypatch.setenv("COLUMNS", "160")

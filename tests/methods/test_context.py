@@ -9,60 +9,6 @@ import pytest
 from adl_cli.errors import AdlError
 from adl_cli.methods.context import ROPE_FAMILY, bench_context, kv_cache_table
 
-RECIPE = """
-name = "ctx"
-sample_prompt = "The "
-sample_tokens = 2
-
-[model]
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 16
-vocab_multiple = 8
-position = "rope"
-
-[data]
-corpus = "{corpus}"
-tokenizer = "bytes"
-val_fraction = 0.1
-
-[train]
-steps = 8
-batch_size = 4
-lr = 3e-3
-min_lr = 3e-4
-warmup = 2
-eval_every = 0
-eval_batches = 1
-checkpoint_every = 0
-log_every = 4
-seed = 3
-"""
-
-
-def train_tiny_rope(root, monkeypatch):
-    """A 1-layer RoPE GPT on bytes of ~20 KB of pydoc text, trained 8 steps at 16 tokens."""
-    from pydoc_data.topics import topics
-
-    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
-
-    monkeypatch.setenv("ADL_CACHE", str(root / "cache"))
-    monkeypatch.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)  # skip the roof measurement
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:20])[:20_000], encoding="utf-8")
-    recipe = root / "ctx.toml"
-    recipe.write_text(RECIPE.format(corpus=corpus.as_posix()), encoding="utf-8")
-    run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
-def rope_run(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        yield train_tiny_rope(tmp_path_factory.mktemp("ctx"), mp)
-
-
 def test_finite_perplexity_per_length_and_position(rope_run):
     report = bench_context(rope_run, "16,32,64", "rope,pi,ntk,yarn")
     assert report.trained_length == 16 and report.lengths == [16, 32, 64]
