@@ -26,13 +26,13 @@ def _adl_cache(tmp_path_factory):
         os.environ["ADL_CACHE"] = old
 
 
-@pytest.fixture
-def small_corpus(tmp_path):
-    """A few kilobytes of real English text (the first pydoc topics) as a file."""
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """About 40 kB of real English text (the first 12 pydoc topics) as a file; read-only."""
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics)[:12])
-    path = tmp_path / "corpus.txt"
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -109,18 +109,14 @@ seed = 3
 
 
 @pytest.fixture(scope="session")
-def rope_run(tmp_path_factory):
-    """A 1-layer RoPE GPT on bytes of ~20 KB of pydoc text, trained 8 steps at 16 tokens
+def rope_run(tmp_path_factory, small_corpus):
+    """A 1-layer RoPE GPT on bytes of the small corpus, trained 8 steps at 16 tokens
     (shared by the context-extension tests; they must not change its files)."""
-    from pydoc_data.topics import topics
-
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
     root = tmp_path_factory.mktemp("ctx")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:20])[:20_000], encoding="utf-8")
     recipe = root / "ctx.toml"
-    recipe.write_text(ROPE_RECIPE.format(corpus=corpus.as_posix()), encoding="utf-8")
+    recipe.write_text(ROPE_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)  # skip the roof measurement
         run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)

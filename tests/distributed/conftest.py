@@ -42,14 +42,9 @@ seed = 11
 
 
 @pytest.fixture(scope="package")
-def dist_recipe(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
-    root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:12]), encoding="utf-8")
-    path = root / "dist.toml"
-    path.write_text(RECIPE.format(corpus=corpus.as_posix()), encoding="utf-8")
+def dist_recipe(tmp_path_factory, small_corpus) -> Path:
+    path = tmp_path_factory.mktemp("dist") / "dist.toml"
+    path.write_text(RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
     from adl_cli.data.tokens import load_tokens
     from adl_cli.methods.pretrain import load_pretrain_recipe
 
