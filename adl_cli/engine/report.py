@@ -101,7 +101,8 @@ def summary_table(s: dict[str, Any], title: str = "run summary") -> Table:
         ("wall time", f"{s['wall_s']:.1f} s (training {s.get('train_wall_s', 0):.1f} s)" if s.get("wall_s") is not None else "-"),
         ("precision / optimizer", f"{s.get('precision')} / {s.get('optimizer')}"),
         ("attention / compile", f"{s.get('attention')} / " + (f"yes ({s['compile_s']:.1f} s first step)" if s.get("compile_s") else "no")),
-        ("device", f"{s.get('device')} x {s.get('world_size', 1)}"),
+        ("device", f"{s.get('device')} x {s.get('world_size', 1)}" + (f" ({s['parallel']})" if s.get("parallel") not in (None, "none") else "")),
+        ("global batch", f"{s['global_batch_tokens']:,} tokens (grad_accum {s.get('grad_accum', 1)})" if s.get("global_batch_tokens") else "-"),
         ("tokenizer", _fmt(s.get("tokenizer"))),
     ]
     for k, v in rows:
