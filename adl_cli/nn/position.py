@@ -179,21 +179,23 @@ class RotaryPosition(PositionEncoding):
 
     def _cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self._cache
-        if torch.compiler.is_compiling() and cache is not None and cache[1] == pos.device:
-            # Compiled training stays within block_size, which the cache always covers: no
-            # data-dependent size check (a graph break) inside the compiled graph.
+        if torch.compiler.is_compiling():
+            # Compiled training stays within block_size: size the table by it instead of reading
+            # pos (a data-dependent size check is a graph break inside the compiled graph).
+            if cache is None or cache[1] != pos.device:
+                cache = self._build(self.block_size, pos.device)
             return cache[2][pos], cache[3][pos]
         n = int(pos.max()) + 1 if pos.numel() else 0
         if cache is None or cache[0] < n or cache[1] != pos.device:
             # Grow geometrically past block_size so that long decoding rebuilds rarely.
-            size = max(n, self.block_size, 2 * cache[0] if cache is not None and cache[0] < n else 0)
-            angles = torch.arange(size, dtype=torch.float64)[:, None] * self._inv_freq64
-            f = self.attention_factor
-            cos = (angles.cos() * f).float().to(pos.device)
-            sin = (angles.sin() * f).float().to(pos.device)
-            cache = (size, pos.device, cos, sin)
-            self._cache = cache
+            cache = self._build(max(n, self.block_size, 2 * cache[0] if cache is not None and cache[0] < n else 0), pos.device)
         return cache[2][pos], cache[3][pos]
+
+    def _build(self, size: int, device: torch.device):
+        angles = torch.arange(size, dtype=torch.float64)[:, None] * self._inv_freq64
+        f = self.attention_factor
+        self._cache = (size, device, (angles.cos() * f).float().to(device), (angles.sin() * f).float().to(device))
+        return self._cache
 
     def rotate(self, x, pos):
         cos, sin = self._cos_sin(pos)
