@@ -206,8 +206,11 @@ def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, pro
         return m(x, y)[1]
 
     def eval_fn(m):
-        losses = [m(x.to(next(m.parameters()).device), y.to(next(m.parameters()).device))[1].item() for x, y in eval_windows(data.val, gcfg.block_size, tc.batch_size, tc.eval_batches, tc.seed)]
-        return {"val_loss": sum(losses) / len(losses)}
+        device = next(m.parameters()).device
+        total = torch.zeros((), device=device)  # summed on the device: one host sync per evaluation
+        for x, y in eval_windows(data.val, gcfg.block_size, tc.batch_size, tc.eval_batches, tc.seed):
+            total += m(x.to(device), y.to(device))[1]
+        return {"val_loss": total.item() / tc.eval_batches}
 
     trainer = Trainer(
         model,
