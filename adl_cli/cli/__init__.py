@@ -40,29 +40,69 @@ def _register() -> None:
         module.register(app)
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage/click errors, aborts, no-args-help) of every click typer may carry.
+
+    typer 0.29 bundles its own click as ``typer._click``; older typers use the ``click``
+    package. Both are looked up, so usage errors never escape as tracebacks."""
+    import importlib
+
+    errors, aborts, helps = [], [], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for found, attr in ((errors, "ClickException"), (aborts, "Abort"), (helps, "NoArgsIsHelpError")):
+            if isinstance(getattr(mod, attr, None), type):
+                found.append(getattr(mod, attr))
+    return tuple(errors), tuple(aborts), tuple(helps)
+
+
+def usage_line(err) -> str:
+    """A click usage error as one line: the message and where to read more."""
+    msg = " ".join(str(err.format_message()).split())
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None and getattr(ctx, "command_path", None):
+        return f"{msg} (see '{ctx.command_path} --help')"
+    return msg
+
+
+def _fail(message: str, code: int) -> None:
+    """Print one error line (on the main process only: under torchrun every rank fails alike) and exit."""
+    from adl_cli.console import console_err, is_main_env
+
+    if is_main_env():
+        console_err.print(message, highlight=False, soft_wrap=True, markup=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit 2, never a traceback."""
-    from adl_cli.engine.report import console_err
+    """Entry point: user errors print one line and exit non-zero, never a traceback."""
+    from rich.markup import escape
 
     _register()
+    click_errors, aborts, helps = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="adl")
     except AdlError as err:
-        console_err.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True, markup=True)
-        sys.exit(err.exit_code)
+        _fail(f"[bold red]error:[/] {escape(str(err))}", err.exit_code)
     except KeyboardInterrupt:
-        console_err.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        _fail("[yellow]interrupted[/]", 130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
-    except Exception as err:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except Exception as err:
+        if helps and isinstance(err, helps):  # `adl` or `adl data` alone: the help, as click does
             err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
+            sys.exit(2)
+        if click_errors and isinstance(err, click_errors):
+            _fail(f"[bold red]error:[/] {escape(usage_line(err))}", getattr(err, "exit_code", 2) or 2)
+        if aborts and isinstance(err, aborts):
+            _fail("[yellow]aborted[/]", 1)
+        if isinstance(err, OSError) and err.errno is not None:
+            # a disk that fills up, a folder that cannot be written: name the file, no traceback
+            where = f" {err.filename}" if err.filename else ""
+            _fail(f"[bold red]error:[/] cannot write{escape(where)}: {escape(err.strerror or str(err))}", 1)
         raise

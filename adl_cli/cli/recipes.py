@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+from adl_cli.fileio import atomic_copy
 import tomllib
 from pathlib import Path
 
@@ -59,13 +59,16 @@ def list_() -> None:
 
 @recipes_app.command("show")
 def show(name: str = typer.Argument(..., help="Recipe name, e.g. pretrain/tiny or tiny.")) -> None:
-    """Print a recipe's TOML."""
-    from rich.syntax import Syntax
+    """Print a recipe's TOML (exactly the file's text when piped: `adl recipes show tiny > my.toml`)."""
+    from adl_cli.console import console, print_raw
 
-    from adl_cli.engine.report import console
+    text = find_recipe(name).read_text(encoding="utf-8")
+    if console.is_terminal:
+        from rich.syntax import Syntax
 
-    path = find_recipe(name)
-    console.print(Syntax(path.read_text(), "toml", theme="ansi_dark"))
+        console.print(Syntax(text, "toml", theme="ansi_dark", word_wrap=False), soft_wrap=True)
+    else:
+        print_raw(text)
 
 
 @recipes_app.command("cp")
@@ -82,7 +85,7 @@ def cp(
         raise AdlError(f"{target} exists; not overwriting it")
     if not target.parent.exists():
         raise AdlError(f"folder {target.parent} does not exist")
-    shutil.copyfile(src, target)
+    atomic_copy(src, target)
     console.print(f"copied {src} -> {target}")
 
 

@@ -283,7 +283,7 @@ def shard_corpus(
     removed afterwards, so the folder's glob never mixes two runs. Returns the manifest.
     """
     import json
-    import shutil
+    from adl_cli.fileio import atomic_copy
 
     from adl_cli.data.corpus import corpus_key, load_documents
     from adl_cli.data.tokenizer import make_tokenizer
@@ -328,7 +328,7 @@ def shard_corpus(
     if tok.ranks_path is not None:
         target = out_dir / "tokenizer.tiktoken"
         if Path(tok.ranks_path).resolve() != target.resolve():
-            shutil.copyfile(tok.ranks_path, target)
+            atomic_copy(tok.ranks_path, target)
         manifest["tokenizer_file"] = target.name
     for p in paths:
         n = read_header(p)

@@ -14,7 +14,7 @@ file ``tokenizer.tiktoken``, so generation reproduces training's ids.
 from __future__ import annotations
 
 import json
-import shutil
+from adl_cli.fileio import atomic_copy
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,7 @@ class Tokenizer:
         if self.kind in ("bpe", "file"):
             target = run_dir / "tokenizer.tiktoken"
             if self.ranks_path and Path(self.ranks_path).resolve() != target.resolve():
-                shutil.copyfile(self.ranks_path, target)
+                atomic_copy(self.ranks_path, target)
             meta["ranks"] = "tokenizer.tiktoken"
             meta["pattern"] = self.pattern
         atomic_write_text(run_dir / "tokenizer.json", json.dumps(meta, indent=1))

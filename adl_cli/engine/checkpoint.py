@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adl_cli.errors import AdlError
-from adl_cli.fileio import atomic_path, atomic_write
+from adl_cli.fileio import atomic_path, atomic_write, fsync_dir, make_temp_dir
 
 COMPILE_PREFIX = "_orig_mod."
 
@@ -165,19 +164,26 @@ def write_checkpoint(
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
+    tmp = make_temp_dir(root, f".tmp-step-{step}-")
     meta = opt_meta
+    old = None
     try:
         save_safetensors(weights, tmp / "model.safetensors")
         tensors = {**opt_tensors, **rng_tensors()}
         save_safetensors(tensors, tmp / "optimizer.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state, "optimizer": meta}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # re-saving a step: move the old folder aside, never delete it before the new one is in place
+            old = root / f".old-step-{step}-{tmp.name.rsplit('-', 1)[-1]}"
+            os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(root)
     except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     atomic_write_text(root / "latest", f"step-{step}\n")
     olds = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
     for old in olds[:-keep] if keep > 0 else []:
@@ -186,8 +192,19 @@ def write_checkpoint(
     return final
 
 
+def _recover_moved(root: Path) -> None:
+    """A crash between moving a re-saved step aside and renaming its replacement in: move it back."""
+    for old in root.glob(".old-step-*"):
+        final = root / ("step-" + old.name.split("-")[2])
+        if (old / "state.json").exists() and not final.exists():
+            os.replace(old, final)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    _recover_moved(root)
     marker = root / "latest"
     if marker.exists():
         path = root / marker.read_text().strip()

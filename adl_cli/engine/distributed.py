@@ -37,25 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from adl_cli.console import env_rank, is_main_env  # noqa: F401  (re-exported)
 from adl_cli.errors import AdlError
 
 STRATEGIES = ("ddp", "fsdp")
 
 
 # ----------------------------------------------------------------------------- launch
-
-
-def env_rank() -> int:
-    """This process's global rank as the launcher set it (0 when not launched)."""
-    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
-def is_main_env() -> bool:
-    """True in the process that prints and writes files (before any accelerator exists)."""
-    return env_rank() == 0
 
 
 def make_accelerator():

@@ -10,10 +10,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from adl_cli.console import console, console_err  # noqa: F401  (re-exported)
+
 from adl_cli.errors import AdlError
 
-console = Console()
-console_err = Console(stderr=True)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ Hugging Face tokenizers file). Weights round-trip bit-exactly.
 from __future__ import annotations
 
 import json
-import shutil
+from adl_cli.fileio import atomic_copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,10 +203,10 @@ def export_hf(run_dir: Path, out: Path) -> InteropResult:
     if tok_meta:
         dest = out / ADL_TOKENIZER_DIR
         dest.mkdir(exist_ok=True)
-        shutil.copyfile(run_dir / "tokenizer.json", dest / "tokenizer.json")
+        atomic_copy(run_dir / "tokenizer.json", dest / "tokenizer.json")
         ranks = tok_meta.get("ranks")
         if ranks and (run_dir / ranks).exists():
-            shutil.copyfile(run_dir / ranks, dest / ranks)
+            atomic_copy(run_dir / ranks, dest / ranks)
         desc = f"{tok_meta.get('kind')} ({tok_meta.get('vocab_size')} ids), copied to {dest.name}/ for `adl import hf-gpt2`"
     else:
         notes.append(f"{run_dir} has no tokenizer.json: only the weights were exported")

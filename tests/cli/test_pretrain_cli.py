@@ -100,3 +100,11 @@ def test_version_and_help(capsys, run):
     assert code == 0 and text.startswith("adl ")
     code, text, _ = run(["pretrain", "--help"], capsys)
     assert code == 0 and "--resume" in text and "--set" in text
+
+
+def test_recipes_show_piped_is_the_file_itself(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "adl_cli", "recipes", "show", "tiny"], capture_output=True, text=True,
+                       env=dict(os.environ, COLUMNS="60"), timeout=120)
+    from adl_cli.cli.recipes import find_recipe
+
+    assert p.returncode == 0 and p.stdout == find_recipe("tiny").read_text(encoding="utf-8")

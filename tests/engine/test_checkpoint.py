@@ -51,3 +51,37 @@ def test_keep_only_newest_checkpoints(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step-2", "step-3"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step-3"
+
+
+def test_files_and_checkpoint_folders_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        m = model()
+        path = ckpt.save_checkpoint(tmp_path, 1, m, torch.optim.AdamW(m.parameters()), {}, keep=2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "checkpoints" / "latest").stat().st_mode) == 0o644
+
+
+def test_resaving_a_step_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    m = model()
+    opt = torch.optim.AdamW(m.parameters())
+    first = ckpt.save_checkpoint(tmp_path, 4, m, opt, {"mark": "old"}, keep=2)
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 4, m, opt, {"mark": "new"}, keep=2)
+    assert ckpt.latest_checkpoint(tmp_path) == first and '"mark": "old"' in (first / "state.json").read_text()
+    # a crash after the old folder was moved aside and before the new one arrived: found again
+    import os
+
+    os.replace(first, tmp_path / "checkpoints" / ".old-step-4-abc")
+    assert ckpt.latest_checkpoint(tmp_path) == first and (first / "state.json").exists()
