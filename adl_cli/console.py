@@ -13,6 +13,8 @@ from rich.console import Console
 
 console = Console()
 console_err = Console(stderr=True)
+for _c in (console, console_err):
+    _c.soft_wrap = not _c.is_terminal  # logs and pipes get whole lines; a terminal wraps as usual
 
 
 def env_rank() -> int:

@@ -16,9 +16,13 @@ class AdlError(Exception):
 
 
 class Interrupted(AdlError):
-    """The user stopped a run (Ctrl-C); state was saved. Exit status 130 as for SIGINT."""
+    """The user (Ctrl-C: exit 130) or the scheduler (SIGTERM: exit 143) stopped a run; state was saved."""
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

@@ -19,3 +19,29 @@ def default_out(recipe_path: Path, name: str) -> Path:
     if recipe_path.name == "recipe.toml" and (recipe_path.parent / "config.json").exists():
         return recipe_path.parent
     return Path("runs") / name
+
+
+def resolve_recipe(recipe: Path) -> Path:
+    """A recipe path as given, or the shipped recipe of that name (`adl pretrain tiny`)."""
+    recipe = Path(recipe)
+    if recipe.exists() or recipe.suffix or len(recipe.parts) > 1:
+        return recipe
+    from adl_cli.cli.recipes import find_recipe
+
+    return find_recipe(str(recipe))
+
+
+def resuming_note(out: Path, resume: bool, resume_from: Path | None) -> str:
+    """' (resuming from step N)' for the banner line, '' for a fresh run."""
+    if not (resume or resume_from):
+        return ""
+    import json
+
+    from adl_cli.engine.checkpoint import latest_checkpoint
+
+    ck = Path(resume_from) if resume_from else latest_checkpoint(out)
+    try:
+        step = json.loads((ck / "state.json").read_text())["step"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return " (resuming)"
+    return f" (resuming from step {step}, {ck})"

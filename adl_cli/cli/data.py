@@ -18,6 +18,7 @@ def shard(
     shard_tokens: int = typer.Option(100_000_000, "--shard-tokens", help="Tokens per shard (the last one holds the rest)."),
     val_shard: bool = typer.Option(False, "--val-shard", help="Name the first shard *_val_000000.bin (llm.c's layout)."),
     prefix: str = typer.Option(None, "--prefix", help="File name prefix (default: the corpus name)."),
+    force: bool = typer.Option(False, "--force", help="Replace the shards already in --out (all of them, and their tokenizer)."),
 ) -> None:
     """Write token shards: [bold]adl data shard pydoc --tokenizer bpe --out data/pydoc --shard-tokens 50000[/]"""
     import time
@@ -29,7 +30,7 @@ def shard(
 
     t0 = time.perf_counter()
     with console.status(f"tokenizing {corpus} ..."):
-        m = shard_corpus(corpus, tokenizer, out, shard_tokens, vocab_size=vocab_size, val_shard=val_shard, prefix=prefix)
+        m = shard_corpus(corpus, tokenizer, out, shard_tokens, vocab_size=vocab_size, val_shard=val_shard, prefix=prefix, force=force)
     t = Table("file", "split", "tokens", title=f"{len(m['shards'])} shards, {m['tokens']:,} tokens in {time.perf_counter() - t0:.1f} s", title_justify="left")
     shown = m["shards"] if len(m["shards"]) <= 12 else m["shards"][:5] + [{"file": "...", "split": "", "tokens": ""}] + m["shards"][-5:]
     for s in shown:

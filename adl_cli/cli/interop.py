@@ -32,22 +32,24 @@ def import_hf_gpt2(
         "--tokenizer",
         help="bytes | gpt2 | a .tiktoken file | a run folder. Default: DIR/adl_tokenizer, else vocab.json + merges.txt, else gpt2.",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace what --out already holds."),
 ) -> None:
     """Import a transformers GPT2LMHeadModel: [bold]adl import hf-gpt2 path/to/gpt2 --out runs/gpt2[/]"""
     from adl_cli.methods.interop import import_hf_gpt2 as run
 
-    _show(run(src, out, tokenizer=tokenizer), "wrote")
+    _show(run(src, out, tokenizer=tokenizer, force=force), "wrote")
 
 
 @export_app.command("hf")
 def export_hf(
     run_dir: Path = typer.Argument(..., help="An adl run folder (adl pretrain or adl import).", show_default=False, metavar="RUN_DIR"),
     out: Path = typer.Option(..., "--out", "-o", help="The folder to write (GPT2LMHeadModel.from_pretrained reads it)."),
+    force: bool = typer.Option(False, "--force", help="Replace what --out already holds."),
 ) -> None:
     """Export a run as transformers GPT-2: [bold]adl export hf runs/tiny --out hf/tiny[/]"""
     from adl_cli.methods.interop import export_hf as run
 
-    _show(run(run_dir, out), "wrote")
+    _show(run(run_dir, out, force=force), "wrote")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,8 @@ tok_app = typer.Typer(help="Train and use tokenizers.", no_args_is_help=True)
 def train(
     corpus: str = typer.Option("pydoc", "--corpus", help="pydoc | stdlib | a text file, folder or glob."),
     vocab_size: int = typer.Option(4096, "--vocab-size", help="Ids in the vocabulary, <|endoftext|> included."),
-    out: Path = typer.Option(..., "--out", help="Where to write the ranks file (tiktoken format, .tiktoken)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the ranks file (tiktoken format, .tiktoken)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ) -> None:
     """Train a byte-level BPE: [bold]adl tokenizer train --corpus pydoc --vocab-size 4096 --out bpe.tiktoken[/]"""
     import time
@@ -29,8 +30,10 @@ def train(
         raise AdlError(f"--vocab-size must be at least 258 (256 bytes, one merge, <|endoftext|>), got {vocab_size}")
     if out.exists() and out.is_dir():
         raise AdlError(f"--out {out} is a folder; give a file name such as {out / 'bpe.tiktoken'}")
-    if not out.parent.exists():
-        raise AdlError(f"folder {out.parent} does not exist")
+    if out.exists() and not force:
+        raise AdlError(f"--out {out} exists; choose another name or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise AdlError(f"folder {out.parent} does not exist" if not out.parent.exists() else f"{out.parent} is a file, not a folder")
     text = "\n\n".join(load_documents(corpus))
     t0 = time.perf_counter()
     with console.status(f"training BPE on {len(text):,} characters ..."):

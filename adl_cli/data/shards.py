@@ -258,6 +258,36 @@ class ShardedView:
 # ----------------------------------------------------------------------------- corpus -> shards
 
 
+def tokenizer_fingerprint(tok) -> dict:
+    """What identifies a tokenizer's ids: kind, size, end-of-text id and, for a ranks file, its hash."""
+    import hashlib
+
+    out = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    if tok.ranks_path is not None:
+        out["ranks_sha256"] = hashlib.sha256(Path(tok.ranks_path).read_bytes()).hexdigest()
+    return out
+
+
+def check_shard_tokenizer(files: list[Path], tok) -> None:
+    """Shards written by `adl data shard` record their tokenizer (shards.json beside them);
+    training on them with another tokenizer would feed ids that mean other text."""
+    import json
+
+    manifest = Path(files[0]).parent / "shards.json"
+    if not manifest.exists():
+        return  # foreign shards (llm.c's own): nothing recorded to check
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdlError(f"cannot read {manifest}: {e}") from None
+    mine = tokenizer_fingerprint(tok)
+    for key in ("vocab_size", "eot_id", "ranks_sha256"):
+        if key in meta and meta[key] != mine.get(key):
+            hint = f" (data.tokenizer = \"{manifest.parent / meta['tokenizer_file']}\")" if meta.get("tokenizer_file") else f" (data.tokenizer = \"{meta.get('tokenizer')}\")"
+            raise AdlError(f"the shards in {manifest.parent} were tokenized with {meta.get('tokenizer')} ({meta.get('vocab_size')} ids), "
+                           f"the recipe's tokenizer is {tok.describe()} ({key} differs); train with the shards' own tokenizer{hint}")
+
+
 def _safe_prefix(name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "-." else "-" for c in name).strip("-.")
     return cleaned or "tokens"
@@ -273,6 +303,7 @@ def shard_corpus(
     val_shard: bool = False,
     prefix: str | None = None,
     progress=None,
+    force: bool = False,
 ) -> dict:
     """Tokenize a corpus (documents separated by <|endoftext|>, as for training) into shards.
 
@@ -294,6 +325,9 @@ def shard_corpus(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AdlError(f"--out {out_dir} is a file, not a folder")
+    existing = sorted(out_dir.glob("*.bin")) + [p for p in (out_dir / "shards.json", out_dir / "tokenizer.tiktoken") if p.exists()] if out_dir.is_dir() else []
+    if existing and not force:
+        raise AdlError(f"--out {out_dir} already holds shards ({existing[0].name}{' and more' if len(existing) > 1 else ''}); choose another folder or pass --force to replace them")
     if tokenizer == "bpe" and vocab_size > MAX_VOCAB:
         raise AdlError(f"--vocab-size {vocab_size:,} does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,} ids)")
     docs = load_documents(corpus)
@@ -313,15 +347,15 @@ def shard_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_shards(stream(), out_dir, shard_tokens, prefix=prefix, vocab_size=tok.vocab_size, val_first=val_shard)
     written = {p.name for p in paths}
-    for old in out_dir.glob(f"{prefix}_*_*.bin"):
-        if old.name not in written and old.name.split("_")[-2] in ("train", "val"):
+    for old in existing:  # --force: nothing of the replaced set may stay behind (shards nor tokenizer)
+        if old.suffix == ".bin" and old.name not in written:
             old.unlink()
+    if tok.ranks_path is None and (out_dir / "tokenizer.tiktoken").exists():
+        (out_dir / "tokenizer.tiktoken").unlink()
     manifest = {
         "format": "llm.c token shards: 256 x int32 header (magic 20240520, version 1, count), uint16 tokens",
         "corpus": corpus,
-        "tokenizer": tok.kind,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
+        **tokenizer_fingerprint(tok),
         "tokens": 0,
         "shards": [],
     }

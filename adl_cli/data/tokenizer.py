@@ -57,9 +57,19 @@ class Tokenizer:
             return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
         return self.encoding.decode([i for i in ids if i < self.encoding.n_vocab], errors="replace")
 
+    @property
+    def special_ids(self) -> set[int]:
+        if self.encoding is None:
+            return {256}
+        return {self.encoding.encode_single_token(t) for t in self.encoding.special_tokens_set}
+
     def token_bytes(self, ids) -> int:
-        """Number of UTF-8 bytes the ids stand for (bits per byte needs it)."""
-        return len(self.decode(ids).encode("utf-8"))
+        """Number of UTF-8 bytes of text the ids stand for (bits per byte needs it).
+
+        Special tokens such as <|endoftext|> stand for no text: they count 0 bytes whatever
+        the tokenizer (their literal spelling is not in the corpus)."""
+        special = self.special_ids
+        return len(self.decode([i for i in ids if int(i) not in special]).encode("utf-8"))
 
     def describe(self) -> str:
         return f"{self.kind} ({self.vocab_size} ids)"

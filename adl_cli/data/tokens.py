@@ -91,16 +91,28 @@ def load_tokens(section: DataSection, *, progress=None, tokenizer: Tokenizer | N
 
 
 def load_shard_tokens(section: DataSection, tokenizer: Tokenizer | None) -> TokenData:
-    """llm.c-style token shards ('shards:PATH/*.bin'); the val split is the last shard's tail."""
+    """llm.c-style token shards ('shards:PATH/*.bin'). With llm.c's ``*_val_*`` files among them
+    the val split is those files and training reads only the others; else it is the stream's tail."""
     try:
         from adl_cli.data.shards import ShardedTokens
     except ImportError:
         raise AdlError("token shards are not supported in this build") from None
-    tokens = ShardedTokens.open(section.corpus.removeprefix("shards:"))
+    from adl_cli.data.shards import check_shard_tokenizer, read_header, shard_files
+
+    files = shard_files(section.corpus.removeprefix("shards:"))
     if tokenizer is None:
         tokenizer = make_tokenizer(section.tokenizer, vocab_size=section.vocab_size)
-    n_val = max(1, int(len(tokens) * section.val_fraction))
-    train, val = tokens.view(0, len(tokens) - n_val), tokens.view(len(tokens) - n_val, len(tokens))
+    check_shard_tokenizer(files, tokenizer)
+    val_files = [f for f in files if "_val_" in f.name]
+    train_files = [f for f in files if "_val_" not in f.name]
+    if val_files and train_files:  # llm.c's layout: validate on the val shard(s) only, train on the rest
+        train = ShardedTokens(train_files, [read_header(f) for f in train_files])
+        val = ShardedTokens(val_files, [read_header(f) for f in val_files])
+        train, val = train.view(0, len(train)), val.view(0, len(val))
+    else:
+        tokens = ShardedTokens(files, [read_header(f) for f in files])
+        n_val = max(1, int(len(tokens) * section.val_fraction))
+        train, val = tokens.view(0, len(tokens) - n_val), tokens.view(len(tokens) - n_val, len(tokens))
     sample = val[0 : min(len(val), 200_000)]
     bpt = tokenizer.token_bytes(sample) / max(1, len(sample))
     return TokenData(tokenizer, train, val, bpt, section.corpus)

@@ -3,8 +3,10 @@
 Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019). Weight decay applies
 to matrices (dim >= 2: linear weights, embeddings), not to biases and norm gains.
 
-    lr(t) = lr * (t+1)/warmup                                  t < warmup
-    lr(t) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2     p = (t - warmup)/(steps - warmup)
+    lr(t) = lr * (t+1)/warmup                                  t < warmup (the peak at t = warmup - 1)
+    lr(t) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2     p = (t - t0)/(steps - 1 - t0), t0 = max(warmup - 1, 0)
+
+so the peak lr is used for exactly one step and the last step (t = steps - 1) runs at min_lr.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def make_adamw(model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> float:
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup
-    if steps <= warmup:
+    peak = max(warmup - 1, 0)
+    if steps - 1 <= peak:
         return lr
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    progress = min(1.0, (step - peak) / (steps - 1 - peak))
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -93,7 +93,7 @@ def summary_table(s: dict[str, Any], title: str = "run summary") -> Table:
         ("steps", _fmt(s.get("steps"))),
         ("tokens seen", _fmt(s.get("tokens"))),
         ("tokens/s (median)", _fmt(s.get("tokens_per_s"), "int")),
-        ("model FLOPs utilisation", _fmt(s.get("mfu"), "pct") + " of the measured matmul peak" if s.get("mfu") is not None else "-"),
+        ("model FLOPs utilisation", _fmt(s.get("mfu"), "pct") + f" of the measured {s.get('mfu_peak_dtype', 'float32')} matmul peak" if s.get("mfu") is not None else "-"),
         ("train loss", _fmt(s.get("train_loss"))),
         ("val loss", _fmt(s.get("val_loss"))),
         ("val bits per byte", _fmt(s.get("val_bits_per_byte"))),

@@ -107,8 +107,9 @@ def _sync(device: torch.device) -> None:
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
     """Best observed FLOP/s of an n^3 matmul: the roof that model-FLOPs utilisation is measured against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: never moves the training RNG
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b
     _sync(device)
     best = float("inf")

@@ -110,6 +110,7 @@ class TrainResult:
     grad_accum: int = 1
     parallel: str = "none"  # none | ddp | fsdp
     tf32: str = "off"
+    peak_dtype: str = "float32"  # the dtype whose measured matmul peak MFU is relative to
 
 
 class StopRequested(Exception):
@@ -117,27 +118,35 @@ class StopRequested(Exception):
 
 
 class _SigintGuard:
-    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
+    """First Ctrl-C (SIGINT) or SIGTERM (what SLURM and Kubernetes send) asks the loop to stop
+    after the current step and checkpoint; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self.signal_name = "Ctrl-C"
+        self.exit_code = 130
+        self._old: dict = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.exit_code = 128 + int(signum)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _accelerator():
@@ -160,6 +169,7 @@ class Trainer:
         accelerator=None,
         progress: bool = True,
         state_extra: dict[str, Any] | None = None,
+        grad_accum: int | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -173,7 +183,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.precision)
         self.tf32 = dist_.set_tf32(cfg.tf32, self.device)
         world = self.acc.num_processes
-        self.grad_accum = dist_.resolve_grad_accum(
+        self.grad_accum = grad_accum or dist_.resolve_grad_accum(
             cfg.global_batch_tokens, cfg.grad_accum, world, cfg.batch_size, max(1, units_per_batch // cfg.batch_size), unit
         )
         self.parallel = "none" if world == 1 else cfg.distributed
@@ -212,6 +222,24 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def rng_fork(self):
+        """Run something (evaluation, sampling) without changing the random state the next step sees."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    def _check_finite(self, step: int, bad: torch.Tensor, last_saved: int | None) -> None:
+        """Before any checkpoint: no non-finite loss since the last check, and finite weights."""
+        local = bad.clone().float()
+        for p in self.raw_model.parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p
+            local = torch.maximum(local, (~torch.isfinite(t.detach())).any().float())
+        if float(self.acc.reduce(local, reduction="sum")) > 0:
+            raise AdlError(
+                f"the loss or the weights became non-finite by step {step}; stopped without saving them. "
+                + (f"Last good checkpoint: {self.run_dir / 'checkpoints' / f'step-{last_saved}'}" if last_saved is not None else "No checkpoint was written yet.")
+                + " Try a lower train.lr or train.precision=fp32."
+            )
+
     def _to_device(self, batch):
         return tuple(t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t for t in batch)
 
@@ -220,7 +248,7 @@ class Trainer:
             return {}
         self.model.eval()
         try:
-            with torch.no_grad(), self.autocast():
+            with self.rng_fork(), torch.no_grad(), self.autocast():  # evaluation never moves the training RNG
                 out = self.eval_fn(self.raw_model)
         finally:
             self.model.train()
@@ -269,16 +297,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, checkpoint: Path | None = None) -> TrainResult:
+        """Train to ``cfg.steps``; with ``resume`` continue from ``checkpoint`` (default: the run's latest)."""
         cfg = self.cfg
+        peak = matmul_peak(self.device, self.amp_dtype or torch.float32) if self.flops_per_unit else None
         seed_everything(cfg.seed + self.acc.process_index)
         start_step, units, wall_before = 0, 0, 0.0
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            path = ckpt.latest_checkpoint(self.run_dir)
+        if resume or checkpoint is not None:
+            path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(self.run_dir)
             if path is None:
                 raise AdlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
             state = self._load(path)
+            resume = True
             start_step, units, wall_before = int(state["step"]), int(state.get("units", 0)), float(state.get("wall_s", 0.0))
             if self.acc.process_index:  # the file holds rank 0's RNG; keep the other ranks' streams (dropout) distinct
                 torch.manual_seed(cfg.seed + 7919 * self.acc.process_index + start_step)
@@ -290,7 +321,8 @@ class Trainer:
 
         rank, world = self.acc.process_index, self.acc.num_processes
         units_per_step = self.units_per_batch * self.grad_accum * world
-        peak = matmul_peak(self.device, self.amp_dtype or torch.float32) if self.flops_per_unit else None
+        self.peak_dtype = str(self.amp_dtype or torch.float32).removeprefix("torch.")
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any non-finite step loss since the last checkpoint
         history: list[dict[str, Any]] = []
         rates: list[float] = []
         losses: list[float] = []
@@ -316,6 +348,7 @@ class Trainer:
                     else:
                         interval_units += units_per_step
                     interval_loss += step_loss
+                    bad |= ~torch.isfinite(step_loss)
                     interval_n += 1
                     units += units_per_step
                     done = step + 1
@@ -353,6 +386,8 @@ class Trainer:
                         interval_t += time.perf_counter() - t_eval
                     if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                         t_ck = time.perf_counter()
+                        self._check_finite(done, bad, last_saved)
+                        bad.zero_()
                         self._save(done, units, wall_before + time.perf_counter() - t_start)
                         last_saved = done
                         interval_t += time.perf_counter() - t_ck
@@ -360,9 +395,10 @@ class Trainer:
                         raise StopRequested
             except StopRequested:
                 done = step + 1
+                self._check_finite(done, bad, last_saved)
                 path = self._save(done, units, wall_before + time.perf_counter() - t_start)
                 progress.stop()
-                raise Interrupted(f"stopped by Ctrl-C after step {done}; checkpoint written to {path}; continue with --resume") from None
+                raise Interrupted(f"stopped by {guard.signal_name} after step {done}; checkpoint written to {path}; continue with --resume", exit_code=guard.exit_code) from None
             except KeyboardInterrupt:
                 progress.stop()
                 raise Interrupted("interrupted twice: stopped without writing a checkpoint; --resume continues from the last one") from None
@@ -372,6 +408,7 @@ class Trainer:
             val_loss = metrics.get("val_loss", val_loss)
             self._log({"step": cfg.steps, **metrics})
         wall = wall_before + time.perf_counter() - t_start
+        self._check_finite(cfg.steps, bad, last_saved)
         self._save(cfg.steps, units, wall)
         steady = rates[1:] if len(rates) > 2 else rates
         rate = statistics.median(steady) if steady else 0.0
@@ -395,6 +432,7 @@ class Trainer:
             grad_accum=self.grad_accum,
             parallel=self.parallel,
             tf32=self.tf32,
+            peak_dtype=self.peak_dtype,
         )
 
     def _step(self, step: int, rank: int, world: int) -> torch.Tensor:

@@ -53,12 +53,16 @@ def generate(
     generator: torch.Generator | None = None,
     stop_token: int | None = None,
 ) -> torch.Tensor:
-    """Extend idx (B, T) by up to max_new_tokens sampled tokens; temperature 0 is greedy."""
+    """Extend idx (B, T) by up to max_new_tokens sampled tokens; temperature 0 is greedy.
+
+    With ``stop_token`` each row ends on its own when it samples it: later positions of a
+    finished row hold ``stop_token``; generation ends when every row has finished."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     model.eval()
     block = model.config.block_size
     out = idx
     caches: list[dict] | None = None
+    finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         if caches is None or model.cached_length(caches) >= block:
             caches = [{} for _ in range(model.config.n_layer)]
@@ -71,7 +75,10 @@ def generate(
         else:
             probs = torch.softmax(filter_logits(logits / temperature, top_k=top_k, top_p=top_p), dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
+        if stop_token is not None:
+            nxt = nxt.masked_fill(finished, stop_token)
+            finished |= nxt == stop_token
         out = torch.cat((out, nxt), dim=1)
-        if stop_token is not None and bool((nxt == stop_token).all()):
+        if stop_token is not None and bool(finished.all()):
             break
     return out

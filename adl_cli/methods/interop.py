@@ -55,11 +55,23 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_out(src: Path, out: Path) -> None:
+def _check_out(src: Path, out: Path, force: bool = False) -> None:
+    """--out must be a new or empty folder (or --force, which clears what is in it)."""
     if out.exists() and not out.is_dir():
         raise AdlError(f"--out {out} is a file, not a folder")
     if out.exists() and out.resolve() == src.resolve():
         raise AdlError(f"--out {out} is the source folder itself; write to another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise AdlError(f"--out {out} is not empty; choose a new folder or pass --force to replace what it holds")
+
+
+def _clear_out(out: Path) -> None:
+    """--force, once the inputs have been read without error: empty --out before writing."""
+    import shutil
+
+    if out.is_dir():
+        for item in out.iterdir():
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -144,14 +156,14 @@ def _write_tokenizer(spec: str | None, src: Path, out: Path, vocab_size: int, no
     return desc
 
 
-def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None) -> InteropResult:
+def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None, force: bool = False) -> InteropResult:
     """A transformers GPT-2 folder -> an adl run folder. AdlError on any bad input."""
     from adl_cli.methods.pretrain import save_run_model
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise AdlError(f"model folder not found: {src}")
-    _check_out(src, out)
+    _check_out(src, out, force)
     cfg = hf_gpt2.hf_to_adl_config(_read_json(src / "config.json"), where=str(src / "config.json"))
     tensors = read_hf_weights(src)
     adl = hf_gpt2.hf_to_adl(tensors, cfg, where=str(src / "model.safetensors"))
@@ -161,6 +173,7 @@ def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None) -> Int
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in adl.values()})
     if dtypes != ["float32"]:
         notes.append(f"weights stored as {', '.join(dtypes)}, imported as float32")
+    _clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
     desc = _write_tokenizer(tokenizer, src, out, cfg.vocab_size, notes)
     save_run_model(out, model)
@@ -170,14 +183,14 @@ def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None) -> Int
 # ----------------------------------------------------------------------------- export
 
 
-def export_hf(run_dir: Path, out: Path) -> InteropResult:
+def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult:
     """An adl run folder -> a folder GPT2LMHeadModel.from_pretrained reads offline."""
     from adl_cli.methods.pretrain import load_run_model
 
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir}")
-    _check_out(run_dir, out)
+    _check_out(run_dir, out, force)
     try:
         cfg = GPTConfig.from_dict(_read_json(run_dir / "config.json"))
     except (ValueError, TypeError) as e:
@@ -192,6 +205,7 @@ def export_hf(run_dir: Path, out: Path) -> InteropResult:
     tok_meta = _read_json(run_dir / "tokenizer.json") if (run_dir / "tokenizer.json").exists() else {}
     eot = tok_meta.get("eot_id")
     hf_cfg = hf_gpt2.adl_to_hf_config(cfg, eot_id=eot, dtype=dtype)
+    _clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")

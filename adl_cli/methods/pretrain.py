@@ -17,7 +17,7 @@ import torch
 
 from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_windows, load_tokens
 from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint, load_weights, save_weights, unwrap
-from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
+from adl_cli.engine.distributed import is_main_env, make_accelerator, resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError
 from adl_cli.models.gpt import GPT, GPTConfig
@@ -58,6 +58,9 @@ class ModelSection:
             from adl_cli.errors import closest
 
             raise ValueError(f"model.attention '{self.attention}' is unknown{closest(self.attention, names)}; choose from: {', '.join(names)}")
+        from adl_cli.nn.attention import check_options
+
+        check_options(self.attention, self.attention_options, self.block_size)
         if self.position not in POSITIONS:
             from adl_cli.errors import closest
 
@@ -152,6 +155,82 @@ def _check_resume_shape(run_dir: Path, cfg: GPTConfig) -> None:
             )
 
 
+RUN_FILES = ("model.safetensors", "config.json", "metrics.jsonl", "summary.json", "report.md", "checkpoints")
+# what --resume may change without --force: the length of the run and how often it logs, evaluates and saves
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "name", "description", "sample_prompt", "sample_tokens")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "data", "train"):
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force: bool) -> tuple[PretrainRecipe | None, list[str]]:
+    """Refuse to replace or mix into an existing run unless asked; returns (the run's old recipe, changed keys).
+
+    Without --resume a folder that holds a run is refused (or, with --force, its run files are
+    removed first). With --resume, any change to the recipe other than RESUMABLE_KEYS is refused
+    unless --force."""
+    import shutil
+
+    from adl_cli.recipe import recipe_dict
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdlError(f"--out {out} is a file, not a folder")
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if not resume:
+        if present and not force:
+            raise AdlError(f"{out} already holds a run ({', '.join(present[:3])}); continue it with --resume, write elsewhere with --out DIR, or replace it with --force")
+        if present and is_main_env():
+            for name in present:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return None, []
+    old_path = out / "recipe.toml"
+    if not old_path.exists():
+        return None, []
+    try:
+        old = load_pretrain_recipe(old_path)
+    except AdlError as e:
+        raise AdlError(f"--resume: cannot read the run's own recipe ({e})") from None
+    a, b = _flat(recipe_dict(old)), _flat(recipe_dict(recipe))
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    blocked = [k for k in changed if k not in RESUMABLE_KEYS]
+    if blocked and not force:
+        detail = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in blocked[:3])
+        raise AdlError(f"--resume: the recipe differs from the run's own ({detail}); only train.steps and the log/eval/checkpoint cadence may change; "
+                       f"resume with {old_path}, or pass --force to continue with the new settings")
+    return old, changed
+
+
+def resume_grad_accum(ck_state: dict, recipe: PretrainRecipe, world: int, accum: int, *, force: bool, log) -> int:
+    """Keep the checkpoint's global batch when the number of processes changed (or refuse)."""
+    tc, block = recipe.train, recipe.model.block_size
+    old_world, old_accum = int(ck_state.get("world_size", world)), int(ck_state.get("grad_accum", accum))
+    step, units = int(ck_state.get("step", 0)), int(ck_state.get("units", 0))
+    old_global = units // step if step else tc.batch_size * block * old_accum * old_world
+    new_global = tc.batch_size * block * accum * world
+    if old_global == new_global:
+        return accum
+    per = tc.batch_size * block * world
+    if not tc.global_batch_tokens and old_global % per == 0:
+        kept = old_global // per
+        log(f"[yellow]note:[/] resuming on {world} process(es) instead of {old_world}: train.grad_accum {accum} -> {kept} keeps the global batch at {old_global:,} tokens")
+        return kept
+    if force:
+        log(f"[yellow]note:[/] --force: the global batch changes from {old_global:,} to {new_global:,} tokens")
+        return accum
+    raise AdlError(f"--resume: the checkpoint was trained with a global batch of {old_global:,} tokens ({old_world} process(es)), this launch gives {new_global:,}; "
+                   f"set train.global_batch_tokens={old_global} or a train.grad_accum that keeps it, or pass --force")
+
+
 @dataclass
 class PretrainOutcome:
     run_dir: Path
@@ -161,7 +240,10 @@ class PretrainOutcome:
     main: bool = True  # False on the other ranks of a multi-process run: they print and write nothing
 
 
-def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, progress: bool = True, accelerator=None, log=print) -> PretrainOutcome:
+def run_pretrain(
+    recipe: PretrainRecipe, out: Path, *, resume: bool = False, resume_from: Path | None = None, force: bool = False,
+    progress: bool = True, accelerator=None, log=print,
+) -> PretrainOutcome:
     """Train; under torchrun / accelerate launch every process calls this, only the main one
     prints (``log``) and writes files; the others return an outcome with ``main=False``."""
     out = Path(out)
@@ -170,8 +252,14 @@ def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, pro
     main, world = acc.is_main_process, acc.num_processes
     if not main:
         log = _quiet
-    if resume and latest_checkpoint(out) is None:
-        raise AdlError(f"--resume: no checkpoint in {out / 'checkpoints'} (train first, or check --out)")
+    resume = resume or resume_from is not None
+    checkpoint = None
+    if resume:
+        checkpoint = _resume_checkpoint(out, resume_from)
+    old_recipe, changed = prepare_run_folder(out, recipe, resume=resume, force=force)
+    acc.wait_for_everyone()
+    if changed:
+        log("[yellow]note:[/] resuming with changed settings: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
     log(f"data: corpus [bold]{recipe.data.corpus}[/], tokenizer {recipe.data.tokenizer}")
     with acc.main_process_first():  # one process tokenizes (and trains a BPE) into the cache; the others read it
         data: TokenData = load_tokens(recipe.data)
@@ -187,11 +275,22 @@ def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, pro
     )
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=f"resolved recipe of the run in {out.name}; `adl pretrain {out / 'recipe.toml'}` reproduces it"))
+        if old_recipe is not None and changed:  # keep the recipe that governed the steps so far beside the new one
+            step = json.loads((checkpoint / "state.json").read_text()).get("step", 0)
+            kept = out / f"recipe.until-step-{step}.toml"
+            if not kept.exists():
+                atomic_write_text(kept, (out / "recipe.toml").read_text(encoding="utf-8"))
+        header = f"resolved recipe of the run in {out.name}; `adl pretrain {out / 'recipe.toml'} --out NEW_DIR` reproduces it, `--resume` continues it"
+        atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=header))
         data.tokenizer.save(out)
         atomic_write_text(out / "config.json", json.dumps(gcfg.to_dict(), indent=1))
     tc = recipe.train
     accum = resolve_grad_accum(tc.global_batch_tokens, tc.grad_accum, world, tc.batch_size, gcfg.block_size)
+    ck_state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else None
+    if ck_state is not None:
+        accum = resume_grad_accum(ck_state, recipe, world, accum, force=force, log=log)
+        if int(ck_state.get("step", 0)) and tc.steps != _old_steps(old_recipe, tc.steps):
+            log(f"[yellow]note:[/] train.steps is now {tc.steps} (was {_old_steps(old_recipe, tc.steps)}): the lr schedule is recomputed for the new length")
     if tc.global_batch_tokens and tc.grad_accum not in (1, accum):
         log(f"[yellow]note:[/] train.grad_accum={tc.grad_accum} is ignored: train.global_batch_tokens={tc.global_batch_tokens:,} sets it to {accum}")
     if world > 1 or accum > 1:
@@ -224,9 +323,9 @@ def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, pro
         flops_per_unit=model.flops_per_token(gcfg.block_size),
         accelerator=acc,
         progress=progress and main,
+        grad_accum=accum,
     )
-    assert trainer.grad_accum == accum
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, checkpoint=checkpoint)
     weights = trainer.full_model_state() if trainer.sharded else None  # collective: the full weights on the main process
     if not main:
         return PretrainOutcome(out, result, {}, "", main=False)
@@ -240,6 +339,23 @@ def run_pretrain(recipe: PretrainRecipe, out: Path, *, resume: bool = False, pro
     summary = summarize(recipe, model, data, result, sample, time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return PretrainOutcome(out, result, summary, sample)
+
+
+def _old_steps(old_recipe: PretrainRecipe | None, default: int) -> int:
+    return old_recipe.train.steps if old_recipe is not None else default
+
+
+def _resume_checkpoint(out: Path, resume_from: Path | None) -> Path:
+    """The checkpoint folder to resume from: --resume-from PATH, else the run's latest."""
+    if resume_from is None:
+        ck = latest_checkpoint(out)
+        if ck is None:
+            raise AdlError(f"--resume: no checkpoint in {out / 'checkpoints'} (train first, or check --out)")
+        return ck
+    ck = Path(resume_from)
+    if not (ck / "state.json").exists():
+        raise AdlError(f"--resume-from {ck}: not a checkpoint folder (it holds no state.json); checkpoints live in {out / 'checkpoints'}/step-N")
+    return ck
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -276,6 +392,7 @@ def summarize(recipe, model, data: TokenData, result: TrainResult, sample: str, 
         "tokens": result.units,
         "tokens_per_s": result.units_per_s,
         "mfu": result.mfu,
+        "mfu_peak_dtype": result.peak_dtype,
         "train_loss": result.train_loss,
         "val_loss": val,
         "val_bits_per_byte": val / math.log(2) / data.val_bytes_per_token if val is not None else None,

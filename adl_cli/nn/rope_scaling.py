@@ -5,14 +5,20 @@ model trained on L tokens reads s L tokens (s = ``scale``; s = 1 is plain RoPE).
         2023): m -> m / s, i.e. theta_i -> theta_i / s for every dimension.
 - ntk  ("NTK-aware" scaling, bloc97, 2023): raise the base, theta -> theta s^(D/(D-2)),
         so the fastest pair is untouched and the slowest is interpolated by s.
-- yarn (Peng et al., "YaRN: Efficient Context Window Extension of LLMs", 2023): per
-        dimension, with wavelength lambda_i = 2 pi / theta_i and r_i = L / lambda_i,
+- yarn (Peng et al., "YaRN: Efficient Context Window Extension of LLMs", 2023): pair i
+        (theta_i = theta^(-2i/D)) turns r_i = L theta_i / (2 pi) times in the training
+        length L. The pair index that turns exactly b times is
 
-            gamma(r) = 0 if r < beta_slow, 1 if r > beta_fast, else (r - beta_slow) / (beta_fast - beta_slow)
-            theta_i' = (1 - gamma(r_i)) theta_i / s + gamma(r_i) theta_i
+            d(b) = D ln(L / (2 pi b)) / (2 ln theta)
 
-        (dimensions that turn many times in L extrapolate, slow ones interpolate), and
-        the attention temperature sqrt(1/t) = 0.1 ln(s) + 1 multiplies q and k.
+        and the blend is a linear ramp in the pair index between lo = floor(d(beta_fast))
+        and hi = ceil(d(beta_slow)) (clipped to [0, D - 1]), as in the authors' code:
+
+            gamma_i = 1 - clamp((i - lo) / (hi - lo), 0, 1)
+            theta_i' = (1 - gamma_i) theta_i / s + gamma_i theta_i
+
+        (fast pairs, i <= lo, extrapolate; slow ones, i >= hi, interpolate), and the
+        attention temperature sqrt(1/t) = 0.1 ln(s) + 1 multiplies q and k.
 
 Nothing here is learned, so ``position.with_position`` can switch a trained RoPE model
 to any of these at evaluation time.
@@ -53,10 +59,17 @@ class NTKRotary(RotaryPosition):
 def yarn_inv_freq(
     head_dim: int, theta: float, scale: float, original_max_position: int, beta_fast: float, beta_slow: float
 ) -> torch.Tensor:
-    """YaRN's per-dimension blend of interpolation (theta_i / s) and extrapolation (theta_i)."""
+    """YaRN's per-pair blend of interpolation (theta_i / s) and extrapolation (theta_i)."""
     inv_freq = rope_inv_freq(head_dim, theta)
-    rotations = original_max_position * inv_freq / (2 * math.pi)  # r_i = L / lambda_i
-    gamma = ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
+
+    def pair_turning(b: float) -> float:  # d(b): the (fractional) pair index turning b times in L
+        return head_dim * math.log(original_max_position / (2 * math.pi * b)) / (2 * math.log(theta))
+
+    lo = max(math.floor(pair_turning(beta_fast)), 0)
+    hi = min(math.ceil(pair_turning(beta_slow)), head_dim - 1)
+    span = hi - lo if hi != lo else 0.001
+    i = torch.arange(head_dim // 2, dtype=inv_freq.dtype)
+    gamma = 1.0 - ((i - lo) / span).clamp(0.0, 1.0)  # 1: extrapolate (fast pairs), 0: interpolate
     return (1 - gamma) * inv_freq / scale + gamma * inv_freq
 
 

@@ -70,7 +70,9 @@ def test_bad_inputs_are_one_line_errors(tiny_recipe, tmp_path, capsys, run):
 def test_resume_with_a_different_shape_and_corrupt_weights(tiny_recipe, tmp_path, capsys, run):
     out = tmp_path / "run"
     assert run(["pretrain", tiny_recipe, "--out", out, "--no-progress", "--set", "train.steps=3"], capsys)[0] == 0
-    one_line_error(*run(["pretrain", tiny_recipe, "--out", out, "--resume", "--set", "model.n_embd=64"], capsys)[::2], "n_embd=32", "64")
+    one_line_error(*run(["pretrain", tiny_recipe, "--out", out, "--resume", "--set", "model.n_embd=64"], capsys)[::2], "model.n_embd 32 -> 64", "--force")
+    # even with --force a checkpoint of another shape cannot be resumed
+    one_line_error(*run(["pretrain", tiny_recipe, "--out", out, "--resume", "--force", "--set", "model.n_embd=64"], capsys)[::2], "n_embd=32", "64")
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     one_line_error(*run(["generate", out, "--prompt", "a"], capsys)[::2], "truncated or not a safetensors")
@@ -91,7 +93,8 @@ def test_recipes_and_tokenizer_commands(tmp_path, capsys, run):
     assert code == 0, err and ranks.exists()
     code, text, _ = run(["tokenizer", "encode", "The with statement", "--tokenizer", ranks], capsys)
     assert code == 0 and "ids:" in text
-    one_line_error(*run(["tokenizer", "train", "--corpus", tmp_path / "none.txt", "--out", ranks], capsys)[::2], "corpus not found")
+    one_line_error(*run(["tokenizer", "train", "--corpus", tmp_path / "none.txt", "--out", tmp_path / "new.tiktoken"], capsys)[::2], "corpus not found")
+    one_line_error(*run(["tokenizer", "train", "--corpus", "pydoc", "--vocab-size", "600", "--out", ranks], capsys)[::2], "exists", "--force")
     one_line_error(*run(["tokenizer", "encode", "x", "--tokenizer", "gpt3"], capsys)[::2], "unknown tokenizer")
 
 

@@ -100,8 +100,11 @@ def test_shard_corpus_feeds_training_data(tmp_path, small_corpus):
 
     out = tmp_path / "shards"
     (out).mkdir()
-    (out / "c_train_000099.bin").write_bytes(b"stale")  # left by an earlier run: removed
-    m = shard_corpus(str(small_corpus), "bpe", out, 4000, vocab_size=300, prefix="c")
+    (out / "c_train_000099.bin").write_bytes(b"stale")  # left by an earlier run: refused, then removed with force
+    with pytest.raises(AdlError, match="already holds shards"):
+        shard_corpus(str(small_corpus), "bpe", out, 4000, vocab_size=300, prefix="c")
+    assert (out / "c_train_000099.bin").read_bytes() == b"stale"
+    m = shard_corpus(str(small_corpus), "bpe", out, 4000, vocab_size=300, prefix="c", force=True)
     assert m["tokenizer"] == "bpe" and (out / "tokenizer.tiktoken").exists() and not (out / "c_train_000099.bin").exists()
     assert json.loads((out / "shards.json").read_text())["tokens"] == m["tokens"] == sum(s["tokens"] for s in m["shards"])
     section = DataSection(corpus=f"shards:{out}/*.bin", tokenizer=str(out / "tokenizer.tiktoken"))
@@ -112,3 +115,19 @@ def test_shard_corpus_feeds_training_data(tmp_path, small_corpus):
     x, y = WindowBatches(data.train, 16, 3, 1, seed=0)(0, 0, 0, 1)
     assert x.shape == (3, 16) and np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
     assert data.tokenizer.decode(data.train[0:200]) == plain.tokenizer.decode(plain.train[0:200])
+
+
+def test_llmc_val_shard_is_validated_on_only_and_the_tokenizer_must_match(small_corpus, tmp_path):
+    from adl_cli.data.tokens import DataSection, load_tokens
+
+    out = tmp_path / "shards"
+    m = shard_corpus(str(small_corpus), "bpe", out, 3000, vocab_size=300, prefix="c", val_shard=True)
+    n_val = next(s["tokens"] for s in m["shards"] if s["split"] == "val")
+    data = load_tokens(DataSection(corpus=f"shards:{out}/*.bin", tokenizer=str(out / "tokenizer.tiktoken")))
+    assert len(data.val) == n_val and len(data.train) == m["tokens"] - n_val
+    first_val = read_header(out / "c_val_000000.bin")
+    assert first_val == n_val
+    val_file = np.fromfile(out / "c_val_000000.bin", dtype="<u2", offset=1024)
+    assert np.array_equal(np.asarray(data.val[0:len(data.val)]), val_file)  # the val split is the val shard, none of it trained on
+    with pytest.raises(AdlError, match="tokenized with bpe"):
+        load_tokens(DataSection(corpus=f"shards:{out}/*.bin", tokenizer="bytes"))

@@ -64,3 +64,15 @@ def test_gpt2_without_cache_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     with pytest.raises(AdlError, match="not in tiktoken's cache.*TIKTOKEN_CACHE_DIR"):
         make_tokenizer("gpt2")
+
+
+def test_special_tokens_count_zero_bytes_for_every_tokenizer():
+    from adl_cli.data import bpe
+    from adl_cli.data.tokenizer import Tokenizer, make_tokenizer
+
+    text = "def f(x):\n    return x + 1\n" * 20
+    for tok in (make_tokenizer("bytes"), make_tokenizer("bpe", text=text, corpus_key="t-special", vocab_size=262)):
+        ids = list(tok.encode("hello world"))
+        n = tok.token_bytes(ids)
+        assert n == len("hello world".encode())
+        assert tok.token_bytes(ids + [tok.eot_id] + ids) == 2 * n, tok.kind

@@ -30,9 +30,26 @@ def test_greedy_cached_generation_equals_argmax_of_full_recompute():
 def test_sampling_follows_the_distribution():
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8)).eval()
+    with torch.no_grad():  # peaked logits: a sampler that ignored them (uniform) would be far off
+        m.transformer.wte.weight.mul_(60.0)
     idx = torch.zeros(4000, 1, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
     out = generate(m, idx, 1, temperature=1.0, generator=g)[:, 1]
     probs = torch.softmax(m(idx[:1])[0][0, -1], -1)
+    assert (probs - 1 / 8).abs().max() > 0.2, probs  # the test means something only if the distribution is peaked
     freq = torch.bincount(out, minlength=8).float() / len(out)
     assert (freq - probs).abs().max() < 0.03
+
+
+def test_a_stop_token_ends_each_row_of_a_batch_on_its_own():
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    a, b = torch.tensor([[1, 2, 3]]), torch.tensor([[7, 5, 9]])
+    alone_a, alone_b = generate(m, a, 8, temperature=0), generate(m, b, 8, temperature=0)
+    stop = int(alone_a[0, 5])  # row a greedily emits this at its third new token
+    assert stop not in alone_b[0, 3:].tolist()  # (so only row a stops)
+    out = generate(m, torch.cat((a, b)), 8, temperature=0, stop_token=stop)
+    first = alone_a[0, 3:].tolist().index(stop) + 3
+    assert out[0, : first + 1].tolist() == alone_a[0, : first + 1].tolist()
+    assert set(out[0, first:].tolist()) == {stop}  # row a is done: only the stop token after it
+    assert out[1].tolist() == alone_b[0].tolist()  # row b went on to the end

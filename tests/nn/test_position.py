@@ -48,18 +48,19 @@ def test_pi_and_ntk_frequencies():
 
 
 def test_yarn_inverse_frequencies_follow_the_paper():
+    """The paper's ramp, written out: linear in the pair index between the floored and ceiled
+    pair indices that turn beta_fast and beta_slow times in the training length."""
     dim, theta, s, L, alpha, beta = 64, 10000.0, 4.0, 2048, 1.0, 32.0
+
+    def turning(b):  # the pair index whose wavelength fits b times into L
+        return dim * math.log(L / (b * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = max(math.floor(turning(beta)), 0), min(math.ceil(turning(alpha)), dim - 1)
     expected = []
     for i in range(dim // 2):
         freq = theta ** (-2 * i / dim)
-        wavelength = 2 * math.pi / freq
-        r = L / wavelength
-        if r < alpha:
-            gamma = 0.0
-        elif r > beta:
-            gamma = 1.0
-        else:
-            gamma = (r - alpha) / (beta - alpha)
+        ramp = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        gamma = 1.0 - ramp  # 1 = keep (extrapolate), 0 = interpolate by s
         expected.append((1 - gamma) * freq / s + gamma * freq)
     yarn = POSITIONS.get("yarn")(
         n_embd=128, head_dim=dim, n_head=2, block_size=L, scale=s, original_max_position=L, beta_fast=beta, beta_slow=alpha
@@ -72,6 +73,23 @@ def test_yarn_inverse_frequencies_follow_the_paper():
     x = torch.randn(1, 1, 3, dim)
     out = yarn.rotate(x, torch.arange(3))
     torch.testing.assert_close(out.norm(dim=-1), factor * x.norm(dim=-1))
+
+
+@pytest.mark.parametrize("dim, theta, s, L, beta_fast, beta_slow", [
+    (64, 1e4, 4.0, 2048, 32.0, 1.0), (128, 5e5, 8.0, 8192, 32.0, 1.0), (32, 1e4, 2.0, 512, 16.0, 2.0), (16, 1e4, 4.0, 12, 32.0, 1.0),
+])
+def test_yarn_matches_transformers(dim, theta, s, L, beta_fast, beta_slow):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    cfg = transformers.LlamaConfig(hidden_size=dim * 2, num_attention_heads=2, max_position_embeddings=int(L * s),
+                                   rope_parameters={"rope_type": "yarn", "rope_theta": theta, "factor": s, "original_max_position_embeddings": L,
+                                                    "beta_fast": beta_fast, "beta_slow": beta_slow})
+    ref, attention_factor = _compute_yarn_parameters(cfg, "cpu")
+    yarn = POSITIONS.get("yarn")(n_embd=dim * 2, head_dim=dim, n_head=2, block_size=L, theta=theta, scale=s,
+                                 original_max_position=L, beta_fast=beta_fast, beta_slow=beta_slow)
+    torch.testing.assert_close(yarn.inv_freq.float(), ref.float(), rtol=1e-5, atol=0)
+    assert yarn.attention_factor == pytest.approx(attention_factor, rel=1e-6)
 
 
 def test_alibi_slopes():

@@ -271,4 +271,9 @@ def ring_kernel(q, k, v, *, causal=True, scale=None, bias=None, window=None, wor
         from adl_cli.nn.attention.tree import tree_attention
 
         return tree_attention(q, k, v, shards=world, causal=causal, scale=scale)
+    if q.shape[2] % (2 * int(world) if causal else int(world)):
+        # a prompt too short or odd to shard (sampling): the same attention, unsharded
+        from adl_cli.nn.attention.flash import flash_attention
+
+        return flash_attention(q, k, v, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
     return ring_attention(q, k, v, world=int(world), causal=causal, scale=scale, block_q=block_q, block_k=block_k)

@@ -60,14 +60,15 @@ def s2_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, gr
     G = int(group)
     H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv(k, H), expand_kv(v, H)
-    if Tq != Tk or Tq <= G:  # decoding, or a single group: full attention
+    if Tq != Tk or Tq <= G or Tq % G:
+        # decoding, a single group, or a prompt that is not a whole number of groups: full attention,
+        # which is what LongLoRA uses at inference (S2 is a training-time approximation; recipes are
+        # checked to train on multiples of the group)
         if Tq != Tk and causal:
             from adl_cli.nn.attention.sdpa import sdpa_attention
 
             return sdpa_attention(q, k, v, causal=True, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    if Tq % G:
-        raise ValueError(f"s2 attention needs the sequence length ({Tq}) to be a multiple of group={G}")
     n_shift = H // 2
     plain = _grouped(q[:, : H - n_shift], k[:, : H - n_shift], v[:, : H - n_shift], G, causal, scale)
     if n_shift == 0:
