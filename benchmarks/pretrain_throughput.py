@@ -297,14 +297,19 @@ def _flops_per_token(cfg: dict) -> tuple[float, int]:
     return m.flops_per_token(cfg["block_size"]), m.num_params()
 
 
-def _peak(threads: int) -> float:
+def _peak(threads: int, dtype: str = "float32") -> float:
     import torch
 
     from adl_cli.engine.runtime import measure_matmul_peak
 
     torch.set_num_threads(threads)
-    dev = torch.device("cpu")
-    return max(measure_matmul_peak(dev, n=1024, repeats=5), measure_matmul_peak(dev, n=2048, repeats=3))
+    dev, dt = torch.device("cpu"), getattr(torch, dtype)
+    return max(measure_matmul_peak(dev, dt, n=1024, repeats=5), measure_matmul_peak(dev, dt, n=2048, repeats=3))
+
+
+def _compute_dtype(info: dict) -> str:
+    """The matmul dtype a contender computed in (MFU is measured against that dtype's peak)."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(info.get("precision", "fp32"), "float32")
 
 
 def _run_worker(spec: str, args, cfg: dict) -> dict:
@@ -366,6 +371,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             console.print(f"  round {r + 1}: {spec:<22s} {tokens_per_step / med:8.0f} tokens/s   peak RSS {out['maxrss_mb']:6.0f} MB")
     peaks.append(_peak(args.threads))
     peak = max(peaks)
+    dtype_peaks = {"float32": peak}
+    for runs in results.values():
+        dt = _compute_dtype(runs[0])
+        if dt not in dtype_peaks:
+            dtype_peaks[dt] = max(_peak(args.threads, dt) for _ in range(2))
+            console.print(f"{dt} matmul peak: {dtype_peaks[dt] / 1e9:.0f} GFLOP/s")
     load1 = os.getloadavg()
 
     summary = {}
@@ -377,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         summary[spec] = {
             "tokens_per_s": tps,
             "tokens_per_s_rounds": per_round,
-            "mfu": tps * fpt / peak,
+            "mfu": tps * fpt / dtype_peaks[_compute_dtype(runs[0])],
+            "mfu_peak_dtype": _compute_dtype(runs[0]),
             "maxrss_mb": max(run["maxrss_mb"] for run in runs),
             "rss_after_setup_mb": statistics.median(run["rss_after_setup_mb"] for run in runs),
             "info": {k: v for k, v in runs[0].items() if k not in ("step_s", "maxrss_mb", "rss_after_setup_mb", "spec")},
@@ -401,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"{s['tokens_per_s']:,.0f}",
             " ".join(f"{v:,.0f}" for v in s["tokens_per_s_rounds"]),
             f"{s['ratio_vs_ref']:.2f}x",
-            f"{s['mfu']:.0%}",
+            f"{s['mfu']:.0%}" + ("" if s["mfu_peak_dtype"] == "float32" else f" ({s['mfu_peak_dtype'][:4]})"),
             f"{s['maxrss_mb']:,.0f} MB",
             f"{s['rss_after_setup_mb']:,.0f} MB",
             f"{s['memory_vs_ref']:.2f}x",
@@ -418,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "steps": args.steps,
         "warmup": args.warmup,
         "peak_flops": peak,
+        "peak_flops_by_dtype": dtype_peaks,
         "peak_flops_measured": peaks,
         "load_average": [load0[0], load1[0]],
         "reference": ref,

@@ -81,19 +81,28 @@ def parse_seqs(text: str | list[int]) -> list[int]:
         try:
             n = int(str(item).strip())
         except ValueError:
-            raise AdlError(f"--seq takes positive integers separated by commas, got '{item}'") from None
+            raise AdlError(f"--lengths takes positive integers separated by commas, got '{item}'") from None
         if n <= 0:
-            raise AdlError(f"--seq takes positive integers, got {n}")
+            raise AdlError(f"--lengths takes positive integers, got {n}")
         seqs.append(n)
     if not seqs:
         raise AdlError("--seq names no sequence length")
     return seqs
 
 
-def parse_dtype(name: str) -> torch.dtype:
+PRECISION_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the recipes' train.precision spelling
+
+
+def canonical_dtype(name: str) -> str:
+    """'fp32' (as recipes say) or 'float32' -> 'float32'; unknown names are an AdlError."""
+    name = PRECISION_NAMES.get(name, name)
     if name not in DTYPES:
-        raise unknown("dtype", name, DTYPES)
-    return DTYPES[name]
+        raise unknown("dtype", name, [*DTYPES, *PRECISION_NAMES])
+    return name
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    return DTYPES[canonical_dtype(name)]
 
 
 # ----------------------------------------------------------------------------------- memory

@@ -45,13 +45,13 @@ def render(seq: int, rows: list[dict], console) -> None:
 
 def bench_attention(
     impl: str = typer.Option(None, "--impl", "-i", help="Implementations, comma-separated (default: naive,sdpa,flash,window,ring,tree and mla)."),
-    seq: str = typer.Option("512,1024,2048", "--seq", help="Sequence lengths, comma-separated."),
+    seq: str = typer.Option("512,1024,2048", "--lengths", "-l", "--seq", help="Sequence lengths, comma-separated (--seq is the old name)."),
     heads: int = typer.Option(8, "--heads", help="Attention heads H."),
     head_dim: int = typer.Option(64, "--head-dim", help="Head dimension D."),
     batch: int = typer.Option(1, "--batch", help="Batch size B."),
     causal: bool = typer.Option(True, "--causal/--no-causal", help="Causal (decoder) or full attention."),
     backward: bool = typer.Option(True, "--backward/--no-backward", help="Also time forward + backward."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (on these CPUs float32 is fastest)."),
+    dtype: str = typer.Option("float32", "--dtype", help="fp32, bf16 or fp16 (as train.precision says; float32, bfloat16, float16 also work)."),
     repeats: int = typer.Option(3, "--repeats", "-r", help="Timed repeats per implementation (medians; implementations alternate)."),
     window: int = typer.Option(256, "--window", help="Window W of the sliding-window implementation."),
     threads: int = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
@@ -66,7 +66,9 @@ def bench_attention(
 
     impls = parse_impls(impl) if impl else default_impls()
     seqs = parse_seqs(seq)
-    parse_dtype(dtype)
+    from adl_cli.bench.attention import canonical_dtype
+
+    dtype = canonical_dtype(dtype)
     if threads is not None:
         if threads < 1:
             raise AdlError(f"--threads must be >= 1, got {threads}")

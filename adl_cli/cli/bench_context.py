@@ -70,7 +70,7 @@ def bench_context(
     run_dir: Path = typer.Argument(..., help="A run folder written by adl pretrain (trained with rope or alibi).", show_default=False),
     lengths: str = typer.Option("256,512,1024,2048", "--lengths", "-l", help="Evaluation lengths in tokens, comma-separated."),
     position: str = typer.Option(
-        None, "--position", "-p", help="Variants to compare, comma-separated: rope, pi, ntk, yarn (a rope run), or the run's own (alibi). Default: all a run allows."
+        None, "--position", help="Variants to compare, comma-separated: rope, pi, ntk, yarn (a rope run), or the run's own (alibi). Default: all a run allows."
     ),
     scale: float = typer.Option(None, "--scale", help="Fixed scale s for pi/ntk/yarn (default: length / trained length per column)."),
     finetune_steps: int = typer.Option(0, "--finetune-steps", help="Also fine-tune each variant this many steps at the longest length."),

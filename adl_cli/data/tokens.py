@@ -100,17 +100,21 @@ def load_shard_tokens(section: DataSection, tokenizer: Tokenizer | None) -> Toke
     from adl_cli.data.shards import check_shard_tokenizer, read_header, shard_files
 
     files = shard_files(section.corpus.removeprefix("shards:"))
+    counts = {f: read_header(f) for f in files}  # every header checked before anything else
     if tokenizer is None:
+        if section.tokenizer == "bpe":
+            raise AdlError("data.tokenizer = \"bpe\" trains a tokenizer on text; token shards need the tokenizer they were written with "
+                           "(e.g. data.tokenizer = \"DIR/tokenizer.tiktoken\" beside the shards, or \"bytes\")")
         tokenizer = make_tokenizer(section.tokenizer, vocab_size=section.vocab_size)
     check_shard_tokenizer(files, tokenizer)
     val_files = [f for f in files if "_val_" in f.name]
     train_files = [f for f in files if "_val_" not in f.name]
     if val_files and train_files:  # llm.c's layout: validate on the val shard(s) only, train on the rest
-        train = ShardedTokens(train_files, [read_header(f) for f in train_files])
-        val = ShardedTokens(val_files, [read_header(f) for f in val_files])
+        train = ShardedTokens(train_files, [counts[f] for f in train_files])
+        val = ShardedTokens(val_files, [counts[f] for f in val_files])
         train, val = train.view(0, len(train)), val.view(0, len(val))
     else:
-        tokens = ShardedTokens(files, [read_header(f) for f in files])
+        tokens = ShardedTokens(files, [counts[f] for f in files])
         n_val = max(1, int(len(tokens) * section.val_fraction))
         train, val = tokens.view(0, len(tokens) - n_val), tokens.view(len(tokens) - n_val, len(tokens))
     sample = val[0 : min(len(val), 200_000)]

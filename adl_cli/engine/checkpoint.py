@@ -56,8 +56,12 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as e:  # its I/O errors (a full disk) arrive wrapped
+        reason = str(e).split("I/O error: ")[-1].split(" (os error")[0]
+        raise OSError(getattr(e, "errno", None) or 5, reason, str(path)) from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

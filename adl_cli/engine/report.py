@@ -84,6 +84,14 @@ def _fmt(v: Any, kind: str = "") -> str:
     return str(v)
 
 
+def _wall(s: dict[str, Any]) -> str:
+    if s.get("wall_s") is None:
+        return "-"
+    if s.get("resumed") is not None:
+        return f"{s.get('train_wall_s', 0):.1f} s training in all; this session (from step {s['resumed']}) {s['wall_s']:.1f} s end to end"
+    return f"{s['wall_s']:.1f} s end to end ({s.get('train_wall_s', 0):.1f} s training)"
+
+
 def summary_table(s: dict[str, Any], title: str = "run summary") -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -94,11 +102,11 @@ def summary_table(s: dict[str, Any], title: str = "run summary") -> Table:
         ("tokens seen", _fmt(s.get("tokens"))),
         ("tokens/s (median)", _fmt(s.get("tokens_per_s"), "int")),
         ("model FLOPs utilisation", _fmt(s.get("mfu"), "pct") + f" of the measured {s.get('mfu_peak_dtype', 'float32')} matmul peak" if s.get("mfu") is not None else "-"),
-        ("train loss", _fmt(s.get("train_loss"))),
-        ("val loss", _fmt(s.get("val_loss"))),
+        ("train loss (nats/token)", _fmt(s.get("train_loss")) + " (mean of the last 10% of logged steps, training mode)" if s.get("train_loss") is not None else "-"),
+        ("val loss (nats/token)", _fmt(s.get("val_loss"))),
         ("val bits per byte", _fmt(s.get("val_bits_per_byte"))),
-        ("unigram baseline loss", _fmt(s.get("unigram_loss"))),
-        ("wall time", f"{s['wall_s']:.1f} s (training {s.get('train_wall_s', 0):.1f} s)" if s.get("wall_s") is not None else "-"),
+        ("unigram baseline loss", _fmt(s.get("unigram_loss")) + " nats/token" if s.get("unigram_loss") is not None else "-"),
+        ("wall time", _wall(s)),
         ("precision / optimizer", f"{s.get('precision')} / {s.get('optimizer')}"),
         ("attention / compile", f"{s.get('attention')} / " + (f"yes ({s['compile_s']:.1f} s first step)" if s.get("compile_s") else "no")),
         ("device", f"{s.get('device')} x {s.get('world_size', 1)}" + (f" ({s['parallel']})" if s.get("parallel") not in (None, "none") else "")),

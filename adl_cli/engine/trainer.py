@@ -111,6 +111,7 @@ class TrainResult:
     parallel: str = "none"  # none | ddp | fsdp
     tf32: str = "off"
     peak_dtype: str = "float32"  # the dtype whose measured matmul peak MFU is relative to
+    resumed_from: int | None = None  # the step this session started from, when it resumed
 
 
 class StopRequested(Exception):
@@ -330,6 +331,7 @@ class Trainer:
         val_loss = None
         t_start = time.perf_counter()
         progress = _Progress(cfg.steps, start_step, self.unit, bar=self.show_progress, main=self.acc.is_main_process)
+        self.progress = progress
         interval_t, interval_units, interval_loss, interval_n = time.perf_counter(), 0, torch.zeros((), device=self.device), 0
         step = start_step
         last_saved = start_step if resume else None
@@ -352,6 +354,7 @@ class Trainer:
                     interval_n += 1
                     units += units_per_step
                     done = step + 1
+                    progress.advance(done)
                     stop = guard.requested if world == 1 else False
                     if done % cfg.log_every == 0 or done == cfg.steps:
                         # one all-reduce carries the mean loss and whether any rank saw Ctrl-C, so that
@@ -433,6 +436,7 @@ class Trainer:
             parallel=self.parallel,
             tf32=self.tf32,
             peak_dtype=self.peak_dtype,
+            resumed_from=start_step if resume else None,
         )
 
     def _step(self, step: int, rank: int, world: int) -> torch.Tensor:
@@ -468,23 +472,28 @@ class Trainer:
 
 
 class _Progress:
-    """A rich progress bar with loss, lr, throughput and ETA; without the bar, evaluation
-    steps still print one line each on the main process (readable in logs and CI)."""
+    """Progress of the loop on the main process.
+
+    On a terminal: a rich bar that advances every step (so the ETA appears after the first
+    steps), with the last logged loss, lr and throughput; it keeps to one line at 60 columns.
+    Elsewhere (a pipe, nohup, CI): one plain line per logging step, with the ETA. With the bar
+    off (--no-progress) only evaluation lines are printed."""
 
     def __init__(self, total: int, start: int, unit: str, bar: bool, main: bool):
-        from adl_cli.engine.report import console
+        from adl_cli.console import console
 
-        self.enabled, self.main, self.unit, self.console, self.last = bar, main, unit, console, ""
-        if not bar:
+        self.main, self.unit, self.console, self.last = main, unit, console, ""
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.enabled = bar and main and console.is_terminal
+        self.plain = bar and main and not console.is_terminal
+        if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("[bold]train[/]"),
-            BarColumn(),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
@@ -505,16 +514,38 @@ class _Progress:
         if self.enabled:
             self.bar.stop()
 
+    def eta(self, step: int) -> str:
+        done = step - self.start
+        if done <= 0:
+            return "-"
+        left = (time.perf_counter() - self.t0) / done * (self.total - step)
+        return f"{int(left // 60)}:{int(left % 60):02d}"
+
+    def advance(self, step: int) -> None:
+        """Every step: the bar moves (its ETA follows the steps, not the logging cadence)."""
+        if self.enabled:
+            self.bar.update(self.task, completed=step)
+
     def update(self, step: int, loss: float, lr: float, rate: float) -> None:
-        self.last = f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} {self.unit}/s"
+        self.last = f"loss {loss:.4f} lr {lr:.1e} {_short(rate)} {self.unit[:3]}/s"
         if self.enabled:
             self.bar.update(self.task, completed=step, stats=self.last)
+        elif self.plain:
+            self.console.print(f"step {step}/{self.total}  {self.last}  eta {self.eta(step)}", highlight=False, markup=False)
 
     def note(self, step: int, metrics: dict[str, float]) -> None:
         if not self.main:
             return
         text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         if self.enabled:
-            self.bar.console.print(f"  step {step}: {text}")
+            self.bar.console.print(f"  step {step}: {text}", highlight=False)
         else:
-            self.console.print(f"step {step}: {self.last}  {text}", highlight=False)
+            self.console.print(f"step {step}: {self.last}  {text}".replace(":   ", ": "), highlight=False, markup=False)
+
+
+def _short(x: float) -> str:
+    """1234567 -> '1.23M', 4567 -> '4.6k': throughput that fits a narrow terminal."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.0f}"

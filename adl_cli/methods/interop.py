@@ -183,6 +183,37 @@ def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None, force:
 # ----------------------------------------------------------------------------- export
 
 
+def _write_hf_tokenizer(run_dir: Path, out: Path, hf_cfg: dict) -> bool:
+    """vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, so that
+    ``AutoTokenizer.from_pretrained(out)`` (GPT2Tokenizer, byte-level BPE, GPT-2's pattern)
+    encodes exactly as adl. False when the run's tokenizer cannot be written that way."""
+    from adl_cli.data import bpe
+
+    if _read_json(run_dir / "tokenizer.json").get("kind") == "gpt2":
+        return False  # its files live in tiktoken's cache, which may not be here
+    tok = Tokenizer.load(run_dir)
+    if tok.kind == "bytes":
+        ranks = {bytes([b]): b for b in range(256)}
+    elif tok.ranks_path is not None and tok.pattern in (None, bpe.GPT2_PATTERN):
+        ranks = bpe.load_ranks(tok.ranks_path)
+    else:
+        return False
+    try:
+        vocab, merges = hf_gpt2.vocab_and_merges(ranks, eot_id=tok.eot_id)
+    except ValueError:
+        return False
+    eot = "<|endoftext|>"
+    atomic_write_text(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": hf_cfg.get("n_positions", 1024), "add_prefix_space": False,
+              "add_bos_token": False, "clean_up_tokenization_spaces": False, **special}
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    return True
+
+
+
 def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult:
     """An adl run folder -> a folder GPT2LMHeadModel.from_pretrained reads offline."""
     from adl_cli.methods.pretrain import load_run_model
@@ -209,7 +240,7 @@ def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
-    if "eos_token_id" in hf_cfg:  # generate() stops at <|endoftext|>
+    if hf_cfg.get("eos_token_id") is not None:  # generate() stops at <|endoftext|>
         gen = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"]}
         atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     notes: list[str] = []
@@ -222,6 +253,10 @@ def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult
         if ranks and (run_dir / ranks).exists():
             atomic_copy(run_dir / ranks, dest / ranks)
         desc = f"{tok_meta.get('kind')} ({tok_meta.get('vocab_size')} ids), copied to {dest.name}/ for `adl import hf-gpt2`"
+        if _write_hf_tokenizer(run_dir, out, hf_cfg):
+            desc += "; vocab.json + merges.txt for transformers' AutoTokenizer"
+        else:
+            notes.append(f"the {tok_meta.get('kind')} tokenizer is not written for transformers (its files are not here); AutoTokenizer needs them")
     else:
         notes.append(f"{run_dir} has no tokenizer.json: only the weights were exported")
     return InteropResult(out, cfg, desc, sum(t.numel() for t in tensors.values()), notes)

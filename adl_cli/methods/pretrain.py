@@ -269,7 +269,7 @@ def run_pretrain(
     torch.manual_seed(recipe.train.seed)
     model = build_model(gcfg)
     log(
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {gcfg.n_layer}L/{gcfg.n_head}H/{gcfg.n_embd}, "
+        f"model: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {gcfg.n_layer}L/{gcfg.n_head}H/{gcfg.n_embd}, "
         f"block {gcfg.block_size}, vocab {gcfg.vocab_size} ({data.tokenizer.describe()}), attention {gcfg.attention}, position {gcfg.position}; "
         f"data: {len(data.train):,} train / {len(data.val):,} val tokens"
     )
@@ -387,7 +387,8 @@ def summarize(recipe, model, data: TokenData, result: TrainResult, sample: str, 
     val = result.val_loss
     return {
         "name": recipe.name,
-        "parameters": model.num_params(),
+        "parameters": model.num_params(non_embedding=False),  # every stored tensor (tied once), as import/export count
+        "parameters_non_embedding": model.num_params(),
         "steps": result.steps,
         "tokens": result.units,
         "tokens_per_s": result.units_per_s,
@@ -397,8 +398,9 @@ def summarize(recipe, model, data: TokenData, result: TrainResult, sample: str, 
         "val_loss": val,
         "val_bits_per_byte": val / math.log(2) / data.val_bytes_per_token if val is not None else None,
         "unigram_loss": unigram_entropy(data.train, data.tokenizer.vocab_size),
-        "wall_s": wall,
-        "train_wall_s": result.wall_s,
+        "wall_s": wall,  # this session, end to end
+        "train_wall_s": result.wall_s,  # training, summed over every session of the run (resumes included)
+        "resumed": result.resumed_from,
         "precision": result.precision,
         "optimizer": result.optimizer,
         "compile_s": result.compile_s,

@@ -128,6 +128,8 @@ def adl_to_hf_config(cfg: GPTConfig, *, eot_id: int | None = None, dtype: str = 
     }
     if eot_id is not None and 0 <= eot_id < cfg.vocab_size:
         out["bos_token_id"] = out["eos_token_id"] = int(eot_id)
+    else:  # GPT2Config's defaults (50256) would name ids this vocabulary may not have: say "none"
+        out["bos_token_id"] = out["eos_token_id"] = None
     return out
 
 
@@ -276,6 +278,45 @@ def ranks_from_vocab(vocab: dict[str, int], merges: list[tuple[str, str]], *, eo
     if others != {eot: len(ranks)}:
         raise ValueError(f"expected exactly one special token {eot!r} = {len(ranks)} after the merged tokens, found {dict(list(others.items())[:3])}")
     return ranks
+
+
+def _bpe_parts(token: bytes, ranks: dict[bytes, int], below: int) -> list[bytes]:
+    """tiktoken's merge loop on ``token`` using only ranks < ``below``: lowest-rank adjacent pair first."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best, at = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < below and (best is None or r < best):
+                best, at = r, i
+        if best is None:
+            break
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    return parts
+
+
+def vocab_and_merges(ranks: dict[bytes, int], *, eot_id: int, eot: str = "<|endoftext|>") -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-2 style vocab.json + merges.txt for tiktoken ranks (the inverse of ranks_from_vocab).
+
+    A merged token of rank r is the pair that tiktoken's loop, allowed ranks < r, leaves
+    when it encodes the token's bytes; listing merges in rank order makes BPE (which
+    applies the earliest listed pair first) choose exactly as tiktoken does."""
+    enc = byte_to_unicode()
+
+    def text(tok: bytes) -> str:
+        return "".join(enc[b] for b in tok)
+
+    vocab = {text(tok): rank for tok, rank in ranks.items()}
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) < 2:
+            continue
+        parts = _bpe_parts(tok, ranks, rank)
+        if len(parts) != 2:
+            raise ValueError(f"token {tok!r} (id {rank}) is not one merge of two lower-ranked tokens")
+        merges.append((text(parts[0]), text(parts[1])))
+    vocab[eot] = eot_id
+    return vocab, merges
 
 
 def read_merges(text: str) -> list[tuple[str, str]]:

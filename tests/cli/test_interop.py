@@ -128,3 +128,30 @@ def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys, run):
         code, out, err = run(args, capsys)
         assert code == 2 and words in " ".join(err.split()), (args, err)
         assert "Traceback" not in err
+
+
+def test_exported_tokenizer_encodes_as_adl_in_transformers(small_corpus, tmp_path, capsys, run, monkeypatch):
+    """AutoTokenizer.from_pretrained(export) gives adl's ids, for a trained BPE and for bytes."""
+    from transformers import AutoTokenizer
+
+    from adl_cli.data.tokenizer import Tokenizer
+
+    monkeypatch.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)
+    text = small_corpus.read_text(encoding="utf-8")[:3000] + " Ünïcödé — 123 'll  tabs\t\tend\n\n"
+    for tok in ("bpe", "bytes"):
+        run_dir, hf = tmp_path / f"run-{tok}", tmp_path / f"hf-{tok}"
+        args = ["pretrain", "recipes/pretrain/tiny.toml", "--out", run_dir, "--no-progress", "--set", f"data.corpus={small_corpus}",
+                "--set", f"data.tokenizer={tok}", "--set", "data.vocab_size=400"]
+        for k, v in {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32, "train.steps": 1,
+                     "train.eval_batches": 1, "sample_tokens": 2}.items():
+            args += ["--set", f"{k}={v}"]
+        code, _, err = run(args, capsys)
+        assert code == 0, err
+        code, _, err = run(["export", "hf", run_dir, "--out", hf], capsys)
+        assert code == 0, err
+        ours = Tokenizer.load(run_dir)
+        theirs = AutoTokenizer.from_pretrained(hf)
+        assert theirs.encode(text) == list(ours.encode(text)), tok
+        assert theirs.eos_token_id == ours.eot_id
+        cfg = json.loads((hf / "config.json").read_text())
+        assert cfg["eos_token_id"] == cfg["bos_token_id"] == ours.eot_id < cfg["vocab_size"]

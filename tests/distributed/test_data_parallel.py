@@ -98,8 +98,13 @@ def test_fsdp_loss_curve_equals_one_process_and_its_checkpoints_are_full(fsdp, s
     a = ckpt.read_safetensors(fsdp / "checkpoints" / "step-6" / "model.safetensors")
     b = ckpt.read_safetensors(single / "checkpoints" / "step-6" / "model.safetensors")
     assert a.keys() == b.keys()  # the same layout as an unsharded run: full tensors, tied weight once
+    # AdamW moves an element by at most about lr per step, so 6 steps move it at most ~6 lr. Reduction
+    # order (reduce-scatter vs one process) changes gradients at fp32 rounding level, which Adam's
+    # normalisation m / sqrt(v) can amplify for near-zero gradients up to a large part of a step; a wrong
+    # gather or averaging would be off by a whole step (~lr). So allow 1e-3 of the total movement.
+    movement = 6 * 3e-3
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-3 * movement)
     oa = ckpt.read_safetensors(fsdp / "checkpoints" / "step-6" / "optimizer.safetensors")
     ob = ckpt.read_safetensors(single / "checkpoints" / "step-6" / "optimizer.safetensors")
     assert {k for k in oa if k.startswith("state.")} == {k for k in ob if k.startswith("state.")}

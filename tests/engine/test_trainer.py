@@ -29,7 +29,8 @@ def loss_fn(model, batch):
 def make(run_dir, steps=8, batch=batch_fn, **kw):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
-    cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-3, min_lr=3e-4, warmup=2, eval_every=0, checkpoint_every=4, log_every=1, seed=3, **kw)
+    kw = {"checkpoint_every": 4, "log_every": 1, **kw}
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-3, min_lr=3e-4, warmup=2, eval_every=0, seed=3, **kw)
     return Trainer(model, cfg, run_dir=run_dir, batch_fn=batch, loss_fn=loss_fn, units_per_batch=4 * BLOCK, progress=False)
 
 
@@ -133,3 +134,61 @@ def test_ctrl_c_writes_a_checkpoint_and_stops(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "int").name == "step-3"
     done = make(tmp_path / "int", steps=8).fit(resume=True)
     assert done.steps == 8
+
+
+@pytest.mark.parametrize("log_every, checkpoint_every", [(1, 2), (4, 3), (5, 2)])
+def test_a_non_finite_loss_is_never_checkpointed(tmp_path, log_every, checkpoint_every):
+    """The loss turns NaN after step 5 (weights poisoned too); checkpoints that are not
+    logging steps must not save it, and `keep` must not delete the last good one."""
+    tr = make(tmp_path / "nan", steps=12, log_every=log_every, checkpoint_every=checkpoint_every, keep_checkpoints=1)
+    real_step = tr._step
+
+    def poisoning(step, rank, world):
+        if step == 5:
+            with torch.no_grad():
+                tr.raw_model.lm_head.weight.fill_(float("nan"))
+        return real_step(step, rank, world)
+
+    tr._step = poisoning
+    with pytest.raises(AdlError, match="non-finite|loss became nan"):
+        tr.fit()
+    good = 5 // checkpoint_every * checkpoint_every
+    latest = ckpt.latest_checkpoint(tmp_path / "nan")
+    assert latest.name == f"step-{good}"
+    tensors = ckpt.read_safetensors(latest / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_the_lr_peaks_for_one_step_and_ends_at_min_lr():
+    from adl_cli.engine.optim import lr_at
+
+    for warmup, steps in ((3, 10), (0, 7), (1, 2)):
+        lrs = [lr_at(t, lr=1.0, min_lr=0.1, warmup=warmup, steps=steps) for t in range(steps)]
+        assert lrs.count(1.0) == 1 and lrs[max(warmup - 1, 0)] == 1.0
+        assert lrs[-1] == pytest.approx(0.1)
+        assert all(a > b for a, b in zip(lrs[max(warmup - 1, 0):], lrs[max(warmup - 1, 0) + 1:]))  # then strictly down
+
+
+def test_sigterm_checkpoints_and_exits_like_ctrl_c(tmp_path):
+    def terminating(step, micro, rank, world):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch_fn(step, micro, rank, world)
+
+    with pytest.raises(Interrupted, match="SIGTERM after step 3") as e:
+        make(tmp_path / "term", steps=8, batch=terminating).fit()
+    assert e.value.exit_code == 143
+    assert ckpt.latest_checkpoint(tmp_path / "term").name == "step-3"
+
+
+def test_resume_under_another_world_size_keeps_the_global_batch():
+    from adl_cli.errors import AdlError as E
+    from adl_cli.methods.pretrain import PretrainRecipe, resume_grad_accum
+
+    rec = PretrainRecipe()
+    rec.train.batch_size, rec.model.block_size = 4, 16
+    state = {"step": 10, "units": 10 * 4 * 16 * 2 * 1, "world_size": 1, "grad_accum": 2}  # 1 process x 2 accumulation
+    notes = []
+    assert resume_grad_accum(state, rec, world=2, accum=2, force=False, log=notes.append) == 1 and "keeps the global batch" in notes[0]
+    with pytest.raises(E, match="global batch"):
+        resume_grad_accum(state, rec, world=4, accum=1, force=False, log=notes.append)  # 128 tokens cannot split over 4 x 64
