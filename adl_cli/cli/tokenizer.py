@@ -13,12 +13,13 @@ tok_app = typer.Typer(help="Train and use tokenizers.", no_args_is_help=True)
 
 @tok_app.command("train")
 def train(
-    corpus: str = typer.Option("pydoc", "--corpus", help="pydoc | stdlib | a text file, folder or glob."),
+    corpus_arg: str = typer.Argument(None, help="pydoc | stdlib | a text file, folder or glob (default pydoc), as for `adl data shard`.", metavar="CORPUS", show_default=False),
+    corpus: str = typer.Option(None, "--corpus", help="The same as the CORPUS argument (kept for older scripts)."),
     vocab_size: int = typer.Option(4096, "--vocab-size", help="Ids in the vocabulary, <|endoftext|> included."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the ranks file (tiktoken format, .tiktoken)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ) -> None:
-    """Train a byte-level BPE: [bold]adl tokenizer train --corpus pydoc --vocab-size 4096 --out bpe.tiktoken[/]"""
+    """Train a byte-level BPE: [bold]adl tokenizer train pydoc --vocab-size 4096 --out bpe.tiktoken[/]"""
     import time
 
     from adl_cli.data import bpe
@@ -26,6 +27,9 @@ def train(
     from adl_cli.data.tokenizer import from_ranks_file
     from adl_cli.engine.report import console
 
+    if corpus_arg and corpus and corpus_arg != corpus:
+        raise AdlError(f"two corpora given: {corpus_arg} and --corpus {corpus}; give one")
+    corpus = corpus_arg or corpus or "pydoc"
     if vocab_size < 258:
         raise AdlError(f"--vocab-size must be at least 258 (256 bytes, one merge, <|endoftext|>), got {vocab_size}")
     if out.exists() and out.is_dir():

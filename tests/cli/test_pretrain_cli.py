@@ -89,7 +89,7 @@ def test_recipes_and_tokenizer_commands(tmp_path, capsys, run):
     assert (tmp_path / "tiny.toml").exists()
     one_line_error(*run(["recipes", "show", "tiyn"], capsys)[::2], "did you mean")
     ranks = tmp_path / "bpe.tiktoken"
-    code, text, err = run(["tokenizer", "train", "--corpus", "pydoc", "--vocab-size", "600", "--out", ranks], capsys)
+    code, text, err = run(["tokenizer", "train", "pydoc", "--vocab-size", "600", "--out", ranks], capsys)
     assert code == 0, err and ranks.exists()
     code, text, _ = run(["tokenizer", "encode", "The with statement", "--tokenizer", ranks], capsys)
     assert code == 0 and "ids:" in text
