@@ -49,6 +49,9 @@ def world(tmp_path_factory, small_corpus):
     data = (trunc / "model.safetensors").read_bytes()
     (trunc / "model.safetensors").write_bytes(data[: len(data) // 3])
     (trunc / "config.json").write_text('{"n_layer": 1, "n_head"')
+    (trunc / "summary.json").write_text('{"name": "t", "steps"')
+    ranks = (root / "bpe.tiktoken").read_bytes()
+    (root / "truncated.tiktoken").write_bytes(ranks[: len(ranks) // 2 - 3])
     (root / "text.txt").write_text(small_corpus.read_text(encoding="utf-8")[:20000], encoding="utf-8")
     return root
 
@@ -92,6 +95,10 @@ CASES = [
     ("truncated", ["generate", "{W}/truncated"], "config.json"),
     ("truncated", ["export", "hf", "{W}/truncated", "--out", "{W}/exp"], "config.json"),
     ("truncated", ["import", "hf-gpt2", "{W}/truncated", "--out", "{W}/imp"], "config.json"),
+    ("truncated", ["report", "{W}/truncated"], "summary.json"),
+    ("truncated", ["bench-context", "{W}/truncated", "--lengths", "32"], "config.json"),
+    ("truncated", ["tokenizer", "encode", "x", "--tokenizer", "{W}/truncated.tiktoken"], "truncated.tiktoken"),
+    ("truncated", ["pretrain", "recipes/pretrain/tiny.toml", "--out", "{W}/new", "--set", "data.tokenizer={W}/truncated.tiktoken"], "truncated.tiktoken"),
     # --- existing outputs
     ("existing", ["pretrain", "{W}/run/recipe.toml"], "already holds a run"),
     ("existing", ["export", "hf", "{W}/run", "--out", "{W}/hf"], "not empty"),
