@@ -30,18 +30,3 @@ def resolve_recipe(recipe: Path) -> Path:
 
     return find_recipe(str(recipe))
 
-
-def resuming_note(out: Path, resume: bool, resume_from: Path | None) -> str:
-    """' (resuming from step N)' for the banner line, '' for a fresh run."""
-    if not (resume or resume_from):
-        return ""
-    import json
-
-    from adl_cli.engine.checkpoint import latest_checkpoint
-
-    ck = Path(resume_from) if resume_from else latest_checkpoint(out)
-    try:
-        step = json.loads((ck / "state.json").read_text())["step"]
-    except (TypeError, OSError, ValueError, KeyError):
-        return " (resuming)"
-    return f" (resuming from step {step}, {ck})"

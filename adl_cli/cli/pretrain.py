@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adl_cli.cli.common import default_out, resolve_recipe, resuming_note, set_option
+from adl_cli.cli.common import default_out, resolve_recipe, set_option
 
 
 def pretrain(
@@ -29,7 +29,7 @@ def pretrain(
     rec = load_pretrain_recipe(recipe, set_)
     out = out or default_out(recipe, rec.name)
     if is_main_env():  # under torchrun / accelerate launch only rank 0 prints
-        console.print(f"[bold]adl pretrain[/] {recipe} -> {out}" + resuming_note(out, resume, resume_from), highlight=False)
+        console.print(f"[bold]adl pretrain[/] {recipe} -> {out}", highlight=False)
     outcome = run_pretrain(rec, out, resume=resume, resume_from=resume_from, force=force, progress=progress, log=console.print)
     if outcome.main and outcome.summary and outcome.sample is not None and (out / "summary.json").exists():
         md = render_run(out, outcome.summary)

@@ -228,13 +228,14 @@ class Trainer:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         return torch.random.fork_rng(devices=devices)
 
-    def _check_finite(self, step: int, bad: torch.Tensor, last_saved: int | None) -> None:
-        """Before any checkpoint: no non-finite loss since the last check, and finite weights."""
-        local = bad.clone().float()
+    def _check_finite(self, step: int, interval_loss: torch.Tensor, last_saved: int | None) -> None:
+        """Before any checkpoint: finite weights, and a finite loss sum since the last logging
+        step (which checked the steps before it), so a non-finite model is never saved."""
+        flags = [~torch.isfinite(interval_loss)]
         for p in self.raw_model.parameters():
             t = p.to_local() if hasattr(p, "to_local") else p
-            local = torch.maximum(local, (~torch.isfinite(t.detach())).any().float())
-        if float(self.acc.reduce(local, reduction="sum")) > 0:
+            flags.append((~torch.isfinite(t.detach())).any())
+        if float(self.acc.reduce(torch.stack(flags).any().float(), reduction="sum")) > 0:
             raise AdlError(
                 f"the loss or the weights became non-finite by step {step}; stopped without saving them. "
                 + (f"Last good checkpoint: {self.run_dir / 'checkpoints' / f'step-{last_saved}'}" if last_saved is not None else "No checkpoint was written yet.")
@@ -323,7 +324,6 @@ class Trainer:
         rank, world = self.acc.process_index, self.acc.num_processes
         units_per_step = self.units_per_batch * self.grad_accum * world
         self.peak_dtype = str(self.amp_dtype or torch.float32).removeprefix("torch.")
-        bad = torch.zeros((), dtype=torch.bool, device=self.device)  # any non-finite step loss since the last checkpoint
         history: list[dict[str, Any]] = []
         rates: list[float] = []
         losses: list[float] = []
@@ -331,7 +331,6 @@ class Trainer:
         val_loss = None
         t_start = time.perf_counter()
         progress = _Progress(cfg.steps, start_step, self.unit, bar=self.show_progress, main=self.acc.is_main_process)
-        self.progress = progress
         interval_t, interval_units, interval_loss, interval_n = time.perf_counter(), 0, torch.zeros((), device=self.device), 0
         step = start_step
         last_saved = start_step if resume else None
@@ -350,7 +349,6 @@ class Trainer:
                     else:
                         interval_units += units_per_step
                     interval_loss += step_loss
-                    bad |= ~torch.isfinite(step_loss)
                     interval_n += 1
                     units += units_per_step
                     done = step + 1
@@ -389,8 +387,7 @@ class Trainer:
                         interval_t += time.perf_counter() - t_eval
                     if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                         t_ck = time.perf_counter()
-                        self._check_finite(done, bad, last_saved)
-                        bad.zero_()
+                        self._check_finite(done, interval_loss, last_saved)
                         self._save(done, units, wall_before + time.perf_counter() - t_start)
                         last_saved = done
                         interval_t += time.perf_counter() - t_ck
@@ -398,7 +395,7 @@ class Trainer:
                         raise StopRequested
             except StopRequested:
                 done = step + 1
-                self._check_finite(done, bad, last_saved)
+                self._check_finite(done, interval_loss, last_saved)
                 path = self._save(done, units, wall_before + time.perf_counter() - t_start)
                 progress.stop()
                 raise Interrupted(f"stopped by {guard.signal_name} after step {done}; checkpoint written to {path}; continue with --resume", exit_code=guard.exit_code) from None
@@ -411,7 +408,7 @@ class Trainer:
             val_loss = metrics.get("val_loss", val_loss)
             self._log({"step": cfg.steps, **metrics})
         wall = wall_before + time.perf_counter() - t_start
-        self._check_finite(cfg.steps, bad, last_saved)
+        self._check_finite(cfg.steps, interval_loss, last_saved)
         self._save(cfg.steps, units, wall)
         steady = rates[1:] if len(rates) > 2 else rates
         rate = statistics.median(steady) if steady else 0.0

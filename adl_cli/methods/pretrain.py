@@ -17,7 +17,7 @@ import torch
 
 from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_windows, load_tokens
 from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint, load_weights, save_weights, unwrap
-from adl_cli.engine.distributed import is_main_env, make_accelerator, resolve_grad_accum
+from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError
 from adl_cli.models.gpt import GPT, GPTConfig
@@ -171,7 +171,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force: bool) -> tuple[PretrainRecipe | None, list[str]]:
+def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force: bool, main: bool = True) -> tuple[PretrainRecipe | None, list[str]]:
     """Refuse to replace or mix into an existing run unless asked; returns (the run's old recipe, changed keys).
 
     Without --resume a folder that holds a run is refused (or, with --force, its run files are
@@ -188,7 +188,7 @@ def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force
     if not resume:
         if present and not force:
             raise AdlError(f"{out} already holds a run ({', '.join(present[:3])}); continue it with --resume, write elsewhere with --out DIR, or replace it with --force")
-        if present and is_main_env():
+        if present and main:
             for name in present:
                 target = out / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -253,10 +253,11 @@ def run_pretrain(
     if not main:
         log = _quiet
     resume = resume or resume_from is not None
-    checkpoint = None
-    if resume:
-        checkpoint = _resume_checkpoint(out, resume_from)
-    old_recipe, changed = prepare_run_folder(out, recipe, resume=resume, force=force)
+    checkpoint = _resume_checkpoint(out, resume_from) if resume else None
+    ck_state = _read_state(checkpoint) if checkpoint is not None else None
+    if ck_state is not None:
+        log(f"resuming from step {ck_state.get('step')} ({checkpoint})")
+    old_recipe, changed = prepare_run_folder(out, recipe, resume=resume, force=force, main=main)
     acc.wait_for_everyone()
     if changed:
         log("[yellow]note:[/] resuming with changed settings: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
@@ -276,8 +277,7 @@ def run_pretrain(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if old_recipe is not None and changed:  # keep the recipe that governed the steps so far beside the new one
-            step = json.loads((checkpoint / "state.json").read_text()).get("step", 0)
-            kept = out / f"recipe.until-step-{step}.toml"
+            kept = out / f"recipe.until-step-{ck_state.get('step', 0)}.toml"
             if not kept.exists():
                 atomic_write_text(kept, (out / "recipe.toml").read_text(encoding="utf-8"))
         header = f"resolved recipe of the run in {out.name}; `adl pretrain {out / 'recipe.toml'} --out NEW_DIR` reproduces it, `--resume` continues it"
@@ -286,11 +286,11 @@ def run_pretrain(
         atomic_write_text(out / "config.json", json.dumps(gcfg.to_dict(), indent=1))
     tc = recipe.train
     accum = resolve_grad_accum(tc.global_batch_tokens, tc.grad_accum, world, tc.batch_size, gcfg.block_size)
-    ck_state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else None
     if ck_state is not None:
         accum = resume_grad_accum(ck_state, recipe, world, accum, force=force, log=log)
-        if int(ck_state.get("step", 0)) and tc.steps != _old_steps(old_recipe, tc.steps):
-            log(f"[yellow]note:[/] train.steps is now {tc.steps} (was {_old_steps(old_recipe, tc.steps)}): the lr schedule is recomputed for the new length")
+        old_steps = old_recipe.train.steps if old_recipe is not None else tc.steps
+        if tc.steps != old_steps:
+            log(f"[yellow]note:[/] train.steps is now {tc.steps} (was {old_steps}): the lr schedule is recomputed for the new length")
     if tc.global_batch_tokens and tc.grad_accum not in (1, accum):
         log(f"[yellow]note:[/] train.grad_accum={tc.grad_accum} is ignored: train.global_batch_tokens={tc.global_batch_tokens:,} sets it to {accum}")
     if world > 1 or accum > 1:
@@ -341,8 +341,11 @@ def run_pretrain(
     return PretrainOutcome(out, result, summary, sample)
 
 
-def _old_steps(old_recipe: PretrainRecipe | None, default: int) -> int:
-    return old_recipe.train.steps if old_recipe is not None else default
+def _read_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdlError(f"cannot read {checkpoint / 'state.json'}: {e}") from None
 
 
 def _resume_checkpoint(out: Path, resume_from: Path | None) -> Path:

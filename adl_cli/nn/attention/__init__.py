@@ -25,56 +25,36 @@ ATTENTION_BLOCKS = Registry("attention block")
 from adl_cli.nn.attention import flash, naive, ring, s2, sdpa, tree, window  # noqa: E402,F401
 from adl_cli.nn.attention import mla  # noqa: E402,F401  (registers the "mla" block)
 
-# options a kernel must be given (no usable default), with what they mean
-REQUIRED = {"window": {"window": "keys at most W - 1 positions behind the query"}, "s2": {"group": "tokens per group, >= 2"}}
 _CALL_ARGS = ("causal", "scale", "bias")  # set by the model, not by a recipe
-REFUSED = {"ring": ("window",), "s2": ("window",)}  # in the one signature, but these kernels refuse them
 
 
 def kernel_options(name: str) -> dict:
-    """The recipe options a kernel takes, with their defaults (None: required or off)."""
+    """The recipe options a kernel (or block) takes, with their defaults.
+
+    A kernel's options are its keyword-only parameters beyond the call arguments, less the
+    ones it declares it refuses (``kernel.refused``); a block lists them in ``OPTIONS``."""
     import inspect
 
-    params = inspect.signature(ATTENTION.get(name)).parameters
-    skip = _CALL_ARGS + REFUSED.get(name, ())
-    return {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in skip}
+    if name in ATTENTION_BLOCKS:
+        return dict.fromkeys(ATTENTION_BLOCKS.get(name).OPTIONS)
+    fn = ATTENTION.get(name)
+    skip = _CALL_ARGS + tuple(getattr(fn, "refused", ()))
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in skip}
 
 
 def check_options(name: str, options: dict, block_size: int) -> None:
-    """Refuse, when the recipe is read, options a kernel does not take or lacks (ValueError)."""
+    """Refuse, when the recipe is read, options a kernel does not take (ValueError naming the valid
+    ones); then the kernel's own ``check_options(options, block_size)``, if it has one, checks values."""
     from adl_cli.errors import closest
 
-    if name in ATTENTION_BLOCKS:
-        allowed = getattr(__import__(ATTENTION_BLOCKS.get(name).__module__, fromlist=["OPTIONS"]), "OPTIONS", {})
-    else:
-        allowed = kernel_options(name)
+    allowed = kernel_options(name)
     for key in options:
         if key not in allowed:
-            valid = ", ".join(allowed) or "none"
-            raise ValueError(f"model.attention_options: '{name}' has no option '{key}'{closest(key, allowed)}; its options: {valid}")
-    for key, meaning in REQUIRED.get(name, {}).items():
-        if options.get(key) is None:
-            raise ValueError(f"model.attention = '{name}' needs model.attention_options.{key} ({meaning})")
-    if name == "window" and (not isinstance(options["window"], int) or options["window"] < 1):
-        raise ValueError(f"model.attention_options.window must be an integer >= 1, got {options['window']!r}")
-    if name == "s2":
-        group = options["group"]
-        if not isinstance(group, int) or group < 2 or block_size % group:
-            raise ValueError(f"model.attention_options.group must be an integer >= 2 that divides model.block_size ({block_size}), got {group!r}")
-    if name == "ring":
-        world = options.get("world", 4)
-        if not isinstance(world, int) or world < 1:
-            raise ValueError(f"model.attention_options.world must be an integer >= 1, got {world!r}")
+            raise ValueError(f"model.attention_options: '{name}' has no option '{key}'{closest(key, allowed)}; its options: {', '.join(allowed) or 'none'}")
+    target = ATTENTION_BLOCKS.get(name) if name in ATTENTION_BLOCKS else ATTENTION.get(name)
+    own = getattr(target, "check_options", None)
+    if own is not None:
+        own(options, block_size)
 
 
-def describe_options() -> str:
-    """One line per kernel: its recipe options and defaults (for --help and the README)."""
-    lines = []
-    for name in ATTENTION.names():
-        opts = kernel_options(name)
-        text = ", ".join(f"{k}={'(required)' if k in REQUIRED.get(name, {}) else v!r}" for k, v in opts.items()) or "no options"
-        lines.append(f"{name}: {text}")
-    return "\n".join(lines)
-
-
-__all__ = ["ATTENTION", "ATTENTION_BLOCKS", "check_options", "kernel_options", "describe_options"]
+__all__ = ["ATTENTION", "ATTENTION_BLOCKS", "check_options", "kernel_options"]

@@ -108,6 +108,8 @@ class MultiHeadLatentAttention(nn.Module):
     """MLA block for GPT: ``forward(x, pos, position, bias, cache)``; cache holds c_kv,
     k_rope (B, T, r) and (B, T, d_rope) and length."""
 
+    OPTIONS = OPTIONS  # the recipe's model.attention_options keys (checked when the recipe is read)
+
     def __init__(self, cfg):
         super().__init__()
         d = mla_dims(cfg)

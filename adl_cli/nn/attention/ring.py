@@ -277,3 +277,13 @@ def ring_kernel(q, k, v, *, causal=True, scale=None, bias=None, window=None, wor
 
         return flash_attention(q, k, v, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
     return ring_attention(q, k, v, world=int(world), causal=causal, scale=scale, block_q=block_q, block_k=block_k)
+
+
+def _check_ring_options(options: dict, block_size: int) -> None:
+    world = options.get("world", 4)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"model.attention_options.world must be an integer >= 1, got {world!r}")
+
+
+ring_kernel.check_options = _check_ring_options
+ring_kernel.refused = ("window",)

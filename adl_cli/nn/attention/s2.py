@@ -75,3 +75,15 @@ def s2_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, gr
         return plain
     shifted = _shifted(q[:, H - n_shift :], k[:, H - n_shift :], v[:, H - n_shift :], G, causal, scale)
     return torch.cat((plain, shifted), dim=1)
+
+
+def _check_s2_options(options: dict, block_size: int) -> None:
+    group = options.get("group")
+    if group is None:
+        raise ValueError("model.attention = 's2' needs model.attention_options.group (tokens per group, >= 2)")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 2 or block_size % group:
+        raise ValueError(f"model.attention_options.group must be an integer >= 2 that divides model.block_size ({block_size}), got {group!r}")
+
+
+s2_attention.check_options = _check_s2_options
+s2_attention.refused = ("window",)

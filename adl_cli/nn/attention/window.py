@@ -28,3 +28,14 @@ def window_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None
         q, k, v, causal=causal, scale=scale, bias=bias, window=int(window),
         block_q=block_q, block_k=block_k, backend=backend,
     )[0]
+
+
+def _check_window_options(options: dict, block_size: int) -> None:
+    window = options.get("window")
+    if window is None:
+        raise ValueError("model.attention = 'window' needs model.attention_options.window (keys at most W - 1 positions behind the query)")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"model.attention_options.window must be an integer >= 1, got {window!r}")
+
+
+window_attention.check_options = _check_window_options
