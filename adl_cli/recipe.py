@@ -21,16 +21,25 @@ from adl_cli.errors import AdlError, closest
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
+    """The recipe keys of a section: field names, or ``metadata["key"]`` where the TOML key is a
+    Python keyword (``init.from``)."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         f.type = hints[f.name]
-        out[f.name] = f
+        out[f.metadata.get("key", f.name)] = f
     return out
 
 
 def _is_section(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+    return isinstance(tp, type) and (dataclasses.is_dataclass(tp) or hasattr(tp, "section_type"))
+
+
+def _resolve(tp, data: Any):
+    """A section whose class depends on its data (``[model]``: the class of the family it names)."""
+    if hasattr(tp, "section_type"):
+        return tp.section_type(data if isinstance(data, dict) else {})
+    return tp
 
 
 def _describe(tp) -> str:
@@ -102,6 +111,7 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _build(cls, data: dict[str, Any], source: str, prefix: str = ""):
+    cls = _resolve(cls, data)
     fields = _fields(cls)
     kwargs = {}
     for key, value in data.items():
@@ -112,15 +122,15 @@ def _build(cls, data: dict[str, Any], source: str, prefix: str = ""):
         if _is_section(tp):
             if not isinstance(value, dict):
                 raise AdlError(f"'{dotted}' in {source} must be a table [{dotted}]")
-            kwargs[key] = _build(tp, value, source, dotted + ".")
+            kwargs[fields[key].name] = _build(tp, value, source, dotted + ".")
         else:
-            kwargs[key] = _coerce(value, tp, f"'{dotted}' in {source}")
-    for name, f in fields.items():
-        if name not in kwargs and _is_section(f.type):
-            kwargs[name] = _build(f.type, {}, source, f"{prefix}{name}.")
+            kwargs[fields[key].name] = _coerce(value, tp, f"'{dotted}' in {source}")
+    for key, f in fields.items():
+        if f.name not in kwargs and _is_section(f.type):
+            kwargs[f.name] = _build(f.type, {}, source, f"{prefix}{key}.")
     try:
         obj = cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise AdlError(f"{source}: {e}") from None
     check = getattr(obj, "validate", None)
     if check is not None:
@@ -143,14 +153,14 @@ def _set_dotted(data: dict[str, Any], schema, dotted: str, raw: str) -> None:
         tp = fields[part].type if cls is not None else None
         if last:
             if tp is not None and _is_section(tp):
-                raise AdlError(f"--set: '{here}' is a section; set one of its keys, e.g. {here}.{next(iter(_fields(tp)))}=...")
+                raise AdlError(f"--set: '{here}' is a section; set one of its keys, e.g. {here}.{next(iter(_fields(_resolve(tp, {}))))}=...")
             value = _parse_scalar(raw)
             if tp is str and not isinstance(value, str):
                 value = raw  # a string field keeps the literal text (e.g. a corpus path like 1.txt)
             node[part] = value
             return
         if tp is not None and _is_section(tp):
-            cls = tp
+            cls = _resolve(tp, node.get(part, {}))
         elif tp is not None and (typing.get_origin(tp) is dict or tp is dict):
             cls = None  # free-form table: anything below is accepted
         elif tp is not None:
@@ -183,7 +193,12 @@ def load_recipe(path: str | Path, schema, overrides: list[str] | None = None):
 
 
 def recipe_dict(obj) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+    """The recipe as nested dicts keyed by recipe keys (``init.from``, not the field name)."""
+    out = {}
+    for key, f in _fields(type(obj)).items():
+        value = getattr(obj, f.name)
+        out[key] = recipe_dict(value) if dataclasses.is_dataclass(value) else (dict(value) if isinstance(value, dict) else value)
+    return out
 
 
 def _toml_value(v: Any) -> str:
@@ -206,7 +221,7 @@ def dump_recipe(obj, header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
     tables = []
     for k, v in data.items():
-        if isinstance(v, dict) and _is_section(_fields(type(obj))[k].type):
+        if _is_section(_fields(type(obj))[k].type):
             tables.append((k, v))
         elif v is not None:
             lines.append(f"{k} = {_toml_value(v)}")

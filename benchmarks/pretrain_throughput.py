@@ -212,12 +212,13 @@ def _parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 def _adl_loop(cfg: dict, steps: int, warmup: int, batch, options: dict[str, str]) -> tuple[list[float], dict]:
     """adl's GPT through adl's Trainer, with TrainConfig's defaults (what `adl pretrain` runs)."""
     from adl_cli.engine.trainer import TrainConfig, Trainer
-    from adl_cli.methods.pretrain import ModelSection, build_model
+    from adl_cli.models import build_model
+    from adl_cli.models.gpt import GPTConfig
 
-    section = ModelSection(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"])
+    section = GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"])
     if "chunk" in options:
         section.loss_chunk_rows = int(options["chunk"])
-    gcfg = section.gpt_config(cfg["vocab_size"])
+    gcfg = section.with_vocab(cfg["vocab_size"])
     model = build_model(gcfg)
     total = warmup + steps + 1
     # The benchmark's precision is fp32 for every contender (precision = "auto" may pick bf16

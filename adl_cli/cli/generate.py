@@ -25,13 +25,15 @@ def generate(
     from adl_cli.errors import AdlError
     from adl_cli.methods.generate import check_sampling
     from adl_cli.methods.generate import generate as sample
-    from adl_cli.methods.pretrain import load_run_model
+    from adl_cli.runs import load_run
 
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if num_samples < 1:
         raise AdlError(f"--num-samples must be >= 1, got {num_samples}")
-    model = load_run_model(run_dir)
-    tok = Tokenizer.load(run_dir)
+    run = load_run(run_dir)
+    model, tok = run.model, run.tokenizer
+    if tok is None:
+        raise AdlError(f"{run_dir} has no tokenizer.json: generate needs the run's tokenizer")
     ids = list(tok.encode(prompt)) if prompt else [tok.eot_id]
     block = model.config.block_size
     if len(ids) > block:

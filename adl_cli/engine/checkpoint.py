@@ -79,19 +79,30 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
 
 
 def load_weights(model: nn.Module, path: Path, *, what: str = "checkpoint") -> None:
-    """Load weights into ``model``; any missing/unexpected key or shape mismatch is an AdlError."""
+    """Load weights into ``model`` (through its family's upgrade of older layouts, e.g. GPT-2's fused
+    qkv); any missing/unexpected key or shape mismatch is an AdlError."""
     tensors = read_safetensors(path)
+    cfg = getattr(unwrap(model), "config", None)
+    if cfg is not None and hasattr(cfg, "family"):
+        from adl_cli.models import family
+
+        tensors = family(cfg.family).upgrade_state(tensors)
+    assign_state(model, tensors, f"{what} {path}")
+
+
+def assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """``tensors`` into ``model``; a missing, unexpected or misshapen tensor is an AdlError naming it."""
     target = unwrap(model)
     expected = model_tensors(target)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise AdlError(f"{what} {path} does not match the model: {detail}")
+        raise AdlError(f"{where} does not match the model: {detail}")
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
             raise AdlError(
-                f"{what} {path} does not match the model: '{name}' has shape {tuple(t.shape)}, "
+                f"{where} does not match the model: '{name}' has shape {tuple(t.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
     target.load_state_dict(tensors, strict=False)

@@ -225,7 +225,7 @@ def kv_cache_table(cfg, length: int, dtype_bytes: int = 2) -> list[dict[str, Any
     base = dict(cfg.to_dict(), attention="sdpa", attention_options={})
     # the run's own grouping if it has one, else groups of 4 query heads (2 when there are fewer than 8 heads)
     group = 4 if cfg.n_head >= 8 else 2
-    gqa_heads = cfg.n_kv_head if cfg.n_kv_head < cfg.n_head else max(d for d in range(1, cfg.n_head // group + 2) if cfg.n_head % d == 0 and d <= max(1, cfg.n_head // group))
+    gqa_heads = cfg.kv_heads if cfg.kv_heads < cfg.n_head else max(d for d in range(1, cfg.n_head // group + 2) if cfg.n_head % d == 0 and d <= max(1, cfg.n_head // group))
     rope_position = cfg.position if cfg.position in ROPE_FAMILY else "rope"
     shapes = [
         ("MHA", dict(base, n_kv_head=cfg.n_head), f"k, v: {cfg.n_head} heads x {cfg.head_dim}"),
@@ -266,7 +266,7 @@ def finetune_at_length(
     Writes metrics, a checkpoint and the tuned model into ``out_dir`` (never the run's own files)."""
     from adl_cli.data.tokens import WindowBatches
     from adl_cli.engine.trainer import Trainer
-    from adl_cli.methods.pretrain import save_run_model
+    from adl_cli.runs import save_run
 
     tc0 = recipe.train
     tokens_per_step = tc0.batch_size * tc0.grad_accum * recipe.model.block_size
@@ -311,7 +311,7 @@ def finetune_at_length(
     if trainer.acc.is_main_process:
         saved = copy.deepcopy(tuned).cpu()
         saved.config.block_size = length  # the tuned model reads `length` tokens; positions keep their own options
-        save_run_model(out_dir, saved, tokenizer)
+        save_run(out_dir, saved, tokenizer)
     return tuned.eval(), result, tc
 
 
@@ -320,33 +320,34 @@ def finetune_at_length(
 
 def run_shape(run_dir: Path) -> tuple[str, int]:
     """(position, trained block_size) from a run folder's config.json."""
+    cfg = _gpt_config(run_dir)
+    return cfg.position, cfg.block_size
+
+
+def _gpt_config(run_dir: Path):
+    from adl_cli.runs import read_config
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir} (train one first: adl pretrain recipes/pretrain/tiny-rope.toml)")
-    path = run_dir / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-        return str(cfg.get("position", "learned")), int(cfg["block_size"])
-    except FileNotFoundError:
-        raise AdlError(f"{run_dir} has no config.json: is it an adl pretrain run folder?") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise AdlError(f"cannot read {path}: {e}") from None
+    cfg = read_config(run_dir)
+    if cfg.family != "gpt":
+        raise AdlError(f"{run_dir} holds a '{cfg.family}' model; bench-context measures GPT runs")
+    return cfg
 
 
 def load_run(run_dir: Path):
     """(model, recipe, tokenizer) of a pretrain run folder; every problem is an AdlError."""
-    from adl_cli.data.tokenizer import Tokenizer
-    from adl_cli.methods.pretrain import load_pretrain_recipe, load_run_model
+    from adl_cli.methods.pretrain import load_pretrain_recipe
+    from adl_cli.runs import load_run as load
 
+    _gpt_config(run_dir)
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise AdlError(f"run folder not found: {run_dir} (train one first: adl pretrain recipes/pretrain/tiny-rope.toml)")
     if not (run_dir / "recipe.toml").exists():
         raise AdlError(f"{run_dir} has no recipe.toml: is it an adl pretrain run folder?")
-    model = load_run_model(run_dir)
+    run = load(run_dir)
     recipe = load_pretrain_recipe(run_dir / "recipe.toml")
-    tokenizer = Tokenizer.load(run_dir)
-    return model, recipe, tokenizer
+    return run.model, recipe, run.tokenizer
 
 
 def bench_context(

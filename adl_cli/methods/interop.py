@@ -29,6 +29,7 @@ from adl_cli.engine.checkpoint import atomic_write_text, model_tensors, read_saf
 from adl_cli.errors import AdlError
 from adl_cli.models import hf_gpt2
 from adl_cli.models.gpt import GPT, GPTConfig
+from adl_cli.runs import load_run, read_config, save_run
 
 ADL_TOKENIZER_DIR = "adl_tokenizer"
 GPT2_META = {"kind": "gpt2", "vocab_size": 50257, "eot_id": 50256}
@@ -158,8 +159,6 @@ def _write_tokenizer(spec: str | None, src: Path, out: Path, vocab_size: int, no
 
 def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None, force: bool = False) -> InteropResult:
     """A transformers GPT-2 folder -> an adl run folder. AdlError on any bad input."""
-    from adl_cli.methods.pretrain import save_run_model
-
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise AdlError(f"model folder not found: {src}")
@@ -176,7 +175,7 @@ def import_hf_gpt2(src: Path, out: Path, *, tokenizer: str | None = None, force:
     _clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
     desc = _write_tokenizer(tokenizer, src, out, cfg.vocab_size, notes)
-    save_run_model(out, model)
+    save_run(out, model)
     return InteropResult(out, cfg, desc, sum(t.numel() for t in adl.values()), notes)
 
 
@@ -216,21 +215,18 @@ def _write_hf_tokenizer(run_dir: Path, out: Path, hf_cfg: dict) -> bool:
 
 def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult:
     """An adl run folder -> a folder GPT2LMHeadModel.from_pretrained reads offline."""
-    from adl_cli.methods.pretrain import load_run_model
-
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir}")
     _check_out(run_dir, out, force)
-    try:
-        cfg = GPTConfig.from_dict(_read_json(run_dir / "config.json"))
-    except (ValueError, TypeError) as e:
-        raise AdlError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    cfg = read_config(run_dir)
+    if cfg.family != "gpt":
+        raise AdlError(f"cannot export {run_dir} to transformers' GPT-2: it is a '{cfg.family}' model")
     try:
         hf_gpt2.check_exportable(cfg)
     except AdlError as e:
         raise AdlError(f"cannot export {run_dir} to transformers' GPT-2: {e}") from None
-    model = load_run_model(run_dir)
+    model = load_run(run_dir).model
     tensors = hf_gpt2.adl_to_hf(model_tensors(model), cfg)
     dtype = str(tensors["transformer.wte.weight"].dtype).removeprefix("torch.")
     tok_meta = _read_json(run_dir / "tokenizer.json") if (run_dir / "tokenizer.json").exists() else {}

@@ -6,6 +6,7 @@ bits per byte = L * tokens / bytes / ln 2 makes it comparable across tokenizers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -16,76 +17,22 @@ from typing import Any
 import torch
 
 from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_windows, load_tokens
-from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint, load_weights, save_weights, unwrap
+from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint
 from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError
-from adl_cli.models.gpt import GPT, GPTConfig
+from adl_cli.models import ModelConfig, build_model
+from adl_cli.models.gpt import GPTConfig
 from adl_cli.recipe import dump_recipe, load_recipe
+from adl_cli.runs import init_from, parent_entry, read_config, save_run, write_config, write_lineage
 
 
 @dataclass
-class ModelSection:
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    n_kv_head: int | None = None
-    block_size: int = 256
-    dropout: float = 0.0
-    bias: bool = True
-    attention: str = "sdpa"
-    position: str = "learned"
-    vocab_multiple: int = 64  # pad the embedding table to a multiple of this (GPU-friendly shapes)
-    loss_chunk_rows: int = 1024  # fused linear cross-entropy chunk (rows); 0 = plain logits + loss
-    attention_options: dict = field(default_factory=dict)
-    position_options: dict = field(default_factory=dict)
+class InitSection:
+    """Where the weights start: ``from = "runs/tiny"`` loads a run's weights and tokenizer (its
+    [model] shape must match); empty: a fresh initialisation."""
 
-    def validate(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
-        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
-            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        from adl_cli.nn.attention import ATTENTION, ATTENTION_BLOCKS
-        from adl_cli.nn.position import POSITIONS
-
-        if self.attention not in ATTENTION and self.attention not in ATTENTION_BLOCKS:
-            names = ATTENTION.names() + ATTENTION_BLOCKS.names()
-            from adl_cli.errors import closest
-
-            raise ValueError(f"model.attention '{self.attention}' is unknown{closest(self.attention, names)}; choose from: {', '.join(names)}")
-        from adl_cli.nn.attention import check_options
-
-        check_options(self.attention, self.attention_options, self.block_size)
-        if self.position not in POSITIONS:
-            from adl_cli.errors import closest
-
-            raise ValueError(f"model.position '{self.position}' is unknown{closest(self.position, POSITIONS.names())}; choose from: {', '.join(POSITIONS.names())}")
-
-    def gpt_config(self, vocab_size: int) -> GPTConfig:
-        padded = math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple
-        try:
-            return GPTConfig(
-                vocab_size=padded,
-                block_size=self.block_size,
-                n_layer=self.n_layer,
-                n_head=self.n_head,
-                n_embd=self.n_embd,
-                n_kv_head=self.n_kv_head,
-                dropout=self.dropout,
-                bias=self.bias,
-                attention=self.attention,
-                position=self.position,
-                attention_options=dict(self.attention_options),
-                position_options=dict(self.position_options),
-                loss_chunk_rows=self.loss_chunk_rows,
-            )
-        except ValueError as e:
-            raise AdlError(f"model: {e}") from None
+    from_: str = field(default="", metadata={"key": "from"})
 
 
 @dataclass
@@ -94,63 +41,25 @@ class PretrainRecipe:
     description: str = ""
     sample_prompt: str = ""
     sample_tokens: int = 120
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=GPTConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitSection = field(default_factory=InitSection)
 
 
 def load_pretrain_recipe(path: str | Path, overrides: list[str] | None = None) -> PretrainRecipe:
     return load_recipe(path, PretrainRecipe, overrides)
 
 
-def build_model(cfg: GPTConfig) -> GPT:
-    try:
-        return GPT(cfg)
-    except ValueError as e:
-        raise AdlError(f"model: {e}") from None
-
-
-def save_run_model(run_dir: Path, model, tokenizer=None) -> None:
-    """The run folder's final model: model.safetensors + config.json (+ tokenizer files)."""
-    run_dir = Path(run_dir)
-    m = unwrap(model)
-    save_weights(m, run_dir / "model.safetensors", metadata={"format": "pt", "adl": "gpt"})
-    atomic_write_text(run_dir / "config.json", json.dumps(m.config.to_dict(), indent=1))
-    if tokenizer is not None:
-        tokenizer.save(run_dir)
-
-
-def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> GPT:
-    """A GPT from a run folder (its final model, else its latest checkpoint)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise AdlError(f"run folder not found: {run_dir}")
-    try:
-        cfg = GPTConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    except FileNotFoundError:
-        raise AdlError(f"{run_dir} has no config.json: is it an adl run folder?") from None
-    except (ValueError, TypeError) as e:
-        raise AdlError(f"cannot read {run_dir / 'config.json'}: {e}") from None
-    model = build_model(cfg)
-    weights = run_dir / "model.safetensors"
-    if not weights.exists():
-        ck = latest_checkpoint(run_dir)
-        if ck is None:
-            raise AdlError(f"{run_dir} has no model.safetensors and no checkpoint")
-        weights = ck / "model.safetensors"
-    load_weights(model, weights, what="weights")
-    return model.to(device).eval()
-
-
-def _check_resume_shape(run_dir: Path, cfg: GPTConfig) -> None:
-    path = run_dir / "config.json"
-    if not path.exists():
+def _check_resume_shape(run_dir: Path, cfg) -> None:
+    if not (run_dir / "config.json").exists():
         return
-    old = json.loads(path.read_text())
-    for key in ("vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "block_size", "attention", "position", "bias"):
-        if key in old and old[key] != getattr(cfg, key):
+    old = read_config(run_dir).to_dict()
+    new = cfg.to_dict()
+    for key in ("family", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "block_size", "attention", "position", "bias"):
+        if key in old and old[key] != new.get(key) and not (key == "n_kv_head" and (old[key] or new["n_head"]) == (new[key] or new["n_head"])):
             raise AdlError(
-                f"--resume: the checkpoint in {run_dir} was trained with {key}={old[key]!r}, the recipe now says {getattr(cfg, key)!r}; "
+                f"--resume: the checkpoint in {run_dir} was trained with {key}={old[key]!r}, the recipe now says {new.get(key)!r}; "
                 "use the run's own recipe.toml or a new --out"
             )
 
@@ -164,7 +73,7 @@ RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.c
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "data", "train"):
+        if isinstance(v, dict) and k in ("model", "data", "train", "init"):
             out.update(_flat(v, f"{k}."))
         else:
             out[prefix + k] = v
@@ -262,13 +171,20 @@ def run_pretrain(
     if changed:
         log("[yellow]note:[/] resuming with changed settings: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
     log(f"data: corpus [bold]{recipe.data.corpus}[/], tokenizer {recipe.data.tokenizer}")
+    tokenizer, base, vocab = _start_point(recipe, out, resume, log)
     with acc.main_process_first():  # one process tokenizes (and trains a BPE) into the cache; the others read it
-        data: TokenData = load_tokens(recipe.data)
-    gcfg = recipe.model.gpt_config(data.tokenizer.vocab_size)
+        data: TokenData = load_tokens(recipe.data, tokenizer=tokenizer)
+    gcfg = recipe.model.with_vocab(data.tokenizer.vocab_size)
+    if vocab is not None:  # the starting run's table, as it is (an imported GPT-2 keeps its 50257 rows)
+        gcfg = dataclasses.replace(gcfg, vocab_size=vocab)
     if resume:
         _check_resume_shape(out, gcfg)
     torch.manual_seed(recipe.train.seed)
-    model = build_model(gcfg)
+    if base is not None:
+        model, _ = init_from(base.path, gcfg)
+        lineage = [parent_entry("init", base)]
+    else:
+        model, lineage = build_model(gcfg), None
     log(
         f"model: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {gcfg.n_layer}L/{gcfg.n_head}H/{gcfg.n_embd}, "
         f"block {gcfg.block_size}, vocab {gcfg.vocab_size} ({data.tokenizer.describe()}), attention {gcfg.attention}, position {gcfg.position}; "
@@ -283,7 +199,9 @@ def run_pretrain(
         header = f"resolved recipe of the run in {out.name}; `adl pretrain {out / 'recipe.toml'} --out NEW_DIR` reproduces it, `--resume` continues it"
         atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=header))
         data.tokenizer.save(out)
-        atomic_write_text(out / "config.json", json.dumps(gcfg.to_dict(), indent=1))
+        write_config(out, gcfg)
+        if lineage is not None:
+            write_lineage(out, lineage)
     tc = recipe.train
     accum = resolve_grad_accum(tc.global_batch_tokens, tc.grad_accum, world, tc.batch_size, gcfg.block_size)
     if ck_state is not None:
@@ -334,11 +252,29 @@ def run_pretrain(
         final = build_model(gcfg)
         final.load_state_dict(weights, strict=False)
         final.to(trainer.device)
-    save_run_model(out, final, data.tokenizer)
+    save_run(out, final, data.tokenizer)
     sample = sample_text(final, data.tokenizer, recipe.sample_prompt, recipe.sample_tokens, seed=tc.seed)
     summary = summarize(recipe, model, data, result, sample, time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return PretrainOutcome(out, result, summary, sample)
+
+
+def _start_point(recipe: PretrainRecipe, out: Path, resume: bool, log):
+    """(tokenizer, base run, vocab size) for ``init.from``: the base run's on a new run; on a resume,
+    the run folder's own (its weights come from the checkpoint). All None without init.from."""
+    if not recipe.init.from_:
+        return None, None, None
+    if resume:
+        from adl_cli.data.tokenizer import Tokenizer
+
+        return Tokenizer.load(out), None, read_config(out).vocab_size
+    from adl_cli.runs import load_run
+
+    base = load_run(recipe.init.from_)
+    if base.tokenizer is None:
+        raise AdlError(f"init.from {recipe.init.from_}: the run has no tokenizer.json, so it cannot continue on text")
+    log(f"init: weights and tokenizer from {recipe.init.from_} ({base.weights})")
+    return base.tokenizer, base, base.config.vocab_size
 
 
 def _read_state(checkpoint: Path) -> dict:

@@ -12,77 +12,103 @@ projections scaled by 1/sqrt(2 n_layer). Parameter names follow GPT-2's layout
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adl_cli.nn.attention import ATTENTION, ATTENTION_BLOCKS
+from adl_cli.errors import closest
+from adl_cli.models import FAMILIES, Family, ModelConfig
+from adl_cli.nn.attention import ATTENTION, ATTENTION_BLOCKS, check_options
 from adl_cli.nn.losses import fused_linear_cross_entropy
 from adl_cli.nn.position import POSITIONS
 
 
 @dataclass
-class GPTConfig:
-    vocab_size: int = 50304
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+class GPTConfig(ModelConfig):
+    """The GPT family's config: the recipe's ``[model]`` table and the run's ``config.json``."""
+
+    family: str = "gpt"
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
     n_kv_head: int | None = None  # grouped-query attention; None = n_head
+    block_size: int = 256
     dropout: float = 0.0
     bias: bool = True
     attention: str = "sdpa"  # a kernel in ATTENTION or a block in ATTENTION_BLOCKS
     position: str = "learned"
-    position_options: dict[str, Any] = field(default_factory=dict)  # e.g. rope theta, scaling
-    attention_options: dict[str, Any] = field(default_factory=dict)  # e.g. window, block sizes
+    vocab_multiple: int = 64  # pad the embedding table to a multiple of this (GPU-friendly shapes)
+    vocab_size: int = 0  # 0 in a recipe: the tokenizer's size, rounded up to vocab_multiple
     loss_chunk_rows: int = 1024  # rows of logits alive at once in the fused loss (1024 x 50304 fp32: 206 MB); 0 = plain loss
+    attention_options: dict[str, Any] = field(default_factory=dict)  # e.g. window, block sizes
+    position_options: dict[str, Any] = field(default_factory=dict)  # e.g. rope theta, scaling
 
     def __post_init__(self):
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise ValueError(f"model.vocab_size must be >= 0 (0: the tokenizer's size), got {self.vocab_size}")
+        if self.loss_chunk_rows < 0:
+            raise ValueError(f"model.loss_chunk_rows must be >= 0 (0: plain logits + loss), got {self.loss_chunk_rows}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ATTENTION and self.attention not in ATTENTION_BLOCKS:
-            ATTENTION.get(self.attention)  # raises with the valid names
-        POSITIONS.get(self.position)
+            names = ATTENTION.names() + ATTENTION_BLOCKS.names()
+            raise ValueError(f"model.attention '{self.attention}' is unknown{closest(self.attention, names)}; choose from: {', '.join(names)}")
+        check_options(self.attention, self.attention_options, self.block_size)
+        if self.position not in POSITIONS:
+            raise ValueError(f"model.position '{self.position}' is unknown{closest(self.position, POSITIONS.names())}; choose from: {', '.join(POSITIONS.names())}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is unset (multi-head attention)."""
+        return self.n_kv_head or self.n_head
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def with_vocab(self, vocab_size: int) -> GPTConfig:
+        """This config sized for a tokenizer of ``vocab_size`` ids (padded up to vocab_multiple)."""
+        padded = math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple
+        return dataclasses.replace(self, vocab_size=padded, attention_options=dict(self.attention_options), position_options=dict(self.position_options))
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head (or grouped-query) self-attention around a kernel chosen by name."""
+    """Multi-head (or grouped-query) self-attention around a kernel chosen by name.
+
+    q, k and v are separate projections (``q_proj``, ``k_proj``, ``v_proj``) so that an adapter
+    can target each by name (LoRA's default is q and v alone); run folders written with GPT-2's
+    fused ``c_attn`` are split on load (``upgrade_state``)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         kv_dim = self.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.kernel = ATTENTION.get(cfg.attention)
         self.kernel_options = dict(cfg.attention_options)
 
     def forward(self, x, pos, position, bias=None, cache: dict | None = None):
         B, T, C = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split((C, kv_dim, kv_dim), dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = position.rotate(q, pos), position.rotate(k, pos)
         if cache is not None:
             if "k" in cache:
@@ -121,6 +147,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError(f"model.vocab_size must be >= 1 to build a model, got {cfg.vocab_size}")
         self.config = cfg
         self.transformer = nn.ModuleDict(
             dict(
@@ -205,3 +233,43 @@ class GPT(nn.Module):
         cfg = self.config
         t = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * t * cfg.n_embd
+
+
+def upgrade_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved with GPT-2's fused ``attn.c_attn`` (rows q | k | v) -> q_proj, k_proj, v_proj."""
+    out = {}
+    for name, t in tensors.items():
+        if ".attn.c_attn." not in name:
+            out[name] = t
+            continue
+        prefix, kind = name.rsplit(".c_attn.", 1)
+        kv = _kv_rows(tensors, prefix)
+        q_rows = t.shape[0] - 2 * kv
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), t.split((q_rows, kv, kv), dim=0)):
+            out[f"{prefix}.{proj}.{kind}"] = part.contiguous()
+    return out
+
+
+def fuse_qkv(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``upgrade_state``: q_proj, k_proj, v_proj -> one ``c_attn`` (rows q | k | v), GPT-2's layout."""
+    out = {}
+    for name, t in tensors.items():
+        if ".attn.k_proj." in name or ".attn.v_proj." in name:
+            continue
+        if ".attn.q_proj." in name:
+            prefix, kind = name.rsplit(".q_proj.", 1)
+            parts = [tensors[f"{prefix}.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
+            out[f"{prefix}.c_attn.{kind}"] = torch.cat(parts, dim=0)
+        else:
+            out[name] = t
+    return out
+
+
+def _kv_rows(tensors: dict[str, torch.Tensor], prefix: str) -> int:
+    """Rows of k (= of v) in a fused c_attn: its output size minus c_proj's (the query size), halved."""
+    fused = tensors[f"{prefix}.c_attn.weight"].shape[0]
+    q_rows = tensors[f"{prefix}.c_proj.weight"].shape[0]
+    return (fused - q_rows) // 2
+
+
+FAMILIES.register("gpt")(Family(GPTConfig, build=GPT, upgrade_state=upgrade_state))

@@ -5,12 +5,14 @@ Both models compute the same function, so conversion is renaming plus one transp
     adl                                   transformers (GPT2LMHeadModel)
     transformer.wte.weight       (V, C)   transformer.wte.weight       (V, C)
     transformer.pos.wpe.weight   (T, C)   transformer.wpe.weight       (T, C)
-    h.N.attn.c_attn.weight  (3C, C)       h.N.attn.c_attn.weight  (C, 3C)   Conv1D: y = x W + b,
+    h.N.attn.{q,k,v}_proj   (C, C) x3     h.N.attn.c_attn.weight  (C, 3C)   Conv1D: y = x W + b,
     h.N.attn.c_proj.weight  (C, C)        h.N.attn.c_proj.weight  (C, C)    W stored (in, out),
     h.N.mlp.c_fc.weight     (4C, C)       h.N.mlp.c_fc.weight     (C, 4C)   the transpose of
     h.N.mlp.c_proj.weight   (C, 4C)       h.N.mlp.c_proj.weight   (4C, C)   nn.Linear's (out, in)
     lm_head.weight = wte (tied)           lm_head.weight = wte (tied; usually not in the file)
 
+adl keeps q, k and v as three projections (so adapters can target each); GPT-2 fuses them
+into ``c_attn`` with rows q | k | v, so conversion concatenates or splits them.
 LayerNorms and biases carry over unchanged; GPT-2 has every bias, LayerNorm eps 1e-5 and
 the tanh GELU ("gelu_new"). Older transformers files may hold ``attn.bias`` and
 ``attn.masked_bias`` (causal-mask buffers, not weights) and files saved from
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from adl_cli.errors import AdlError
-from adl_cli.models.gpt import GPT, GPTConfig
+from adl_cli.models.gpt import GPT, GPTConfig, fuse_qkv, upgrade_state
 
 COMPILE_PREFIX = "_orig_mod."
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -92,8 +94,8 @@ def check_exportable(cfg: GPTConfig) -> None:
     """AdlError unless the model is a GPT-2: learned positions, MHA, exact softmax attention."""
     if cfg.position != "learned":
         raise AdlError(f"this model uses {cfg.position!r} positions; GPT-2 (transformers' GPT2LMHeadModel) has learned positions only")
-    if cfg.n_kv_head != cfg.n_head:
-        raise AdlError(f"this model uses grouped-query attention ({cfg.n_kv_head} key/value heads for {cfg.n_head} query heads); GPT-2 has multi-head attention only")
+    if cfg.kv_heads != cfg.n_head:
+        raise AdlError(f"this model uses grouped-query attention ({cfg.kv_heads} key/value heads for {cfg.n_head} query heads); GPT-2 has multi-head attention only")
     if cfg.attention not in STANDARD_ATTENTION:
         raise AdlError(f"this model uses the {cfg.attention!r} attention block; GPT-2 has standard multi-head attention only ({', '.join(STANDARD_ATTENTION)})")
     if cfg.attention_options:
@@ -137,10 +139,12 @@ def adl_to_hf_config(cfg: GPTConfig, *, eot_id: int | None = None, dtype: str = 
 
 
 def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """adl parameter names -> shapes for ``cfg`` (built on the meta device: no memory, no init)."""
+    """adl parameter names -> shapes for ``cfg``, q/k/v fused into ``c_attn`` as in GPT-2 (built on
+    the meta device: no memory, no init)."""
     with torch.device("meta"):
         model = GPT(cfg)
-    return {_strip(k): tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {_strip(k): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return {k: tuple(v.shape) for k, v in fuse_qkv(state).items()}
 
 
 def hf_to_adl(tensors: dict[str, torch.Tensor], cfg: GPTConfig, *, where: str = "model.safetensors") -> dict[str, torch.Tensor]:
@@ -166,7 +170,7 @@ def hf_to_adl(tensors: dict[str, torch.Tensor], cfg: GPTConfig, *, where: str = 
     _check_shapes(out, cfg, where, direction="transformers")
     if lm_head is not None and not torch.equal(lm_head, out["transformer.wte.weight"]):
         raise AdlError(f"{where}: lm_head.weight differs from transformer.wte.weight; adl's GPT ties them (untied heads are not supported)")
-    return out
+    return upgrade_state(out)
 
 
 def adl_to_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -175,7 +179,7 @@ def adl_to_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, tor
     A model built with ``bias=False`` gets zero biases: the same function in GPT-2's layout.
     """
     check_exportable(cfg)
-    src = {_strip(k): v for k, v in tensors.items()}
+    src = fuse_qkv({_strip(k): v for k, v in tensors.items()})
     head = src.pop("lm_head.weight", None)
     if head is not None and "transformer.wte.weight" in src and not torch.equal(head, src["transformer.wte.weight"]):
         raise AdlError("lm_head.weight differs from transformer.wte.weight; GPT-2 ties them")

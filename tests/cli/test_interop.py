@@ -30,10 +30,10 @@ def hf_logits(path, idx):
 
 
 def adl_logits(run_dir, idx):
-    from adl_cli.methods.pretrain import load_run_model
+    from adl_cli.runs import load_run
 
     with torch.no_grad():
-        return load_run_model(run_dir)(idx)[0]
+        return load_run(run_dir).model(idx)[0]
 
 
 def test_import_export_round_trip(hf_dir, tmp_path, capsys, run):
@@ -92,7 +92,7 @@ def test_shard_pretrain_export_import_generate(small_corpus, tmp_path, capsys, r
 def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys, run):
     import shutil
 
-    from adl_cli.methods.pretrain import save_run_model
+    from adl_cli.runs import save_run
     from adl_cli.models.gpt import GPT, GPTConfig
 
     def copy(name, **config_changes):
@@ -109,7 +109,7 @@ def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys, run):
     noconfig = copy("noconfig")
     (noconfig / "config.json").unlink()
     rope = tmp_path / "rope-run"
-    save_run_model(rope, GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16, position="rope")))
+    save_run(rope, GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16, position="rope")))
     cases = [
         (["import", "hf-gpt2", tmp_path / "nowhere", "--out", tmp_path / "o1"], "model folder not found"),
         (["import", "hf-gpt2", noconfig, "--out", tmp_path / "o2"], "missing file"),

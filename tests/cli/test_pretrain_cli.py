@@ -111,3 +111,23 @@ def test_recipes_show_piped_is_the_file_itself(tmp_path):
     from adl_cli.cli.recipes import find_recipe
 
     assert p.returncode == 0 and p.stdout == find_recipe("tiny").read_text(encoding="utf-8")
+
+
+def test_init_from_a_run(tiny_recipe, tmp_path, capsys, run):
+    """`init.from`: a new run starts from another's weights and tokenizer and records where it came from."""
+    base, child, bad = tmp_path / "base", tmp_path / "child", tmp_path / "bad"
+    code, _, err = run(["pretrain", tiny_recipe, "--out", base, "--no-progress"], capsys)
+    assert code == 0, err
+    code, _, err = run(["pretrain", tiny_recipe, "--out", child, "--set", f"init.from={base}", "--set", "train.steps=2",
+                        "--set", "train.lr=1e-9", "--set", "train.min_lr=0", "--no-progress"], capsys)
+    assert code == 0, err
+    lineage = json.loads((child / "lineage.json").read_text())["parents"]
+    assert lineage[0]["kind"] == "init" and lineage[0]["path"] == str(base) and len(lineage[0]["sha256"]) == 64
+    assert f"[init]\nfrom = \"{base}\"" in (child / "recipe.toml").read_text()
+    first = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines() if "val_loss" in x][-1]["val_loss"]
+    again = [json.loads(x) for x in (child / "metrics.jsonl").read_text().splitlines() if "val_loss" in x][-1]["val_loss"]
+    assert abs(first - again) < 1e-3  # lr 1e-9: the child is the base model, evaluated on the same windows
+    code, _, err = run(["pretrain", tiny_recipe, "--out", bad, "--set", f"init.from={base}", "--set", "model.n_embd=64", "--no-progress"], capsys)
+    assert code == 2 and "n_embd 32 (run) vs 64 (recipe)" in err and not (bad / "model.safetensors").exists()
+    code, _, err = run(["pretrain", tiny_recipe, "--out", bad, "--set", f"init.from={tmp_path / 'nope'}", "--no-progress"], capsys)
+    assert code == 2 and "run folder not found" in err

@@ -34,7 +34,7 @@ def test_scale_one_is_plain_rope(rope_run):
 
 def test_finetune_writes_its_own_folder(rope_run, tmp_path):
     from adl_cli.methods.context import perplexity
-    from adl_cli.methods.pretrain import load_run_model
+    from adl_cli.runs import load_run
 
     before = {p.name: p.read_bytes() for p in rope_run.iterdir() if p.is_file()}
     report = bench_context(rope_run, [16, 32], "yarn", finetune_steps=2, out_dir=tmp_path)
@@ -50,14 +50,14 @@ def test_finetune_writes_its_own_folder(rope_run, tmp_path):
     from adl_cli.methods.pretrain import load_pretrain_recipe
 
     data = load_tokens(load_pretrain_recipe(rope_run / "recipe.toml").data)
-    loss, _ = perplexity(load_run_model(target), data.val, 32, 32 * report.windows)
+    loss, _ = perplexity(load_run(target).model, data.val, 32, 32 * report.windows)
     assert math.exp(loss) == pytest.approx(tuned_rows[1].ppl, rel=1e-4)
 
 
 def test_kv_cache_table(rope_run):
-    from adl_cli.methods.pretrain import load_run_model
+    from adl_cli.runs import load_run
 
-    cfg = load_run_model(rope_run).config
+    cfg = load_run(rope_run).model.config
     rows = {r["attention"]: r for r in kv_cache_table(cfg, 64)}
     assert rows["MHA"]["bytes_per_token"] == 2 * 1 * 2 * 16 * 2
     assert rows["GQA"]["bytes_per_token"] == 2 * 1 * 1 * 16 * 2

@@ -88,7 +88,7 @@ def test_learned_positions_refuse_long_inputs():
 
 
 def test_bad_config_errors():
-    with pytest.raises(ValueError, match="multiple of n_head"):
+    with pytest.raises(ValueError, match="multiple of model.n_head"):
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(Exception, match="did you mean"):
         GPTConfig(attention="sdpaa")

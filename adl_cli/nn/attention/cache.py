@@ -21,7 +21,7 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
         per_token = getattr(ATTENTION_BLOCKS.get(config.attention), "cache_bytes_per_token", None)
         if per_token is not None:
             return per_token(config, dtype_bytes)
-    return 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype_bytes
+    return 2 * config.n_layer * config.kv_heads * config.head_dim * dtype_bytes
 
 
 def cache_bytes(caches: list[dict]) -> int:

@@ -113,7 +113,7 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = mla_dims(cfg)
-        if cfg.n_kv_head != cfg.n_head:
+        if cfg.kv_heads != cfg.n_head:
             raise ValueError("attention 'mla' shares one latent across all heads; leave n_kv_head unset")
         C, H = cfg.n_embd, cfg.n_head
         self.n_head, self.dims = H, d
