@@ -50,6 +50,8 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if typing.get_origin(tp) is dict or tp is dict:
         return "a table"
+    if typing.get_origin(tp) is list:
+        return "a list"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -75,6 +77,13 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if value not in allowed:
             raise AdlError(f"{where} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}{closest(str(value), map(str, allowed))}")
         return value
+    if origin is list:
+        (item,) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):  # --set train.log_with=tensorboard: one item
+            value = [value] if value else []
+        if not isinstance(value, list):
+            raise AdlError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise AdlError(f"{where} must be a table, got {value!r}")

@@ -166,14 +166,39 @@ def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/step-N atomically and point ``latest`` at it; keep the newest ``keep``."""
+def flatten_state(prefix: str, state: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """A state dict (a batch source's epoch order, generator, buffer) as safetensors entries: its
+    tensors under ``prefix.key`` and everything else as one JSON text ``prefix.__json__``."""
+    if state is None:
+        return {}
+    out = {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in state.items() if torch.is_tensor(v)}
+    rest = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    out[f"{prefix}.__json__"] = torch.frombuffer(bytearray(json.dumps(rest).encode("utf-8")), dtype=torch.uint8).clone()
+    return out
+
+
+def unflatten_state(prefix: str, tensors: dict[str, torch.Tensor], state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The inverse of ``flatten_state`` (None when the checkpoint holds no such state)."""
+    key = f"{prefix}.__json__"
+    if key not in tensors:
+        return None
+    out = json.loads(bytes(tensors[key].tolist()).decode("utf-8"))
+    head = f"{prefix}."
+    out.update({k[len(head):]: v for k, v in tensors.items() if k.startswith(head) and k != key})
+    return out
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2,
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoints/step-N atomically and point ``latest`` at it; keep the newest ``keep``.
+    ``extra`` tensors (EMA weights, a batch source's state) go beside the optimizer's."""
     tensors, meta = optimizer_tensors(opt)
-    return write_checkpoint(run_dir, step, model_tensors(model), tensors, meta, state, keep=keep)
+    return write_checkpoint(run_dir, step, model_tensors(model), tensors, meta, state, keep=keep, extra=extra)
 
 
 def write_checkpoint(
-    run_dir: Path, step: int, weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any], state: dict[str, Any], keep: int = 2
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor], opt_meta: dict[str, Any], state: dict[str, Any], keep: int = 2,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """save_checkpoint from tensors already gathered (e.g. the full state of a sharded model)."""
     root = checkpoint_root(run_dir)
@@ -184,7 +209,7 @@ def write_checkpoint(
     old = None
     try:
         save_safetensors(weights, tmp / "model.safetensors")
-        tensors = {**opt_tensors, **rng_tensors()}
+        tensors = {**opt_tensors, **rng_tensors(), **(extra or {})}
         save_safetensors(tensors, tmp / "optimizer.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state, "optimizer": meta}, indent=1))
         if final.exists():  # re-saving a step: move the old folder aside, never delete it before the new one is in place
@@ -238,8 +263,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     return state, read_safetensors(path / "model.safetensors"), read_safetensors(path / "optimizer.safetensors")
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG from a checkpoint folder; returns its state dict."""
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore weights, optimizer and RNG from a checkpoint folder; returns its state dict and the
+    tensors beside the optimizer's (EMA, batch-source state)."""
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
@@ -249,4 +275,4 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
     if opt is not None:
         load_optimizer(opt, tensors, state.pop("optimizer"))
     restore_rng(tensors)
-    return state
+    return state, tensors

@@ -46,14 +46,18 @@ STRATEGIES = ("ddp", "fsdp")
 # ----------------------------------------------------------------------------- launch
 
 
-def make_accelerator():
+def make_accelerator(log_with: list[str] | None = None, project_dir=None):
     """accelerate's Accelerator with adl's own precision handling (autocast + GradScaler).
 
     On a machine without CUDA, ``cpu=True`` makes accelerate form a gloo process group
-    under torchrun/accelerate launch (without it, it would run every process alone)."""
+    under torchrun/accelerate launch (without it, it would run every process alone).
+    ``log_with`` names accelerate trackers (tensorboard, wandb, ...) that log into ``project_dir``."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    kwargs = {}
+    if log_with:
+        kwargs = {"log_with": list(log_with), "project_dir": str(project_dir) if project_dir is not None else None}
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", **kwargs)
 
 
 # ----------------------------------------------------------------------------- global batch

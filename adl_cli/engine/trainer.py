@@ -1,31 +1,41 @@
-"""The one training loop, on accelerate.
+"""The one training loop, on accelerate: every method hands it a model, batches and a loss.
 
-It takes a model, a batch function and a loss function and knows nothing of tokens
-beyond a throughput unit; pretraining, fine-tuning, vision and self-supervised labs all
-run through it. Per optimizer step t:
+Per optimizer step t (``fit`` reads as these named pieces):
 
-    for m in range(grad_accum):          # micro-batches; DDP syncs only on the last
-        loss_m = loss_fn(model, batch_fn(t, m, rank, world)) / grad_accum
-        backward(loss_m)                 # scaled when fp16
-    clip ||g|| to grad_clip;  lr = schedule(t);  AdamW step
+    batches = [source(t, m, rank, world) for m in range(grad_accum)]   # the step's micro-batches
+    N = sum over micro-batches and ranks of units(batch)              # e.g. trained tokens after masking
+    for each micro-batch m (DDP syncs only on the last):
+        loss_m, metrics_m = loss_fn(model, batch_m)                   # loss_m: the mean over its units
+        backward(loss_m * n_m * world / N)                             # = the sum over units / N, globally
+    clip ||g||; lr = schedule(t) per group; optimizer step; EMA update
 
-Batches are a pure function of (step, micro, rank, world), so the data position is the
-step itself and resuming is exact. Checkpoints (weights, optimizer, RNG, step) are written
-atomically; Ctrl-C finishes the current step, writes one and exits; a non-finite loss stops
-the run with the last good checkpoint kept.
+so a loss over masked tokens is normalised by the global count of trained tokens, not by a mean
+of per-micro-batch means; metrics are averaged with the same weights, and over ranks at
+logging steps (one all-reduce carries them with the loss).
 
-Several processes (torchrun / accelerate launch): each rank takes its slice of every
-global batch; ``train.distributed`` picks DDP or FSDP2 (engine/distributed.py). The global
-batch is batch_size x grad_accum x world, or fixed by ``train.global_batch_tokens`` (then
-grad_accum is derived from the world size). Losses are averaged over ranks; only the main
-process logs, prints and writes; checkpoints always hold the full, unsharded state, so a
-run resumes under any world size or strategy. With several processes Ctrl-C takes effect
-at the next logging step, where the ranks agree on it.
+Contract for a method (see docs/ARCHITECTURE.md):
+- ``loss_fn(model, batch)`` returns the mean loss, or ``(loss, {"name": value, ...})``;
+- ``units_fn(batch)`` (optional) counts what the batch trains (tokens after masking, images);
+  without it every micro-batch counts ``units_per_batch``;
+- ``batch_fn(step, micro, rank, world)`` gives a batch; an object with ``state_dict`` /
+  ``load_state_dict`` (epoch order, a rollout buffer) has that state checkpointed, so resume is exact;
+- ``param_groups(model)`` (optional) gives groups with their own ``lr_scale`` and ``weight_decay``;
+  ``train.optimizer`` and ``train.schedule`` pick the optimizer and the schedule by name;
+- ``eval_fn(model)`` returns a dict of metrics; with ``train.ema`` it runs on the averaged weights
+  too (keys prefixed ``ema_``).
+
+Checkpoints (weights, optimizer, EMA, batch-source state, RNG, step) are written atomically;
+Ctrl-C or SIGTERM finishes the step, writes one and exits; a non-finite loss stops the run with
+the last good checkpoint kept. Several processes (torchrun / accelerate launch): each rank takes
+its slice of every global batch; ``train.distributed`` picks DDP or FSDP2 (engine/distributed.py);
+only the main process logs, prints and writes; checkpoints hold the full, unsharded state, so a
+run resumes under any world size or strategy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -42,7 +52,8 @@ from torch import nn
 from adl_cli.engine import checkpoint as ckpt
 from adl_cli.engine import distributed as dist_
 from adl_cli.engine.distributed import STRATEGIES
-from adl_cli.engine.optim import lr_at, make_adamw
+from adl_cli.engine import optim
+from adl_cli.engine.ema import EMA
 from adl_cli.engine.runtime import autocast_dtype, keep_freed_memory, matmul_peak, resolve_precision, seed_everything
 from adl_cli.errors import AdlError, Interrupted
 
@@ -53,13 +64,21 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1  # micro-steps per optimizer step, per process: global batch = batch_size * grad_accum * world
     global_batch_tokens: int = 0  # > 0: fixed global batch in tokens; grad_accum is derived from the world size (and ignored)
+    optimizer: str = "adamw"  # adamw | sgd | muon (Muon on hidden matrices, AdamW on the rest)
     lr: float = 6e-4
     min_lr: float = 6e-5
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
     warmup: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    momentum: float = 0.9  # sgd
+    muon_lr: float = 0.02  # muon: the hidden matrices' peak lr (the other tensors take train.lr)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights with this decay (e.g. 0.999)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory, ~1/3 more compute)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     fused_adamw: bool = True
@@ -70,9 +89,13 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
+    log_with: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl, through accelerate: tensorboard, wandb, ...
     seed: int = 1337
 
     def validate(self) -> None:
+        from adl_cli.engine.optim import OPTIMIZERS, SCHEDULES
+        from adl_cli.errors import closest
+
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -86,9 +109,26 @@ class TrainConfig:
         if self.global_batch_tokens < 0:
             raise ValueError(f"train.global_batch_tokens must be >= 0 (0 = use train.grad_accum), got {self.global_batch_tokens}")
         if self.distributed not in STRATEGIES:
-            from adl_cli.errors import closest
-
             raise ValueError(f"train.distributed must be one of {', '.join(STRATEGIES)}, got '{self.distributed}'{closest(self.distributed, STRATEGIES)}")
+        for key, reg in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            value = getattr(self, key)
+            if value not in reg:
+                raise ValueError(f"train.{key} must be one of {', '.join(reg.names())}, got '{value}'{closest(value, reg.names())}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"train.ema must be in [0, 1) (0: off; e.g. 0.999), got {self.ema}")
+        for name in ("momentum", "muon_momentum", "beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.muon_lr <= 0:
+            raise ValueError(f"train.muon_lr must be > 0, got {self.muon_lr}")
+        if self.distributed == "fsdp" and (self.optimizer == "muon" or self.ema):
+            raise ValueError("train.distributed = 'fsdp' does not combine with train.optimizer = 'muon' or train.ema yet (both need whole matrices on every rank); use 'ddp'")
+        known = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+        for name in self.log_with:
+            if name not in known:
+                raise ValueError(f"train.log_with: unknown tracker '{name}'{closest(name, known)}; accelerate supports: {', '.join(known)}")
 
 
 @dataclass
@@ -112,6 +152,9 @@ class TrainResult:
     tf32: str = "off"
     peak_dtype: str = "float32"  # the dtype whose measured matmul peak MFU is relative to
     resumed_from: int | None = None  # the step this session started from, when it resumed
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics (val_loss, ema_val_loss, accuracy ...)
+    train_metrics: dict[str, float] = field(default_factory=dict)  # the loss function's metrics at the last logging step
+    schedule: str = "cosine"
 
 
 class StopRequested(Exception):
@@ -150,8 +193,19 @@ class _SigintGuard:
             signal.signal(sig, old)
 
 
-def _accelerator():
-    return dist_.make_accelerator()
+def _accelerator(log_with: list[str] | None = None, project_dir: Path | None = None):
+    return dist_.make_accelerator(log_with=log_with, project_dir=project_dir)
+
+
+@dataclass
+class _Interval:
+    """What accumulates between logging steps, on the device (one host sync per logging step)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    units: int = 0
+    t0: float = field(default_factory=time.perf_counter)
 
 
 class Trainer:
@@ -161,22 +215,27 @@ class Trainer:
         cfg: TrainConfig,
         *,
         run_dir: Path,
-        batch_fn: Callable[[int, int, int, int], tuple],
-        loss_fn: Callable[[nn.Module, tuple], torch.Tensor],
+        batch_fn: Callable[[int, int, int, int], Any],
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, dict[str, Any]]],
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         units_per_batch: int,
+        units_fn: Callable[[Any], int] | None = None,
         unit: str = "tokens",
         flops_per_unit: float | None = None,
+        param_groups: Callable[[nn.Module], list[dict]] | None = None,
         accelerator=None,
         progress: bool = True,
         state_extra: dict[str, Any] | None = None,
         grad_accum: int | None = None,
+        run_name: str | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.batch_fn, self.loss_fn, self.eval_fn = batch_fn, loss_fn, eval_fn
+        self.batch_fn, self.loss_fn, self.eval_fn, self.units_fn = batch_fn, loss_fn, eval_fn, units_fn
         self.unit, self.units_per_batch, self.flops_per_unit = unit, units_per_batch, flops_per_unit
-        self.acc = accelerator or _accelerator()
+        self.acc = accelerator or _accelerator(cfg.log_with, self.run_dir)
+        self.trackers = list(cfg.log_with)
+        self.run_name = run_name or self.run_dir.name
         self.show_progress = progress and self.acc.is_main_process
         self.state_extra = state_extra or {}
         self.device = self.acc.device
@@ -191,23 +250,16 @@ class Trainer:
         self.sharded = self.parallel == "fsdp"
         keep_freed_memory()  # glibc: reuse freed step buffers instead of re-faulting them (ADL_MALLOC=default opts out)
         self.raw_model = model.to(self.device)
-        fused = cfg.fused_adamw
+        if cfg.activation_checkpointing:
+            if not hasattr(self.raw_model, "activation_checkpointing"):
+                raise AdlError(f"train.activation_checkpointing: the {type(self.raw_model).__name__} model does not support it")
+            self.raw_model.activation_checkpointing = True
         if self.sharded:
             # FSDP2 in place (adl's own, see engine/distributed.py); the optimizer is built on the shards.
             dist_.shard_model(self.raw_model, self.device, world, compile_blocks=cfg.compile)
-            fused = fused and self.precision != "fp16"  # fused AdamW rejects the sharded scaler's found_inf
-        if self.precision == "fp16":
-            if self.sharded:
-                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-                self.scaler = ShardedGradScaler(self.device.type)  # all-reduces found_inf across shards
-            else:
-                self.scaler = torch.amp.GradScaler(self.device.type)
-        else:
-            self.scaler = None
-        self.optimizer, self.optimizer_kind = make_adamw(
-            self.raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), fused=fused
-        )
+        self.scaler = self._grad_scaler()
+        self.optimizer, self.optimizer_kind = self._optimizer(param_groups)
+        self.ema = EMA(self.raw_model, cfg.ema) if cfg.ema else None
         if self.sharded:
             self.compiled = self.raw_model  # blocks were compiled before sharding
             self.model = self.raw_model
@@ -215,6 +267,28 @@ class Trainer:
             self.compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
             self.model, self.optimizer = self.acc.prepare(self.compiled, self.optimizer)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ set-up pieces
+
+    def _grad_scaler(self):
+        if self.precision != "fp16":
+            return None
+        if self.sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device.type)  # all-reduces found_inf across shards
+        return torch.amp.GradScaler(self.device.type)
+
+    def _optimizer(self, make_groups) -> tuple[torch.optim.Optimizer, str]:
+        cfg = self.cfg
+        groups = make_groups(self.raw_model) if make_groups is not None else optim.param_groups(self.raw_model, cfg.weight_decay)
+        if cfg.optimizer == "muon":
+            from adl_cli.engine.muon import mark_non_hidden
+
+            mark_non_hidden(self.raw_model)
+        fused_ok = not (self.sharded and self.precision == "fp16")  # fused AdamW rejects the sharded scaler's found_inf
+        run_cfg = dataclasses.replace(cfg, fused_adamw=cfg.fused_adamw and fused_ok)
+        return optim.make_optimizer(cfg.optimizer, groups, run_cfg, self.device)
 
     # ------------------------------------------------------------------ pieces
 
@@ -243,33 +317,54 @@ class Trainer:
             )
 
     def _to_device(self, batch):
-        return tuple(t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t for t in batch)
+        if isinstance(batch, dict):
+            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(t.to(self.device, non_blocking=True) if torch.is_tensor(t) else t for t in batch)
+        return batch.to(self.device, non_blocking=True) if torch.is_tensor(batch) else batch
 
     def evaluate(self) -> dict[str, float]:
+        """The eval hook's metrics (and, with EMA, the same on the averaged weights as ``ema_*``), averaged over ranks."""
         if self.eval_fn is None:
             return {}
         self.model.eval()
         try:
             with self.rng_fork(), torch.no_grad(), self.autocast():  # evaluation never moves the training RNG
-                out = self.eval_fn(self.raw_model)
+                out = dict(self.eval_fn(self.raw_model))
+                if self.ema is not None:
+                    with self.ema.swapped_in():
+                        out.update({f"ema_{k}": v for k, v in self.eval_fn(self.raw_model).items()})
         finally:
             self.model.train()
-        return {k: float(self.acc.reduce(torch.tensor(v, device=self.device), reduction="mean")) for k, v in out.items()}
+        if not out:
+            return {}
+        keys = list(out)
+        reduced = self.acc.reduce(torch.tensor([float(out[k]) for k in keys], device=self.device), reduction="mean")
+        return {k: float(v) for k, v in zip(keys, reduced.tolist())}
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.acc.is_main_process:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.trackers:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def _source_state(self) -> dict[str, Any] | None:
+        get = getattr(self.batch_fn, "state_dict", None)
+        return get() if get is not None else None
 
     def _save(self, step: int, units: int, wall: float) -> Path | None:
         path = None
         state = {"units": units, "wall_s": wall, "unit": self.unit, "world_size": self.acc.num_processes, "grad_accum": self.grad_accum, **self.state_extra}
+        extra = ckpt.flatten_state("batches", self._source_state())
+        if self.ema is not None:
+            extra.update(self.ema.state())
         if self.sharded:  # every rank takes part in the gather; rank 0 writes the same format as unsharded runs
             full = dist_.gather_full_state(self.raw_model, self._plain_optimizer(), self.acc.is_main_process)
             if full is not None:
-                path = ckpt.write_checkpoint(self.run_dir, step, *full, state, keep=self.cfg.keep_checkpoints)
+                path = ckpt.write_checkpoint(self.run_dir, step, *full, state, keep=self.cfg.keep_checkpoints, extra=extra)
         elif self.acc.is_main_process:
-            path = ckpt.save_checkpoint(self.run_dir, step, self.raw_model, self.optimizer, state, keep=self.cfg.keep_checkpoints)
+            path = ckpt.save_checkpoint(self.run_dir, step, self.raw_model, self.optimizer, state, keep=self.cfg.keep_checkpoints, extra=extra)
         self.acc.wait_for_everyone()
         return path
 
@@ -278,10 +373,19 @@ class Trainer:
 
     def _load(self, path: Path) -> dict[str, Any]:
         if not self.sharded:
-            return ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
-        state, weights, tensors = ckpt.read_checkpoint(path)
-        dist_.load_full_state(self.raw_model, self._plain_optimizer(), weights, tensors, state.pop("optimizer", None), str(path))
-        ckpt.restore_rng(tensors)
+            state, tensors = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        else:
+            state, weights, tensors = ckpt.read_checkpoint(path)
+            dist_.load_full_state(self.raw_model, self._plain_optimizer(), weights, tensors, state.pop("optimizer", None), str(path))
+            ckpt.restore_rng(tensors)
+        if self.ema is not None:
+            self.ema.load(tensors, str(path))
+        source = ckpt.unflatten_state("batches", tensors, state)
+        load = getattr(self.batch_fn, "load_state_dict", None)
+        if load is not None:
+            if source is None:
+                raise AdlError(f"{path} holds no batch-source state (the run was trained with another data source)")
+            load(source)
         return state
 
     def full_model_state(self) -> dict[str, torch.Tensor] | None:
@@ -290,6 +394,14 @@ class Trainer:
             full = dist_.gather_full_state(self.raw_model, self._plain_optimizer(), self.acc.is_main_process)
             return full[0] if full is not None else None
         return ckpt.model_tensors(self.raw_model) if self.acc.is_main_process else None
+
+    def ema_model_state(self) -> dict[str, torch.Tensor] | None:
+        """The moving average as a full state dict of the model (None without train.ema)."""
+        if self.ema is None:
+            return None
+        full = ckpt.model_tensors(self.raw_model)
+        full.update({k: v for k, v in self.ema.tensors().items() if k in full})
+        return full
 
     def _truncate_metrics(self, step: int) -> None:
         if not self.acc.is_main_process or not self.metrics_path.exists():
@@ -304,157 +416,144 @@ class Trainer:
         cfg = self.cfg
         peak = matmul_peak(self.device, self.amp_dtype or torch.float32) if self.flops_per_unit else None
         seed_everything(cfg.seed + self.acc.process_index)
-        start_step, units, wall_before = 0, 0, 0.0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume or checkpoint is not None:
-            path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(self.run_dir)
-            if path is None:
-                raise AdlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-            state = self._load(path)
-            resume = True
-            start_step, units, wall_before = int(state["step"]), int(state.get("units", 0)), float(state.get("wall_s", 0.0))
-            if self.acc.process_index:  # the file holds rank 0's RNG; keep the other ranks' streams (dropout) distinct
-                torch.manual_seed(cfg.seed + 7919 * self.acc.process_index + start_step)
-            if start_step >= cfg.steps:
-                raise AdlError(f"--resume: the checkpoint is at step {start_step}, the recipe has train.steps={cfg.steps}; raise train.steps to continue")
-            self._truncate_metrics(start_step)
-        elif self.acc.is_main_process and self.metrics_path.exists():
-            self.metrics_path.unlink()
-
-        rank, world = self.acc.process_index, self.acc.num_processes
-        units_per_step = self.units_per_batch * self.grad_accum * world
+        start, units, wall_before = self._begin(resume, checkpoint)
+        resume = resume or checkpoint is not None
         self.peak_dtype = str(self.amp_dtype or torch.float32).removeprefix("torch.")
-        history: list[dict[str, Any]] = []
-        rates: list[float] = []
-        losses: list[float] = []
-        compile_s = None
-        val_loss = None
+        self._start_trackers()
+        self.history: list[dict[str, Any]] = []
+        self.rates: list[float] = []
+        self.losses: list[float] = []
+        self.eval_metrics: dict[str, float] = {}
+        self.train_metrics: dict[str, float] = {}
+        self.compile_s = None
         t_start = time.perf_counter()
-        progress = _Progress(cfg.steps, start_step, self.unit, bar=self.show_progress, main=self.acc.is_main_process)
-        interval_t, interval_units, interval_loss, interval_n = time.perf_counter(), 0, torch.zeros((), device=self.device), 0
-        step = start_step
-        last_saved = start_step if resume else None
+        progress = _Progress(cfg.steps, start, self.unit, bar=self.show_progress, main=self.acc.is_main_process)
+        iv = self._new_interval()
+        step = start
+        last_saved = start if resume else None
         self.model.train()
         with _SigintGuard() as guard, progress:
             try:
-                for step in range(start_step, cfg.steps):
-                    lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, steps=cfg.steps)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
+                for step in range(start, cfg.steps):
+                    lr = self._set_lr(step)
                     t_step = time.perf_counter()
-                    step_loss = self._step(step, rank, world)
-                    if compile_s is None and cfg.compile and step == start_step:
-                        compile_s = time.perf_counter() - t_step
-                        interval_t = time.perf_counter()  # keep compilation out of the throughput
+                    step_units = self._train_step(step, iv)
+                    units += step_units
+                    if self.compile_s is None and cfg.compile and step == start:
+                        self.compile_s = time.perf_counter() - t_step
+                        iv.t0 = time.perf_counter()  # keep compilation out of the throughput
                     else:
-                        interval_units += units_per_step
-                    interval_loss += step_loss
-                    interval_n += 1
-                    units += units_per_step
+                        iv.units += step_units
                     done = step + 1
                     progress.advance(done)
-                    stop = guard.requested if world == 1 else False
+                    stop = guard.requested if self.acc.num_processes == 1 else False
                     if done % cfg.log_every == 0 or done == cfg.steps:
-                        # one all-reduce carries the mean loss and whether any rank saw Ctrl-C, so that
-                        # every rank stops after the same step (a lone rank stopping would hang the others)
-                        flag = torch.tensor(float(guard.requested), device=self.device)
-                        reduced = self.acc.reduce(torch.stack([interval_loss / interval_n, flag]), reduction="mean")
-                        loss = float(reduced[0])
-                        stop = stop or (world > 1 and float(reduced[1]) > 0)
-                        if not math.isfinite(loss):
-                            raise AdlError(
-                                f"the loss became {loss} at step {done}; stopped. "
-                                + (f"Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}" if last_saved is not None else "No checkpoint was written yet.")
-                                + " Try a lower train.lr or train.precision=fp32."
-                            )
-                        elapsed = time.perf_counter() - interval_t
-                        rate = interval_units / elapsed if interval_units and elapsed > 0 else 0.0
-                        if rate:
-                            rates.append(rate)
-                        losses.append(loss)
-                        row = {"step": done, "loss": loss, "lr": lr, f"{self.unit}_per_s": rate, "elapsed_s": wall_before + time.perf_counter() - t_start}
-                        history.append(row)
-                        self._log(row)
-                        progress.update(done, loss, lr, rate)
-                        interval_t, interval_units, interval_loss, interval_n = time.perf_counter(), 0, torch.zeros((), device=self.device), 0
+                        stop = self._log_interval(done, lr, iv, guard, wall_before + time.perf_counter() - t_start, progress, last_saved) or stop
+                        iv = self._new_interval()
                     if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                         t_eval = time.perf_counter()
-                        metrics = self.evaluate()
-                        if metrics:
-                            val_loss = metrics.get("val_loss", val_loss)
-                            self._log({"step": done, **metrics})
-                            progress.note(done, metrics)
-                        interval_t += time.perf_counter() - t_eval
+                        self._evaluate_and_log(done, progress)
+                        iv.t0 += time.perf_counter() - t_eval
                     if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                         t_ck = time.perf_counter()
-                        self._check_finite(done, interval_loss, last_saved)
+                        self._check_finite(done, iv.loss, last_saved)
                         self._save(done, units, wall_before + time.perf_counter() - t_start)
                         last_saved = done
-                        interval_t += time.perf_counter() - t_ck
+                        iv.t0 += time.perf_counter() - t_ck
                     if stop:
                         raise StopRequested
             except StopRequested:
                 done = step + 1
-                self._check_finite(done, interval_loss, last_saved)
+                self._check_finite(done, iv.loss, last_saved)
                 path = self._save(done, units, wall_before + time.perf_counter() - t_start)
                 progress.stop()
+                self._end_trackers()
                 raise Interrupted(f"stopped by {guard.signal_name} after step {done}; checkpoint written to {path}; continue with --resume", exit_code=guard.exit_code) from None
             except KeyboardInterrupt:
                 progress.stop()
+                self._end_trackers()
                 raise Interrupted("interrupted twice: stopped without writing a checkpoint; --resume continues from the last one") from None
 
-        metrics = self.evaluate()
-        if metrics:
-            val_loss = metrics.get("val_loss", val_loss)
-            self._log({"step": cfg.steps, **metrics})
+        self._evaluate_and_log(cfg.steps, None)
         wall = wall_before + time.perf_counter() - t_start
-        self._check_finite(cfg.steps, interval_loss, last_saved)
+        self._check_finite(cfg.steps, iv.loss, last_saved)
         self._save(cfg.steps, units, wall)
-        steady = rates[1:] if len(rates) > 2 else rates
-        rate = statistics.median(steady) if steady else 0.0
-        mfu = rate * self.flops_per_unit / world / peak if peak and rate else None
-        tail = losses[-max(1, len(losses) // 10):]
-        return TrainResult(
-            steps=cfg.steps,
-            units=units,
-            unit=self.unit,
-            wall_s=wall,
-            units_per_s=rate,
-            train_loss=statistics.fmean(tail) if tail else float("nan"),
-            val_loss=val_loss,
-            mfu=mfu,
-            precision=self.precision,
-            optimizer=f"AdamW ({self.optimizer_kind})",
-            compile_s=compile_s,
-            device=str(self.device),
-            world_size=world,
-            history=history,
-            grad_accum=self.grad_accum,
-            parallel=self.parallel,
-            tf32=self.tf32,
-            peak_dtype=self.peak_dtype,
-            resumed_from=start_step if resume else None,
-        )
+        self._end_trackers()
+        return self._result(units, wall, peak, start if resume else None)
 
-    def _step(self, step: int, rank: int, world: int) -> torch.Tensor:
+    def _begin(self, resume: bool, checkpoint: Path | None) -> tuple[int, int, float]:
+        """(start step, units so far, wall time so far): from the checkpoint when resuming."""
         cfg = self.cfg
-        total = torch.zeros((), device=self.device)
-        accum = self.grad_accum
-        for micro in range(accum):
-            batch = self._to_device(self.batch_fn(step, micro, rank, world))
-            last = micro == accum - 1
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (resume or checkpoint is not None):
+            if self.acc.is_main_process and self.metrics_path.exists():
+                self.metrics_path.unlink()
+            return 0, 0, 0.0
+        path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise AdlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        state = self._load(path)
+        start = int(state["step"])
+        if self.acc.process_index:  # the file holds rank 0's RNG; keep the other ranks' streams (dropout) distinct
+            torch.manual_seed(cfg.seed + 7919 * self.acc.process_index + start)
+        if start >= cfg.steps:
+            raise AdlError(f"--resume: the checkpoint is at step {start}, the recipe has train.steps={cfg.steps}; raise train.steps to continue")
+        self._truncate_metrics(start)
+        return start, int(state.get("units", 0)), float(state.get("wall_s", 0.0))
+
+    def _new_interval(self) -> _Interval:
+        return _Interval(torch.zeros((), device=self.device))
+
+    def _set_lr(self, step: int) -> float:
+        """Every group's lr from its own peak (``initial_lr``) and the schedule; returns train.lr's value."""
+        cfg = self.cfg
+        factor = optim.lr_at(step, lr=1.0, min_lr=cfg.min_lr / cfg.lr, warmup=cfg.warmup, steps=cfg.steps, schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", cfg.lr) * factor
+        return cfg.lr * factor
+
+    def _micro_weights(self, batches: list) -> tuple[list[float], int]:
+        """Each micro-batch's weight in the step's loss and the step's global units.
+
+        With ``units_fn`` the weight is n_m * world / N (N: units over micro-batches and ranks,
+        one all-reduce), so the summed gradient is that of sum(losses over units) / N; without,
+        every micro-batch trains ``units_per_batch`` and weighs 1 / grad_accum."""
+        world = self.acc.num_processes
+        if self.units_fn is None:
+            return [1.0 / len(batches)] * len(batches), self.units_per_batch * len(batches) * world
+        counts = [int(self.units_fn(b)) for b in batches]
+        total = sum(counts)
+        if world > 1:
+            total = int(self.acc.reduce(torch.tensor(float(total), device=self.device), reduction="sum").item())
+        if total <= 0:
+            return [0.0] * len(batches), 0
+        return [c * world / total for c in counts], total
+
+    def _train_step(self, step: int, iv: _Interval) -> int:
+        """One optimizer step over the step's micro-batches; adds the loss and metrics to the interval."""
+        cfg = self.cfg
+        rank, world = self.acc.process_index, self.acc.num_processes
+        batches = [self.batch_fn(step, micro, rank, world) for micro in range(self.grad_accum)]
+        weights, step_units = self._micro_weights(batches)
+        for micro, (batch, w) in enumerate(zip(batches, weights)):
+            batch = self._to_device(batch)
+            last = micro == len(batches) - 1
             if self.sharded:
                 sync = dist_.grad_sync(self.raw_model, last)
             else:
                 sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync:
                 with self.autocast():
-                    loss = self.loss_fn(self.model, batch) / accum
+                    loss, metrics = _split_loss(self.loss_fn(self.model, batch))
+                    loss = loss * w
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-            total += loss.detach()
+            iv.loss += loss.detach()
+            for k, v in metrics.items():
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
+                iv.metrics[k] = iv.metrics.get(k, torch.zeros((), device=self.device)) + v * w
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
@@ -465,7 +564,100 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        if self.ema is not None:
+            self.ema.update()
+        iv.steps += 1
+        return step_units
+
+    def _log_interval(self, done: int, lr: float, iv: _Interval, guard, elapsed: float, progress, last_saved) -> bool:
+        """One all-reduce carries the interval's mean loss, its metrics and whether any rank saw
+        Ctrl-C, so every rank stops after the same step. Returns whether to stop."""
+        keys = sorted(iv.metrics)
+        flag = torch.tensor(float(guard.requested), device=self.device)
+        packed = torch.stack([iv.loss / iv.steps, *[iv.metrics[k] / iv.steps for k in keys], flag])
+        reduced = self.acc.reduce(packed, reduction="mean").tolist()
+        loss = reduced[0]
+        if not math.isfinite(loss):
+            raise AdlError(
+                f"the loss became {loss} at step {done}; stopped. "
+                + (f"Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}" if last_saved is not None else "No checkpoint was written yet.")
+                + " Try a lower train.lr or train.precision=fp32."
+            )
+        seconds = time.perf_counter() - iv.t0
+        rate = iv.units / seconds if iv.units and seconds > 0 else 0.0
+        if rate:
+            self.rates.append(rate)
+        self.losses.append(loss)
+        self.train_metrics = dict(zip(keys, reduced[1:-1]))
+        row = {"step": done, "loss": loss, **self.train_metrics, "lr": lr, f"{self.unit}_per_s": rate, "elapsed_s": elapsed}
+        self.history.append(row)
+        self._log(row)
+        progress.update(done, loss, lr, rate, self.train_metrics)
+        return self.acc.num_processes > 1 and reduced[-1] > 0
+
+    def _evaluate_and_log(self, done: int, progress) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self.eval_metrics = metrics
+            self._log({"step": done, **metrics})
+            if progress is not None:
+                progress.note(done, metrics)
+
+    def _start_trackers(self) -> None:
+        if not self.trackers:
+            return
+        try:
+            self.acc.init_trackers(self.run_name, config=_flat_config(self.cfg))
+        except (ImportError, ModuleNotFoundError, ValueError) as e:
+            raise AdlError(f"train.log_with {self.trackers}: {e} (install the tracker's package, e.g. pip install tensorboard)") from None
+
+    def _end_trackers(self) -> None:
+        if self.trackers:
+            self.acc.end_training()
+
+    def _result(self, units: int, wall: float, peak: float | None, resumed_from: int | None) -> TrainResult:
+        world = self.acc.num_processes
+        steady = self.rates[1:] if len(self.rates) > 2 else self.rates
+        rate = statistics.median(steady) if steady else 0.0
+        mfu = rate * self.flops_per_unit / world / peak if peak and rate else None
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return TrainResult(
+            steps=self.cfg.steps,
+            units=units,
+            unit=self.unit,
+            wall_s=wall,
+            units_per_s=rate,
+            train_loss=statistics.fmean(tail) if tail else float("nan"),
+            val_loss=self.eval_metrics.get("val_loss"),
+            mfu=mfu,
+            precision=self.precision,
+            optimizer=self.optimizer_kind,
+            compile_s=self.compile_s,
+            device=str(self.device),
+            world_size=world,
+            history=self.history,
+            grad_accum=self.grad_accum,
+            parallel=self.parallel,
+            tf32=self.tf32,
+            peak_dtype=self.peak_dtype,
+            resumed_from=resumed_from,
+            metrics=dict(self.eval_metrics),
+            train_metrics=dict(self.train_metrics),
+            schedule=self.cfg.schedule,
+        )
+
+
+def _split_loss(out) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A loss function's result: the loss alone, or (loss, metrics)."""
+    if isinstance(out, tuple):
+        loss, metrics = out
+        return loss, dict(metrics or {})
+    return out, {}
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The [train] table for a tracker's hyper-parameter view (scalars only)."""
+    return {k: (",".join(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 class _Progress:
@@ -523,8 +715,9 @@ class _Progress:
         if self.enabled:
             self.bar.update(self.task, completed=step)
 
-    def update(self, step: int, loss: float, lr: float, rate: float) -> None:
-        self.last = f"loss {loss:.4f} lr {lr:.1e} {_short(rate)} {self.unit[:3]}/s"
+    def update(self, step: int, loss: float, lr: float, rate: float, metrics: dict[str, float] | None = None) -> None:
+        shown = "".join(f" {k} {v:.4g}" for k, v in list((metrics or {}).items())[:2])  # the loss function's first metrics
+        self.last = f"loss {loss:.4f}{shown} lr {lr:.1e} {_short(rate)} {self.unit[:3]}/s"
         if self.enabled:
             self.bar.update(self.task, completed=step, stats=self.last)
         elif self.plain:

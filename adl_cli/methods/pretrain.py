@@ -157,7 +157,7 @@ def run_pretrain(
     prints (``log``) and writes files; the others return an outcome with ``main=False``."""
     out = Path(out)
     t0 = time.perf_counter()
-    acc = accelerator or make_accelerator()
+    acc = accelerator or make_accelerator(recipe.train.log_with, out)
     main, world = acc.is_main_process, acc.num_processes
     if not main:
         log = _quiet
@@ -242,6 +242,7 @@ def run_pretrain(
         accelerator=acc,
         progress=progress and main,
         grad_accum=accum,
+        run_name=recipe.name,
     )
     result = trainer.fit(resume=resume, checkpoint=checkpoint)
     weights = trainer.full_model_state() if trainer.sharded else None  # collective: the full weights on the main process

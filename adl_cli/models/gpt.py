@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -150,6 +151,7 @@ class GPT(nn.Module):
         if cfg.vocab_size < 1:
             raise ValueError(f"model.vocab_size must be >= 1 to build a model, got {cfg.vocab_size}")
         self.config = cfg
+        self.activation_checkpointing = False  # the trainer's train.activation_checkpointing: recompute blocks in the backward
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -203,8 +205,12 @@ class GPT(nn.Module):
             x = x + pe
         x = tr.drop(x)
         bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))
+        recompute = self.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
         for i, block in enumerate(tr.h):
-            x = block(x, pos, tr.pos, bias, None if caches is None else caches[i])
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, pos, tr.pos, bias, None, use_reentrant=False)
+            else:
+                x = block(x, pos, tr.pos, bias, None if caches is None else caches[i])
         return tr.ln_f(x)
 
     @staticmethod

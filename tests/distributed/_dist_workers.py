@@ -49,17 +49,18 @@ def _traced_trainer(digests: list[str], sigint_at: dict) -> None:
     ``sigint_at['step']`` when ``sigint_at['rank']`` is this rank (a Ctrl-C seen by one rank)."""
     from adl_cli.engine.trainer import Trainer
 
-    step = Trainer._step
+    step = Trainer._train_step
 
-    def traced(self, t, rank, world):
+    def traced(self, t, interval):
+        rank = self.acc.process_index
         if sigint_at.get("rank") == rank and sigint_at.get("step") == t:
             os.kill(os.getpid(), signal.SIGINT)
-        loss = step(self, t, rank, world)
+        units = step(self, t, interval)
         if not self.sharded:
             digests.append(weights_digest(self.raw_model))
-        return loss
+        return units
 
-    Trainer._step = traced
+    Trainer._train_step = traced
 
 
 def scenario(rank: int, world: int, port: int, recipe: str, root: str) -> None:

@@ -99,25 +99,20 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert ckpt.latest_checkpoint(run) == good
     assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
     monkeypatch.setattr(ckpt, "save_file", real)
-    state = ckpt.load_checkpoint(good, make(tmp_path / "x").raw_model, None)
+    state, _ = ckpt.load_checkpoint(good, make(tmp_path / "x").raw_model, None)
     assert state["step"] == 4
 
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+    tr_step = [0]
+
     def poisoned(step, micro, rank, world):
+        tr_step[0] = step
         return batch_fn(step, micro, rank, world)
 
     tr = make(tmp_path / "nan", steps=8, batch=poisoned)
     real_loss = tr.loss_fn
     tr.loss_fn = lambda m, b: real_loss(m, b) * (float("nan") if tr_step[0] >= 5 else 1.0)
-    tr_step = [0]
-    real_step = tr._step
-
-    def counting(step, rank, world):
-        tr_step[0] = step
-        return real_step(step, rank, world)
-
-    tr._step = counting
     with pytest.raises(AdlError, match=r"loss became nan at step 6.*step-4"):
         tr.fit()
     assert ckpt.latest_checkpoint(tmp_path / "nan").name == "step-4"
@@ -140,16 +135,13 @@ def test_ctrl_c_writes_a_checkpoint_and_stops(tmp_path):
 def test_a_non_finite_loss_is_never_checkpointed(tmp_path, log_every, checkpoint_every):
     """The loss turns NaN after step 5 (weights poisoned too); checkpoints that are not
     logging steps must not save it, and `keep` must not delete the last good one."""
-    tr = make(tmp_path / "nan", steps=12, log_every=log_every, checkpoint_every=checkpoint_every, keep_checkpoints=1)
-    real_step = tr._step
-
-    def poisoning(step, rank, world):
-        if step == 5:
+    def poisoning(step, micro, rank, world):
+        if step == 5 and micro == 0:
             with torch.no_grad():
                 tr.raw_model.lm_head.weight.fill_(float("nan"))
-        return real_step(step, rank, world)
+        return batch_fn(step, micro, rank, world)
 
-    tr._step = poisoning
+    tr = make(tmp_path / "nan", steps=12, batch=poisoning, log_every=log_every, checkpoint_every=checkpoint_every, keep_checkpoints=1)
     with pytest.raises(AdlError, match="non-finite|loss became nan"):
         tr.fit()
     good = 5 // checkpoint_every * checkpoint_every
