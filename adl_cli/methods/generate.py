@@ -3,8 +3,9 @@
     p = softmax(logits / T);  keep the k most likely (top-k) and the smallest set whose
     mass reaches p (top-p, Holtzman et al. 2020); renormalise; sample.
 
-The prompt runs once through the model filling per-layer caches; each new token then
-costs one position. Past the context window the cache is rebuilt from the last
+The prompt runs once through the model filling its decode state (``model.setup_cache``:
+per-layer caches preallocated to the context, written in place); each new token then costs
+one position. Past the context window the state is reset and refilled from the last
 block_size tokens (positions stay within what the model was trained on).
 """
 
@@ -61,14 +62,14 @@ def generate(
     model.eval()
     block = model.config.block_size
     out = idx
-    caches: list[dict] | None = None
+    state = model.setup_cache(idx.shape[0], block) if max_new_tokens else None
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        if caches is None or model.cached_length(caches) >= block:
-            caches = [{} for _ in range(model.config.n_layer)]
-            logits, _ = model(out[:, -block:], caches=caches)
+    for i in range(max_new_tokens):
+        if i == 0 or state.length >= block:
+            state.reset()
+            logits, _ = model(out[:, -block:], state=state)
         else:
-            logits, _ = model(out[:, -1:], caches=caches)
+            logits, _ = model(out[:, -1:], state=state)
         logits = logits[:, -1, :].float()
         if temperature == 0:
             nxt = logits.argmax(dim=-1, keepdim=True)

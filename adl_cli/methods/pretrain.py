@@ -253,7 +253,7 @@ def run_pretrain(
         final = build_model(gcfg)
         final.load_state_dict(weights, strict=False)
         final.to(trainer.device)
-    save_run(out, final, data.tokenizer)
+    save_run(out, final, data.tokenizer, ema_tensors=trainer.ema_model_state())
     sample = sample_text(final, data.tokenizer, recipe.sample_prompt, recipe.sample_tokens, seed=tc.seed)
     summary = summarize(recipe, model, data, result, sample, time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -336,6 +336,8 @@ def summarize(recipe, model, data: TokenData, result: TrainResult, sample: str, 
         "mfu_peak_dtype": result.peak_dtype,
         "train_loss": result.train_loss,
         "val_loss": val,
+        "ema_val_loss": result.metrics.get("ema_val_loss"),
+        "optimizer_schedule": result.schedule,
         "val_bits_per_byte": val / math.log(2) / data.val_bytes_per_token if val is not None else None,
         "unigram_loss": unigram_entropy(data.train, data.tokenizer.vocab_size),
         "wall_s": wall,  # this session, end to end

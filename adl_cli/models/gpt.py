@@ -105,18 +105,28 @@ class CausalSelfAttention(nn.Module):
         self.kernel = ATTENTION.get(cfg.attention)
         self.kernel_options = dict(cfg.attention_options)
 
-    def forward(self, x, pos, position, bias=None, cache: dict | None = None):
+    def make_cache(self, batch: int, max_len: int, *, dtype=torch.float32, device=None):
+        """This block's decode cache: a ring of the last window - 1 keys under a sliding window,
+        else k and v for every position (adl_cli/nn/decode.py)."""
+        from adl_cli.nn.decode import KVCache, RollingKVCache
+
+        window = self.kernel_options.get("window")
+        if window is not None:
+            return RollingKVCache(batch, self.n_kv_head, int(window), self.head_dim, dtype=dtype, device=device)
+        return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype=dtype, device=device)
+
+    def forward(self, x, pos, position, bias=None, cache=None, segment_ids=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = position.rotate(q, pos), position.rotate(k, pos)
         if cache is not None:
-            if "k" in cache:
-                k = torch.cat((cache["k"], k), dim=2)
-                v = torch.cat((cache["v"], v), dim=2)
-            cache["k"], cache["v"] = k, v
-        y = self.kernel(q, k, v, causal=True, bias=bias, **self.kernel_options)
+            k, v = cache.append(k, v)
+        extra = {} if segment_ids is None else {"segment_ids": segment_ids}
+        if bias is not None and bias.shape[-1] != k.shape[2]:  # a rolling cache keeps only the last keys
+            bias = bias[..., -k.shape[2]:]
+        y = self.kernel(q, k, v, causal=True, bias=bias, **self.kernel_options, **extra)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -140,8 +150,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, pos, position, bias=None, cache=None):
-        x = x + self.drop(self.attn(self.ln_1(x), pos, position, bias, cache))
+    def forward(self, x, pos, position, bias=None, cache=None, segment_ids=None):
+        x = x + self.drop(self.attn(self.ln_1(x), pos, position, bias, cache, segment_ids=segment_ids))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -189,12 +199,22 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.transformer.pos.parameters())
         return n
 
-    def hidden(self, idx: torch.Tensor, caches: list[dict] | None = None) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, C); ``caches`` (one dict per layer) enable decoding."""
+    def setup_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None, device=None):
+        """A DecodeState for ``batch`` sequences of up to ``max_len`` positions (default: the
+        context), each block's cache preallocated in the model's dtype and device."""
+        from adl_cli.nn.decode import DecodeState
+
+        p = self.transformer.wte.weight
+        max_len = max_len or self.config.block_size
+        layers = [block.attn.make_cache(batch, max_len, dtype=dtype or p.dtype, device=device or p.device) for block in self.transformer.h]
+        return DecodeState(layers, max_len)
+
+    def hidden(self, idx: torch.Tensor, state=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, C). ``state`` (``setup_cache``) decodes: the
+        tokens continue the state's positions and are appended to it. ``segment_ids`` (B, T):
+        packed documents, each attending within itself only."""
         B, T = idx.shape
-        start = 0
-        if caches is not None and caches[0]:
-            start = self.cached_length(caches)
+        start = state.length if state is not None else 0
         if start + T > self.config.block_size and self.config.position == "learned":
             raise ValueError(f"sequence of {start + T} tokens is longer than the context of {self.config.block_size}")
         tr = self.transformer
@@ -205,23 +225,20 @@ class GPT(nn.Module):
             x = x + pe
         x = tr.drop(x)
         bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))
-        recompute = self.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
+        recompute = self.activation_checkpointing and self.training and state is None and torch.is_grad_enabled()
         for i, block in enumerate(tr.h):
+            cache = None if state is None else state[i]
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, pos, tr.pos, bias, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, pos, tr.pos, bias, None, segment_ids, use_reentrant=False)
             else:
-                x = block(x, pos, tr.pos, bias, None if caches is None else caches[i])
+                x = block(x, pos, tr.pos, bias, cache, segment_ids=segment_ids)
         return tr.ln_f(x)
 
-    @staticmethod
-    def cached_length(caches: list[dict]) -> int:
-        c = caches[0]
-        return int(c["length"]) if "length" in c else c["k"].shape[2]
-
-    def forward(self, idx, targets=None, caches=None):
-        """(logits, loss). With targets, loss is the mean token cross-entropy and logits is
-        None (the fused loss never builds them); without, logits are (B, T, vocab)."""
-        h = self.hidden(idx, caches)
+    def forward(self, idx, targets=None, state=None, segment_ids=None):
+        """(logits, loss). With targets, loss is the mean token cross-entropy (targets -100 are
+        left out) and logits is None (the fused loss never builds them); without, logits are
+        (B, T, vocab). ``state``: a DecodeState to continue (``setup_cache``)."""
+        h = self.hidden(idx, state, segment_ids)
         if targets is None:
             return self.lm_head(h), None
         if self.config.loss_chunk_rows > 0:

@@ -58,11 +58,11 @@ def test_kv_cache_decoding_equals_full_recompute(position):
     m = tiny(position=position, n_kv_head=2).eval()
     x = torch.randint(0, 97, (2, 24))
     full, _ = m(x)
-    caches = [{} for _ in range(2)]
-    first, _ = m(x[:, :10], caches=caches)
+    state = m.setup_cache(2, 24)
+    first, _ = m(x[:, :10], state=state)
     steps = [first[:, -1]]
     for t in range(10, 24):
-        out, _ = m(x[:, t : t + 1], caches=caches)
+        out, _ = m(x[:, t : t + 1], state=state)
         steps.append(out[:, -1])
     assert torch.allclose(full[:, 9:], torch.stack(steps, 1), atol=1e-5)
 

@@ -9,7 +9,8 @@ import torch
 
 from adl_cli.nn.attention import ATTENTION
 from adl_cli.nn.attention.flash import flash_attention_with_lse
-from adl_cli.nn.attention.naive import attention_mask, expand_kv
+from adl_cli.nn.attention.mask import attention_mask
+from adl_cli.nn.attention.naive import expand_kv
 from adl_cli.nn.attention.ring import gather_sequence, ring_attention, shard_sequence
 from adl_cli.nn.attention.tree import tree_attention
 

@@ -40,7 +40,7 @@ def test_absorbed_equals_unabsorbed(position, options):
     absorbed = block(x, pos, position, bias, absorb=True)
     torch.testing.assert_close(absorbed, naive, atol=1e-5, rtol=1e-5)
     # One decoding step from a cache, both ways.
-    cache_a, cache_b = {}, {}
+    cache_a, cache_b = block.make_cache(2, 8), block.make_cache(2, 8)
     block(x, pos, position, bias, cache=cache_a, absorb=False)
     block(x, pos, position, bias, cache=cache_b, absorb=True)
     x1, pos1 = torch.randn(2, 1, 24), torch.tensor([7])
@@ -56,11 +56,11 @@ def decode_matches_full(model, seq, prefill):
     model.eval()
     with torch.no_grad():
         full, _ = model(seq)
-        caches = [{} for _ in model.transformer.h]
-        steps = [model(seq[:, :prefill], caches=caches)[0]]
-        steps += [model(seq[:, t : t + 1], caches=caches)[0] for t in range(prefill, seq.shape[1])]
+        state = model.setup_cache(seq.shape[0], seq.shape[1])
+        steps = [model(seq[:, :prefill], state=state)[0]]
+        steps += [model(seq[:, t : t + 1], state=state)[0] for t in range(prefill, seq.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-    return caches
+    return state
 
 
 @pytest.mark.parametrize(
@@ -77,12 +77,12 @@ def test_gpt_with_mla_decodes_like_full_recompute(position, options):
 def test_cache_holds_only_latent_and_rope_key():
     torch.manual_seed(0)
     cfg = config(kv_lora_rank=10, rope_head_dim=4)
-    caches = decode_matches_full(GPT(cfg), torch.randint(0, 40, (1, 9)), prefill=4)
-    assert all(set(c) == {"c_kv", "k_rope", "length"} and c["length"] == 9 for c in caches)
-    assert caches[0]["c_kv"].shape == (1, 9, 10) and caches[0]["k_rope"].shape == (1, 9, 4)
+    state = decode_matches_full(GPT(cfg), torch.randint(0, 40, (1, 9)), prefill=4)
+    assert all({n for n, _ in c.named_buffers()} == {"c_kv", "k_rope"} and c.length == 9 for c in state.layers)
+    assert state[0].c_kv.shape == (1, 9, 10) and state[0].k_rope.shape == (1, 9, 4)
     per_token = mla_cache_bytes_per_token(10, 4, n_layer=2, dtype_bytes=4)
     assert per_token == 2 * (10 + 4) * 4
-    assert cache_bytes(caches) == 9 * per_token
+    assert cache_bytes(state) == 9 * per_token
     assert kv_cache_bytes_per_token(cfg, 4) == per_token
 
 
@@ -90,10 +90,10 @@ def test_cache_holds_only_latent_and_rope_key():
 def test_kv_cache_bytes_for_mha_and_gqa(n_kv_head):
     cfg = GPTConfig(vocab_size=40, block_size=12, n_layer=2, n_head=3, n_embd=24, n_kv_head=n_kv_head, position="rope")
     model = GPT(cfg).eval()
-    caches = [{} for _ in model.transformer.h]
+    state = model.setup_cache(1, 5)
     with torch.no_grad():
-        model(torch.randint(0, 40, (1, 5)), caches=caches)
-    assert kv_cache_bytes_per_token(cfg, 4) == 2 * 2 * n_kv_head * 8 * 4 == cache_bytes(caches) // 5
+        model(torch.randint(0, 40, (1, 5)), state=state)
+    assert kv_cache_bytes_per_token(cfg, 4) == 2 * 2 * n_kv_head * 8 * 4 == cache_bytes(state) // 5
 
 
 @pytest.mark.parametrize("absorb", [False, True])

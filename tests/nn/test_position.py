@@ -159,9 +159,9 @@ def test_gpt_trains_and_decodes_with_each_position(name, options):
     seq = torch.randint(0, 40, (2, length))
     with torch.no_grad():
         full, _ = model(seq)
-        caches = [{} for _ in model.transformer.h]
-        steps = [model(seq[:, :5], caches=caches)[0]]
-        steps += [model(seq[:, t : t + 1], caches=caches)[0] for t in range(5, length)]
+        state = model.setup_cache(2, length)
+        steps = [model(seq[:, :5], state=state)[0]]
+        steps += [model(seq[:, t : t + 1], state=state)[0] for t in range(5, length)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

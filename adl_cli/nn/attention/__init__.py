@@ -2,12 +2,15 @@
 
 Every kernel has one signature::
 
-    kernel(q, k, v, *, causal=True, scale=None, bias=None, window=None) -> out
+    kernel(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None, segment_ids=None) -> out
 
 q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H a multiple of Hkv (grouped-query
 attention: each group of H // Hkv query heads shares one key/value head).
 causal masking is aligned to the end: query i sits at absolute position Tk - Tq + i,
-so a decoding step with a KV cache (Tq < Tk) masks correctly. ``bias`` is an additive
+so a decoding step with a KV cache (Tq < Tk) masks correctly; ``q_offset`` places the
+queries elsewhere, and ``segment_ids`` (B, T) keep packed documents apart. Kernels that
+take these two declare them as parameters (naive, sdpa; flash and window take q_offset);
+the mask itself is built in one place, ``mask.py``. ``bias`` is an additive
 score bias broadcastable to (B, H, Tq, Tk) (ALiBi); ``window`` keeps only keys at most
 ``window - 1`` positions behind the query (sliding-window attention).
 A kernel that cannot honour an argument raises ValueError naming it.
@@ -25,7 +28,7 @@ ATTENTION_BLOCKS = Registry("attention block")
 from adl_cli.nn.attention import flash, naive, ring, s2, sdpa, tree, window  # noqa: E402,F401
 from adl_cli.nn.attention import mla  # noqa: E402,F401  (registers the "mla" block)
 
-_CALL_ARGS = ("causal", "scale", "bias")  # set by the model, not by a recipe
+_CALL_ARGS = ("causal", "scale", "bias", "q_offset", "segment_ids")  # set by the model, not by a recipe
 
 
 def kernel_options(name: str) -> dict:

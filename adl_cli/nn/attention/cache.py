@@ -10,8 +10,6 @@ it through a ``cache_bytes_per_token(config, dtype_bytes)`` static method.
 
 from __future__ import annotations
 
-import torch
-
 from adl_cli.nn.attention import ATTENTION_BLOCKS
 
 
@@ -24,6 +22,6 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return 2 * config.n_layer * config.kv_heads * config.head_dim * dtype_bytes
 
 
-def cache_bytes(caches: list[dict]) -> int:
-    """Bytes actually held by the tensors of per-layer cache dicts (to check the formula)."""
-    return sum(v.numel() * v.element_size() for c in caches for v in c.values() if isinstance(v, torch.Tensor))
+def cache_bytes(state) -> int:
+    """Bytes held by a model's decode state (``setup_cache``; to check the formula)."""
+    return state.nbytes()

@@ -30,6 +30,7 @@ import math
 import torch
 
 from adl_cli.nn.attention import ATTENTION
+from adl_cli.nn.attention.mask import allowed_pairs
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
@@ -72,10 +73,11 @@ def _check(q, k, v, window):
 class _Plan:
     """Which key range each query block visits, and the masks of partially allowed tiles."""
 
-    def __init__(self, tq, tk, causal, window, block_q, block_k, device):
+    def __init__(self, tq, tk, causal, window, block_q, block_k, device, q_offset=None):
         if block_q < 1 or block_k < 1:
             raise ValueError(f"block_q and block_k must be >= 1, got {block_q}, {block_k}")
-        self.tq, self.tk, self.off = tq, tk, tk - tq  # query i sits at absolute position i + off
+        self.tq, self.tk = tq, tk
+        self.off = tk - tq if q_offset is None else int(q_offset)  # query i sits at absolute position i + off
         self.causal, self.window = causal, window
         self.block_q, self.block_k, self.device = block_q, block_k, device
         self._masks: dict = {}
@@ -122,15 +124,9 @@ class _Plan:
         key = (first - k0, q1 - q0, k1 - k0)
         m = self._masks.get(key)
         if m is None:
-            qpos = torch.arange(first, last + 1, device=self.device)[:, None]
-            kpos = torch.arange(k0, k1, device=self.device)[None, :]
-            allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=self.device)
-            if self.causal:
-                allowed &= kpos <= qpos
-            if self.window is not None:
-                allowed &= (qpos - kpos) < self.window
-                if not self.causal:
-                    allowed &= (kpos - qpos) < self.window
+            q_pos = torch.arange(first, last + 1, device=self.device)
+            k_pos = torch.arange(k0, k1, device=self.device)
+            allowed = allowed_pairs(q_pos, k_pos, causal=self.causal, window=self.window)
             m = (~allowed).unsqueeze(1)  # True where masked; broadcasts over the group axis
             self._masks[key] = m
         return m
@@ -239,13 +235,13 @@ def _backward_rows(qs, k, v, do, lse, delta, G, plan, scale, bias_rows=None, dbi
     return dq, dk, dv
 
 
-def _prepare(q, k, v, causal, scale, bias, window, block_q, block_k):
+def _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset=None):
     _check(q, k, v, window)
     B, H, Tq, D = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
     G = H // n_kv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    plan = _Plan(Tq, Tk, causal, window, block_q, block_k, q.device)
+    plan = _Plan(Tq, Tk, causal, window, block_q, block_k, q.device, q_offset)
     bias_rows = None
     if bias is not None:
         bias_rows = bias.to(torch.float32 if q.dtype != torch.float64 else q.dtype).expand(B, H, Tq, Tk).unflatten(1, (n_kv, G))
@@ -258,8 +254,8 @@ def _work_dtype(x):
 
 class _FlashFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, causal, scale, window, block_q, block_k):
-        B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k)
+    def forward(ctx, q, k, v, bias, causal, scale, window, block_q, block_k, q_offset):
+        B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset)
         q32, k32, v32 = _work_dtype(q), _work_dtype(k), _work_dtype(v)
         qs = _to_rows(q32, n_kv) * scale
         k3 = k32.reshape(B * n_kv, Tk, -1)
@@ -268,29 +264,29 @@ class _FlashFunction(torch.autograd.Function):
         out = _from_rows(out3, B, H, Tq)
         lse = _from_rows(lse3, B, H, Tq)
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.cfg = (causal, scale, window, block_q, block_k)
+        ctx.cfg = (causal, scale, window, block_q, block_k, q_offset)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        causal, scale, window, block_q, block_k = ctx.cfg
+        causal, scale, window, block_q, block_k, q_offset = ctx.cfg
         dq, dk, dv, dbias = flash_backward(
             q, k, v, out, lse, dout, dlse, causal=causal, scale=scale, bias=bias, window=window,
-            block_q=block_q, block_k=block_k, need_dbias=bias is not None and ctx.needs_input_grad[3],
+            block_q=block_q, block_k=block_k, need_dbias=bias is not None and ctx.needs_input_grad[3], q_offset=q_offset,
         )
-        return dq, dk, dv, dbias, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=True, scale=None, bias=None, window=None,
-                   block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, need_dbias=False, delta=None):
+                   block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, need_dbias=False, delta=None, q_offset=None):
     """Gradients (dq, dk, dv, dbias) of attention given the saved output and log-sum-exp.
 
     ``lse`` may be the log-sum-exp over more keys than ``k`` holds (ring attention): the
     gradient is then the contribution of these keys. ``delta`` (B, H, Tq) overrides
     rowsum(dout * out) - dlse.
     """
-    B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k)
+    B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset)
     q32, k32, v32 = _work_dtype(q), _work_dtype(k), _work_dtype(v)
     wd = q32.dtype
     dout = dout.to(wd) if dout is not None else torch.zeros_like(q32)
@@ -332,24 +328,27 @@ def _use_triton(q, v, bias, backend):
 
 
 def flash_attention_with_lse(q, k, v, *, causal=True, scale=None, bias=None, window=None,
-                             block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, backend="auto"):
+                             block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, backend="auto", q_offset=None):
     """(out (B, H, Tq, D), lse (B, H, Tq)); lse = logsumexp of the scaled, masked scores.
 
     Both outputs are differentiable, so partial results over key blocks can be merged by
-    their log-sum-exp under autograd (ring and tree attention).
+    their log-sum-exp under autograd (ring and tree attention). ``q_offset``: the position of
+    the first query among the keys (default Tk - Tq, end-aligned; see mask.py).
     """
-    if _use_triton(q, v, bias, backend):
+    if q_offset is not None and int(q_offset) == k.shape[2] - q.shape[2]:
+        q_offset = None
+    if q_offset is None and _use_triton(q, v, bias, backend):
         from adl_cli.nn.attention import flash_triton
 
         if bias is not None:
             raise ValueError("bias is not supported by the triton flash kernel; use backend='torch'")
         return flash_triton.triton_attention_with_lse(q, k, v, causal=causal, scale=scale, window=window)
-    return _FlashFunction.apply(q, k, v, bias, causal, scale, window, int(block_q), int(block_k))
+    return _FlashFunction.apply(q, k, v, bias, causal, scale, window, int(block_q), int(block_k), q_offset)
 
 
 @ATTENTION.register("flash")
-def flash_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None,
+def flash_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None,
                     block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, backend="auto"):
     return flash_attention_with_lse(
-        q, k, v, causal=causal, scale=scale, bias=bias, window=window, block_q=block_q, block_k=block_k, backend=backend
+        q, k, v, causal=causal, scale=scale, bias=bias, window=window, block_q=block_q, block_k=block_k, backend=backend, q_offset=q_offset
     )[0]

@@ -105,8 +105,8 @@ def mla_cache_bytes_per_token(kv_lora_rank: int, rope_head_dim: int, *, n_layer:
 
 @ATTENTION_BLOCKS.register("mla")
 class MultiHeadLatentAttention(nn.Module):
-    """MLA block for GPT: ``forward(x, pos, position, bias, cache)``; cache holds c_kv,
-    k_rope (B, T, r) and (B, T, d_rope) and length."""
+    """MLA block for GPT: ``forward(x, pos, position, bias, cache)``; its decode cache
+    (``make_cache``) is a LatentCache of c_kv (B, T, r) and k_rope (B, T, d_rope)."""
 
     OPTIONS = OPTIONS  # the recipe's model.attention_options keys (checked when the recipe is read)
 
@@ -152,6 +152,11 @@ class MultiHeadLatentAttention(nn.Module):
         d = mla_dims(cfg)
         return mla_cache_bytes_per_token(d.kv_lora_rank, d.rope_head_dim, n_layer=cfg.n_layer, dtype_bytes=dtype_bytes)
 
+    def make_cache(self, batch: int, max_len: int, *, dtype=torch.float32, device=None):
+        from adl_cli.nn.decode import LatentCache
+
+        return LatentCache(batch, max_len, self.dims.kv_lora_rank, self.dims.rope_head_dim, dtype=dtype, device=device)
+
     def rotary_for(self, position: nn.Module) -> tuple[RotaryPosition | None, float]:
         """(rotary for the rope dims, attention factor): derived from a RoPE-family model
         position (re-derived when it is swapped), else the block's own plain RoPE."""
@@ -168,7 +173,7 @@ class MultiHeadLatentAttention(nn.Module):
             return self.q_up(self.q_norm(self.q_down(x)))
         return self.q_proj(x)
 
-    def forward(self, x, pos, position, bias=None, cache: dict | None = None, absorb: bool | None = None):
+    def forward(self, x, pos, position, bias=None, cache=None, absorb: bool | None = None, segment_ids=None):
         B, T, _ = x.shape
         H, d = self.n_head, self.dims
         r, dr, dn = d.kv_lora_rank, d.rope_head_dim, d.nope_head_dim
@@ -181,11 +186,10 @@ class MultiHeadLatentAttention(nn.Module):
             q_rope, k_rope = rotary.rotate(q_rope, pos), rotary.rotate(k_rope, pos)
         prior = 0
         if cache is not None:
-            if "c_kv" in cache:
-                prior = cache["c_kv"].shape[1]
-                c_kv = torch.cat((cache["c_kv"], c_kv), dim=1)
-                k_rope = torch.cat((cache["k_rope"], k_rope), dim=1)
-            cache["c_kv"], cache["k_rope"], cache["length"] = c_kv, k_rope, c_kv.shape[1]
+            prior = cache.length
+            c_kv, k_rope = cache.append(c_kv, k_rope)
+        if segment_ids is not None:
+            raise ValueError("attention 'mla' does not take segment ids (packed documents) yet; use sdpa or naive")
         if absorb is None:
             absorb = prior > 0 if d.absorb == "auto" else d.absorb
         scale = factor**2 / math.sqrt(dn + dr)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from adl_cli.nn.attention import ATTENTION
+from adl_cli.nn.attention.mask import attention_mask
 
 
 def expand_kv(k: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -23,26 +24,8 @@ def expand_kv(k: torch.Tensor, n_head: int) -> torch.Tensor:
     return k.repeat_interleave(n_head // n_kv, dim=1)
 
 
-def attention_mask(tq: int, tk: int, *, causal: bool, window: int | None, device=None) -> torch.Tensor | None:
-    """Boolean (Tq, Tk) mask of allowed pairs, end-aligned; None when everything is allowed."""
-    if not causal and window is None:
-        return None
-    qpos = torch.arange(tk - tq, tk, device=device)[:, None]
-    kpos = torch.arange(tk, device=device)[None, :]
-    allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= kpos <= qpos
-    if window is not None:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        allowed &= (qpos - kpos) < window
-        if not causal:
-            allowed &= (kpos - qpos) < window
-    return allowed
-
-
 @ATTENTION.register("naive")
-def naive_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None):
+def naive_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None, segment_ids=None):
     n_head, tq, d = q.shape[1], q.shape[2], q.shape[3]
     k, v = expand_kv(k, n_head), expand_kv(v, n_head)
     tk = k.shape[2]
@@ -50,7 +33,7 @@ def naive_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None)
     scores = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
         scores = scores + bias
-    allowed = attention_mask(tq, tk, causal=causal, window=window, device=q.device)
+    allowed = attention_mask(tq, tk, causal=causal, window=window, q_offset=q_offset, segment_ids=segment_ids, device=q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)

@@ -10,17 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from adl_cli.nn.attention import ATTENTION
-from adl_cli.nn.attention.naive import attention_mask, expand_kv
+from adl_cli.nn.attention.mask import attention_mask
+from adl_cli.nn.attention.naive import expand_kv
 
 
 @ATTENTION.register("sdpa")
-def sdpa_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None):
+def sdpa_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None, segment_ids=None):
     n_head, tq, tk = q.shape[1], q.shape[2], k.shape[2]
     if k.shape[1] != n_head:
         k, v = expand_kv(k, n_head), expand_kv(v, n_head)
-    if bias is None and window is None and (not causal or tq == tk):
+    plain = bias is None and window is None and segment_ids is None and q_offset in (None, tk - tq)
+    if plain and (not causal or tq == tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    mask = attention_mask(tq, tk, causal=causal, window=window, device=q.device)
+    mask = attention_mask(tq, tk, causal=causal, window=window, q_offset=q_offset, segment_ids=segment_ids, device=q.device)
     if bias is not None:
         additive = bias.to(q.dtype)
         if mask is not None:

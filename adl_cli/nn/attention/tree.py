@@ -20,6 +20,7 @@ import math
 import torch
 
 from adl_cli.nn.attention import ATTENTION
+from adl_cli.nn.attention.mask import allowed_pairs
 from adl_cli.nn.attention.naive import expand_kv
 
 
@@ -32,9 +33,9 @@ def partial(q, k, v, *, offset: int = 0, total: int | None = None, causal: bool 
     s = (q.float() @ k.float().transpose(-2, -1)) * scale
     if causal:
         total = offset + k.shape[2] if total is None else total
-        qpos = torch.arange(total - Tq, total, device=q.device)[:, None]
-        kpos = torch.arange(offset, offset + k.shape[2], device=q.device)[None, :]
-        s = s.masked_fill(kpos > qpos, float("-inf"))
+        q_pos = torch.arange(total - Tq, total, device=q.device)
+        k_pos = torch.arange(offset, offset + k.shape[2], device=q.device)
+        s = s.masked_fill(~allowed_pairs(q_pos, k_pos, causal=True, window=None), float("-inf"))
     m = s.amax(-1)
     m_safe = m.masked_fill(m == float("-inf"), 0.0)  # a shard with no visible key contributes 0
     p = (s - m_safe.unsqueeze(-1)).exp()

@@ -1,0 +1,151 @@
+"""The decode state: what a model keeps between decoding steps, preallocated and updated in place.
+
+A model's ``setup_cache(batch, max_len)`` returns a ``DecodeState``: one cache module per layer,
+each built by the layer itself (``block.make_cache``), so every attention or recurrent block
+owns its layout:
+
+    KVCache          MHA / GQA: k and v, (B, H_kv, max_len, D) each; step t writes row t
+    RollingKVCache   sliding window W: only the last W - 1 keys are needed by a later query,
+                     so a ring of W - 1 rows (memory O(W), not O(context))
+    LatentCache      MLA: the latent c_kv (B, max_len, r) and the shared RoPE key (B, max_len, d_R)
+    RecurrentState   RNN / SSM families: a fixed-size state (B, ...) replaced every step
+
+Writing is in place (``index_copy_`` into the preallocated rows): no ``torch.cat`` that copies
+the whole cache for every token. A cache returns views of what is filled, so the kernels see
+keys at positions 0 .. length-1 and the new queries at the end (their q_offset is
+length - T: mask.py). ``reset()`` empties the state for the next batch without reallocating.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerCache(nn.Module):
+    """One layer's part of the decode state. ``length``: positions seen so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class KVCache(LayerCache):
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, *, dtype=torch.float32, device=None, v_dim: int | None = None):
+        super().__init__()
+        self.max_len = max_len
+        self.register_buffer("k", torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, heads, max_len, v_dim or head_dim, dtype=dtype, device=device), persistent=False)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write T new keys/values (B, H, T, D) after the filled rows; the filled views back."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"the decode state holds {self.max_len} positions; {end} were asked for (reset it or set it up longer)")
+        rows = torch.arange(self.length, end, device=self.k.device)
+        self.k.index_copy_(2, rows, k.to(self.k.dtype))
+        self.v.index_copy_(2, rows, v.to(self.v.dtype))
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class RollingKVCache(LayerCache):
+    """Sliding-window attention's cache: a ring of the last ``window - 1`` keys and values.
+
+    A new chunk of T queries needs the previous W - 1 keys and its own T; ``append`` returns them
+    in order (the ring read from its oldest row, then the chunk), which is O(W) per step whatever
+    the length of the context."""
+
+    def __init__(self, batch: int, heads: int, window: int, head_dim: int, *, dtype=torch.float32, device=None):
+        super().__init__()
+        self.keep = max(window - 1, 0)
+        self.register_buffer("k", torch.zeros(batch, heads, self.keep, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, heads, self.keep, head_dim, dtype=dtype, device=device), persistent=False)
+
+    def _ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = min(self.length, self.keep)
+        if n == 0:
+            return self.k[:, :, :0], self.v[:, :, :0]
+        start = (self.length - n) % self.keep  # the oldest kept row
+        idx = (torch.arange(n, device=self.k.device) + start) % self.keep
+        return self.k.index_select(2, idx), self.v.index_select(2, idx)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self._ordered()
+        k_all = torch.cat((past_k, k.to(self.k.dtype)), dim=2)
+        v_all = torch.cat((past_v, v.to(self.v.dtype)), dim=2)
+        t = k.shape[2]
+        if self.keep:
+            n = min(t, self.keep)  # the chunk's last rows overwrite the oldest ones
+            rows = (torch.arange(self.length + t - n, self.length + t, device=self.k.device)) % self.keep
+            self.k.index_copy_(2, rows, k[:, :, t - n:].to(self.k.dtype))
+            self.v.index_copy_(2, rows, v[:, :, t - n:].to(self.v.dtype))
+        self.length += t
+        return k_all, v_all
+
+
+class LatentCache(LayerCache):
+    """Multi-head latent attention: the compressed c_kv and the shared rotary key per position."""
+
+    def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int, *, dtype=torch.float32, device=None):
+        super().__init__()
+        self.max_len = max_len
+        self.register_buffer("c_kv", torch.zeros(batch, max_len, latent_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k_rope", torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device), persistent=False)
+
+    def append(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = c_kv.shape[1]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"the decode state holds {self.max_len} positions; {end} were asked for (reset it or set it up longer)")
+        rows = torch.arange(self.length, end, device=self.c_kv.device)
+        self.c_kv.index_copy_(1, rows, c_kv.to(self.c_kv.dtype))
+        self.k_rope.index_copy_(1, rows, k_rope.to(self.k_rope.dtype))
+        self.length = end
+        return self.c_kv[:, :end], self.k_rope[:, :end]
+
+
+class RecurrentState(LayerCache):
+    """A fixed-size state (B, *shape) that a recurrent block reads and replaces every step."""
+
+    def __init__(self, batch: int, *shape: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("state", torch.zeros(batch, *shape, dtype=dtype, device=device), persistent=False)
+
+    def reset(self) -> None:
+        super().reset()
+        self.state.zero_()
+
+    def update(self, new: torch.Tensor, steps: int) -> None:
+        self.state.copy_(new)
+        self.length += steps
+
+
+class DecodeState(nn.Module):
+    """Per-layer caches of one batch of sequences; ``length`` positions are filled."""
+
+    def __init__(self, layers: list[LayerCache], max_len: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.max_len = max_len
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if len(self.layers) else 0
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
