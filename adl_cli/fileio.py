@@ -87,3 +87,11 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def cache_dir() -> Path:
+    """adl's cache (tokenized corpora, trained tokenizers): $ADL_CACHE or ~/.cache/adl."""
+    root = os.environ.get("ADL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adl")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

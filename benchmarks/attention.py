@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from adl_cli.bench.attention import run_attention_bench  # noqa: E402
 from adl_cli.cli.bench_attention import render  # noqa: E402
-from adl_cli.engine.report import console  # noqa: E402
+from adl_cli.console import console  # noqa: E402
 
 
 def _cpu_name() -> str:

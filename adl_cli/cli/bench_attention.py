@@ -61,7 +61,7 @@ def bench_attention(
     import torch
 
     from adl_cli.bench.attention import default_impls, parse_dtype, parse_impls, parse_seqs, run_attention_bench
-    from adl_cli.engine.report import console
+    from adl_cli.console import console
     from adl_cli.errors import AdlError
 
     impls = parse_impls(impl) if impl else default_impls()

@@ -81,8 +81,8 @@ def bench_context(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the fine-tune progress bar."),
 ) -> None:
     """Perplexity by length, RoPE vs PI/NTK/YaRN: [bold]adl bench-context runs/tiny-rope --lengths 128,256,512 --position rope,pi,ntk,yarn[/]"""
-    from adl_cli.engine.report import console
-    from adl_cli.methods.context import bench_context as run, write_json
+    from adl_cli.console import console
+    from adl_cli.bench.context import bench_context as run, write_json
 
     console.print(f"[bold]adl bench-context[/] {run_dir}")
     report = run(

@@ -26,7 +26,7 @@ def shard(
     from rich.table import Table
 
     from adl_cli.data.shards import shard_corpus
-    from adl_cli.engine.report import console
+    from adl_cli.console import console
 
     t0 = time.perf_counter()
     with console.status(f"tokenizing {corpus} ..."):

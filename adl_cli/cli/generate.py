@@ -21,7 +21,7 @@ def generate(
     import torch
 
     from adl_cli.data.tokenizer import Tokenizer
-    from adl_cli.engine.report import console, console_err
+    from adl_cli.console import console, console_err
     from adl_cli.errors import AdlError
     from adl_cli.methods.generate import check_sampling
     from adl_cli.methods.generate import generate as sample

@@ -11,7 +11,7 @@ export_app = typer.Typer(help="Write adl models in other tools' formats.", no_ar
 
 
 def _show(result, verb: str) -> None:
-    from adl_cli.engine.report import console, console_err
+    from adl_cli.console import console, console_err
 
     c = result.config
     console.print(

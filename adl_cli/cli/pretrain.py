@@ -20,7 +20,8 @@ def pretrain(
 ) -> None:
     """Pretrain a GPT on a corpus: [bold]adl pretrain recipes/pretrain/tiny.toml --set train.steps=200[/]"""
     from adl_cli.engine.checkpoint import atomic_write_text
-    from adl_cli.engine.report import console, render_run
+    from adl_cli.console import console
+    from adl_cli.engine.report import render_run
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
     from adl_cli.engine.distributed import is_main_env

@@ -49,7 +49,7 @@ def list_() -> None:
     """One line per shipped recipe."""
     from rich.table import Table
 
-    from adl_cli.engine.report import console
+    from adl_cli.console import console
 
     t = Table("recipe", "description", title=f"recipes in {recipes_root()}", title_justify="left")
     for name, path in all_recipes().items():
@@ -77,7 +77,7 @@ def cp(
     dest: Path = typer.Argument(..., help="Where to write the copy (a file or a folder)."),
 ) -> None:
     """Copy a recipe to edit it."""
-    from adl_cli.engine.report import console
+    from adl_cli.console import console
 
     src = find_recipe(name)
     target = dest / src.name if dest.is_dir() else dest

@@ -25,7 +25,7 @@ def train(
     from adl_cli.data import bpe
     from adl_cli.data.corpus import load_documents
     from adl_cli.data.tokenizer import from_ranks_file
-    from adl_cli.engine.report import console
+    from adl_cli.console import console
 
     if corpus_arg and corpus and corpus_arg != corpus:
         raise AdlError(f"two corpora given: {corpus_arg} and --corpus {corpus}; give one")
@@ -61,7 +61,7 @@ def encode(
     from rich.table import Table
 
     from adl_cli.data.tokenizer import Tokenizer, make_tokenizer
-    from adl_cli.engine.report import console
+    from adl_cli.console import console
 
     path = Path(tokenizer)
     tok = Tokenizer.load(path) if path.is_dir() else make_tokenizer(tokenizer)

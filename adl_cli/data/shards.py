@@ -318,7 +318,7 @@ def shard_corpus(
 
     from adl_cli.data.corpus import corpus_key, load_documents
     from adl_cli.data.tokenizer import make_tokenizer
-    from adl_cli.engine.checkpoint import atomic_write_text
+    from adl_cli.fileio import atomic_write as atomic_write_text
 
     if shard_tokens < 1:
         raise AdlError(f"--shard-tokens must be >= 1, got {shard_tokens}")

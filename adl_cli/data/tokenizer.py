@@ -77,7 +77,7 @@ class Tokenizer:
     # -------------------------------------------------------------- run folders
 
     def save(self, run_dir: Path) -> None:
-        from adl_cli.engine.checkpoint import atomic_write_text
+        from adl_cli.fileio import atomic_write as atomic_write_text
 
         run_dir = Path(run_dir)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
@@ -154,7 +154,7 @@ def gpt2_tokenizer() -> Tokenizer:
 def bpe_tokenizer(text: str, corpus_key: str, vocab_size: int, *, progress=None) -> Tokenizer:
     """A BPE tokenizer trained on ``text`` (cached by corpus hash and vocab size)."""
     from adl_cli.data import bpe
-    from adl_cli.engine.runtime import cache_dir
+    from adl_cli.fileio import cache_dir
 
     if vocab_size < 257:
         raise AdlError(f"data.vocab_size must be > 256 for a BPE tokenizer, got {vocab_size}")

@@ -18,7 +18,7 @@ import torch
 
 from adl_cli.data.corpus import corpus_key, load_documents
 from adl_cli.data.tokenizer import Tokenizer, make_tokenizer
-from adl_cli.engine.runtime import cache_dir
+from adl_cli.fileio import cache_dir
 from adl_cli.errors import AdlError
 from adl_cli.fileio import atomic_path, atomic_write
 

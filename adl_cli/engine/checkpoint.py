@@ -111,30 +111,39 @@ def assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str)
 # ----------------------------------------------------------------------------- optimizer
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def flatten_optimizer(states: dict[int, dict[str, Any]], groups: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state keyed by parameter index -> safetensors entries ``state.I.KEY`` and a JSON
+    part (param groups, non-tensor state). The one flattener: plain and sharded (FSDP) runs both use it."""
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    for idx, state in states.items():
         for key, value in state.items():
             if torch.is_tensor(value):
                 tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
             else:
                 scalars[f"{idx}.{key}"] = value
-    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
-    return tensors, meta
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """The inverse of ``flatten_optimizer``: (state keyed by parameter index, param groups)."""
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
-        if not name.startswith("state."):
-            continue
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t
     for name, value in meta.get("scalars", {}).items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    groups = meta["param_groups"]
+    return state, meta["param_groups"]
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    return flatten_optimizer(sd["state"], sd["param_groups"])
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state, groups = unflatten_optimizer(tensors, meta)
     if len(groups) != len(opt.param_groups) or any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, opt.param_groups)):
         raise AdlError("the checkpoint's optimizer state does not match the model's parameters")
     try:

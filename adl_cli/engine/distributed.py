@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from adl_cli.console import env_rank, is_main_env  # noqa: F401  (re-exported)
+from adl_cli.engine import checkpoint as ckpt
 from adl_cli.errors import AdlError
 
 STRATEGIES = ("ddp", "fsdp")
@@ -177,20 +178,14 @@ def gather_full_state(model: nn.Module, opt: torch.optim.Optimizer, main: bool) 
     weights = {k: v.detach().contiguous() for k, v in msd.items() if k not in aliases}
     order = _param_names_in_optimizer_order(model, opt)
     index = {name: i for i, name in enumerate(order)}
-    tensors, scalars = {}, {}
-    for name, state in osd["state"].items():
-        i = index[aliases.get(name, name)]
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{i}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{i}.{key}"] = value
+    states = {index[aliases.get(name, name)]: state for name, state in osd["state"].items()}
     groups, start = [], 0
     for group in osd["param_groups"]:
         n = len(group["params"])
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + n))})
         start += n
-    return weights, tensors, {"param_groups": groups, "scalars": scalars}
+    tensors, meta = ckpt.flatten_optimizer(states, groups)
+    return weights, tensors, meta
 
 
 def load_full_state(model: nn.Module, opt: torch.optim.Optimizer | None, weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None, where: str) -> None:
@@ -214,15 +209,8 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer | None, weights
     if opt is None or meta is None:
         return
     order = _param_names_in_optimizer_order(model, opt)
-    state: dict[str, dict[str, Any]] = {}
-    for key, t in opt_tensors.items():
-        if key.startswith("state."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(order[int(i)], {})[k] = t
-    for key, value in meta.get("scalars", {}).items():
-        i, k = key.split(".", 1)
-        state.setdefault(order[int(i)], {})[k] = value
-    groups = meta["param_groups"]
+    by_index, groups = ckpt.unflatten_optimizer(opt_tensors, meta)
+    state = {order[i]: s for i, s in by_index.items()}
     if sum(len(g["params"]) for g in groups) != len(order) or len(groups) != len(opt.param_groups):
         raise AdlError(f"checkpoint {where}: the optimizer state does not match the model's parameters")
     named_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]} for g in groups]

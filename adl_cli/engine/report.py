@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from adl_cli.console import console, console_err  # noqa: F401  (re-exported)
+from adl_cli.console import console
 
 from adl_cli.errors import AdlError
 

@@ -14,15 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adl_cli.fileio import cache_dir  # noqa: F401  (re-exported: engine code reads it from here too)
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def cache_dir() -> Path:
-    """adl's cache (tokenized corpora, trained tokenizers, the matmul peak): $ADL_CACHE or ~/.cache/adl."""
-    root = os.environ.get("ADL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adl")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # glibc mallopt(3) parameters (malloc.h)

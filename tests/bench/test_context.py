@@ -1,4 +1,4 @@
-"""Context extension (methods/context.py) on a tiny RoPE model trained for a few steps."""
+"""Context extension (bench/context.py) on a tiny RoPE model trained for a few steps."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from adl_cli.errors import AdlError
-from adl_cli.methods.context import ROPE_FAMILY, bench_context, kv_cache_table
+from adl_cli.bench.context import ROPE_FAMILY, bench_context, kv_cache_table
 
 def test_finite_perplexity_per_length_and_position(rope_run):
     report = bench_context(rope_run, "16,32,64", "rope,pi,ntk,yarn")
@@ -33,7 +33,7 @@ def test_scale_one_is_plain_rope(rope_run):
 
 
 def test_finetune_writes_its_own_folder(rope_run, tmp_path):
-    from adl_cli.methods.context import perplexity
+    from adl_cli.bench.context import perplexity
     from adl_cli.runs import load_run
 
     before = {p.name: p.read_bytes() for p in rope_run.iterdir() if p.is_file()}
