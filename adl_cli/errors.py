@@ -3,16 +3,38 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+
+_MARK = "\x1f"
+_OPTION = re.compile(_MARK + r"([A-Za-z_][A-Za-z0-9_]*)" + _MARK)
+
+
+def opt(name: str) -> str:
+    """A parameter named in an error message. The library shows it as its Python name
+    (``temperature``); the CLI, which knows its flags are the parameters in kebab case, as
+    ``--temperature`` (``AdlError.cli_message``). Library code never spells a flag itself."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+def render(text: str, *, cli: bool) -> str:
+    return _OPTION.sub(lambda m: "--" + m[1].replace("_", "-") if cli else m[1], text)
 
 
 class AdlError(Exception):
-    """An error caused by the user's input (a file, a recipe, a flag).
+    """An error caused by the user's input (a file, a recipe, a parameter).
 
-    The CLI prints ``str(err)`` in one line and exits with ``exit_code`` (2 by default).
+    The CLI prints ``cli_message()`` in one line and exits with ``exit_code`` (2 by default);
+    ``str(err)`` is the same text with parameters named as in Python (see ``opt``).
     """
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return render(super().__str__(), cli=False)
+
+    def cli_message(self) -> str:
+        return render(super().__str__(), cli=True)
 
 
 class Interrupted(AdlError):

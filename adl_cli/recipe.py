@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from adl_cli.errors import AdlError, closest
+from adl_cli.errors import AdlError, closest, opt
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -158,11 +158,11 @@ def _set_dotted(data: dict[str, Any], schema, dotted: str, raw: str) -> None:
         here = prefix + part
         last = i == len(parts) - 1
         if cls is not None and part not in fields:
-            raise AdlError(f"--set: unknown key '{here}'{closest(here, [prefix + k for k in fields])}")
+            raise AdlError(f"{opt('set')}: unknown key '{here}'{closest(here, [prefix + k for k in fields])}")
         tp = fields[part].type if cls is not None else None
         if last:
             if tp is not None and _is_section(tp):
-                raise AdlError(f"--set: '{here}' is a section; set one of its keys, e.g. {here}.{next(iter(_fields(_resolve(tp, {}))))}=...")
+                raise AdlError(f"{opt('set')}: '{here}' is a section; set one of its keys, e.g. {here}.{next(iter(_fields(_resolve(tp, {}))))}=...")
             value = _parse_scalar(raw)
             if tp is str and not isinstance(value, str):
                 value = raw  # a string field keeps the literal text (e.g. a corpus path like 1.txt)
@@ -173,10 +173,10 @@ def _set_dotted(data: dict[str, Any], schema, dotted: str, raw: str) -> None:
         elif tp is not None and (typing.get_origin(tp) is dict or tp is dict):
             cls = None  # free-form table: anything below is accepted
         elif tp is not None:
-            raise AdlError(f"--set: '{here}' is not a section")
+            raise AdlError(f"{opt('set')}: '{here}' is not a section")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise AdlError(f"--set: '{here}' is not a table")
+            raise AdlError(f"{opt('set')}: '{here}' is not a table")
         prefix = here + "."
 
 
@@ -195,7 +195,7 @@ def load_recipe(path: str | Path, schema, overrides: list[str] | None = None):
         raise AdlError(f"recipe {path} is not UTF-8 text") from None
     for item in overrides or []:
         if "=" not in item:
-            raise AdlError(f"--set expects key=value, got '{item}'")
+            raise AdlError(f"{opt('set')} expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         _set_dotted(data, schema, key.strip(), raw.strip())
     return _build(schema, data, str(path))

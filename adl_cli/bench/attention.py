@@ -40,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from adl_cli.errors import AdlError, unknown
+from adl_cli.errors import AdlError, opt, unknown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_IMPLS = ("naive", "sdpa", "flash", "window", "ring", "tree")
@@ -66,7 +66,7 @@ def default_impls() -> list[str]:
 def parse_impls(text: str | list[str]) -> list[str]:
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
     if not items:
-        raise AdlError("--impl names no implementation")
+        raise AdlError(f"{opt('impl')} names no implementation")
     choices = available_impls()
     for name in items:
         if name not in choices:
@@ -81,12 +81,12 @@ def parse_seqs(text: str | list[int]) -> list[int]:
         try:
             n = int(str(item).strip())
         except ValueError:
-            raise AdlError(f"--lengths takes positive integers separated by commas, got '{item}'") from None
+            raise AdlError(f"{opt('lengths')} takes positive integers separated by commas, got '{item}'") from None
         if n <= 0:
-            raise AdlError(f"--lengths takes positive integers, got {n}")
+            raise AdlError(f"{opt('lengths')} takes positive integers, got {n}")
         seqs.append(n)
     if not seqs:
-        raise AdlError("--seq names no sequence length")
+        raise AdlError(f"{opt('lengths')} names no sequence length")
     return seqs
 
 
@@ -324,9 +324,9 @@ def run_attention_bench(
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     for name, value in (("batch", batch), ("heads", heads), ("head-dim", head_dim), ("repeats", repeats)):
         if value < 1:
-            raise AdlError(f"--{name} must be >= 1, got {value}")
+            raise AdlError(f"{opt(name)} must be >= 1, got {value}")
     if window is not None and window < 1:
-        raise AdlError(f"--window must be >= 1, got {window}")
+        raise AdlError(f"{opt('window')} must be >= 1, got {window}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows: list[dict] = []
     for T in seqs:

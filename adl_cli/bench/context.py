@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adl_cli.errors import AdlError
+from adl_cli.errors import AdlError, opt
 
 ROPE_FAMILY = ("rope", "pi", "ntk", "yarn")
 SCALED = ("pi", "ntk", "yarn")  # the variants whose frequencies depend on the scale s
@@ -93,12 +93,12 @@ def parse_lengths(text: str | list[int]) -> list[int]:
         try:
             n = int(item)
         except (TypeError, ValueError):
-            raise AdlError(f"--lengths: '{item}' is not an integer (give a comma list such as 256,512,1024)") from None
+            raise AdlError(f"{opt('lengths')}: '{item}' is not an integer (give a comma list such as 256,512,1024)") from None
         if n < 2:
-            raise AdlError(f"--lengths: each length must be >= 2, got {n}")
+            raise AdlError(f"{opt('lengths')}: each length must be >= 2, got {n}")
         out.append(n)
     if not out:
-        raise AdlError("--lengths: give at least one length, e.g. --lengths 128,256,512")
+        raise AdlError(f"{opt('lengths')}: give at least one length, e.g. {opt('lengths')} 128,256,512")
     return sorted(set(out))
 
 
@@ -108,7 +108,7 @@ def parse_positions(text: str | list[str] | None, run_position: str) -> list[str
         return list(ROPE_FAMILY) if run_position in ROPE_FAMILY else [run_position]
     items = text if isinstance(text, list) else [p.strip() for p in str(text).split(",") if p.strip()]
     if not items:
-        raise AdlError("--position: give at least one of rope, pi, ntk, yarn, alibi")
+        raise AdlError(f"{opt('position')}: give at least one of rope, pi, ntk, yarn, alibi")
     out: list[str] = []
     for name in items:
         if name not in out:
@@ -123,10 +123,10 @@ def check_positions(positions: list[str], run_position: str, trained: int) -> No
 
     for name in positions:
         if name not in POSITIONS:
-            raise AdlError(f"--position: unknown position '{name}'{closest(name, POSITIONS.names())}; choose from: rope, pi, ntk, yarn, alibi")
+            raise AdlError(f"{opt('position')}: unknown position '{name}'{closest(name, POSITIONS.names())}; choose from: rope, pi, ntk, yarn, alibi")
         if run_position == "learned":
             raise AdlError(
-                f"--position {name}: this run was trained with learned positions, a table of {trained} vectors that cannot "
+                f"{opt('position')} {name}: this run was trained with learned positions, a table of {trained} vectors that cannot "
                 f"extend beyond block_size={trained}; context extension needs a run trained with position=rope "
                 "(e.g. adl pretrain recipes/pretrain/tiny-rope.toml) or alibi"
             )
@@ -136,18 +136,18 @@ def check_positions(positions: list[str], run_position: str, trained: int) -> No
             continue
         if name in ROPE_FAMILY:
             raise AdlError(
-                f"--position {name}: the run must have been trained with rope to be read with '{name}' "
-                f"(it was trained with position={run_position}); use --position {run_position}"
+                f"{opt('position')} {name}: the run must have been trained with rope to be read with '{name}' "
+                f"(it was trained with position={run_position}); use {opt('position')} {run_position}"
             )
         raise AdlError(
-            f"--position {name}: the run was trained with position={run_position}; "
-            f"'{name}' would need retraining (use --position {run_position})"
+            f"{opt('position')} {name}: the run was trained with position={run_position}; "
+            f"'{name}' would need retraining (use {opt('position')} {run_position})"
         )
 
 
 def check_scale(scale: float | None) -> None:
     if scale is not None and (not math.isfinite(scale) or scale < 1.0):
-        raise AdlError(f"--scale must be a finite number >= 1 (the context multiple s), got {scale}")
+        raise AdlError(f"{opt('scale')} must be a finite number >= 1 (the context multiple s), got {scale}")
 
 
 # ------------------------------------------------------------------ evaluation
@@ -174,17 +174,17 @@ def eval_span(val, lengths: list[int], windows: int | None, cap: int = 16, cap_t
     fit = (len(val) - 1) // longest
     if fit < 1:
         raise AdlError(
-            f"--lengths: {longest} tokens is beyond the validation split ({len(val):,} tokens); "
+            f"{opt('lengths')}: {longest} tokens is beyond the validation split ({len(val):,} tokens); "
             f"use lengths up to {len(val) - 1} or a bigger corpus"
         )
     if windows is None:
         windows = min(fit, max(cap, cap_tokens // longest))
     if windows < 1:
-        raise AdlError(f"--batches must be >= 1, got {windows}")
+        raise AdlError(f"{opt('batches')} must be >= 1, got {windows}")
     if windows > fit:
         raise AdlError(
-            f"--batches {windows}: the validation split ({len(val):,} tokens) holds only {fit} windows of {longest} tokens; "
-            f"use --batches {fit} or shorter --lengths"
+            f"{opt('batches')} {windows}: the validation split ({len(val):,} tokens) holds only {fit} windows of {longest} tokens; "
+            f"use {opt('batches')} {fit} or shorter {opt('lengths')}"
         )
     return windows, windows * longest
 
@@ -273,7 +273,7 @@ def finetune_at_length(
     batch = max(1, tokens_per_step // length)
     lr = lr if lr is not None else tc0.lr / 10
     if not (lr > 0 and math.isfinite(lr)):
-        raise AdlError(f"--finetune-lr must be a positive number, got {lr}")
+        raise AdlError(f"{opt('finetune_lr')} must be a positive number, got {lr}")
     tc = dataclasses.replace(
         tc0,
         steps=steps,
@@ -379,9 +379,9 @@ def bench_context(
     lengths = parse_lengths(lengths)
     check_scale(scale)
     if finetune_steps < 0:
-        raise AdlError(f"--finetune-steps must be >= 0, got {finetune_steps}")
+        raise AdlError(f"{opt('finetune_steps')} must be >= 0, got {finetune_steps}")
     if finetune_lr is not None and not (math.isfinite(finetune_lr) and finetune_lr > 0):
-        raise AdlError(f"--finetune-lr must be a positive number, got {finetune_lr}")
+        raise AdlError(f"{opt('finetune_lr')} must be a positive number, got {finetune_lr}")
     run_position, trained = run_shape(run_dir)
     positions = parse_positions(positions, run_position)
     check_positions(positions, run_position, trained)  # before loading any weights
@@ -412,7 +412,7 @@ def bench_context(
                 with swapped_position(model, name, **position_options(name, base_options, s, trained)):
                     loss, n = perplexity(model, data.val, length, span)
             except ValueError as e:  # a bad option or swap, named by the position module
-                raise AdlError(f"--position {name}: {e}") from None
+                raise AdlError(f"{opt('position')} {name}: {e}") from None
             rows.append(ContextRow(name, "zero-shot", length, s if name in SCALED else None, loss, _ppl(loss), _ppl(loss) / reference, n))
         log(f"zero-shot {name}: " + ", ".join(f"{r.length}: {r.ppl:.2f}" for r in rows if r.position == name))
 
@@ -426,7 +426,7 @@ def bench_context(
             try:
                 with_position(tuned, name, **position_options(name, base_options, s_ft, trained))
             except ValueError as e:
-                raise AdlError(f"--position {name}: {e}") from None
+                raise AdlError(f"{opt('position')} {name}: {e}") from None
             target = root / f"context-{name}"
             log(f"fine-tune {name}{f' (s={s_ft:g})' if name in SCALED else ''} at {longest} tokens for {finetune_steps} steps -> {target}")
             tuned, result, tc = finetune_at_length(

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False, prog_name="adl")
     except AdlError as err:
-        _fail(f"[bold red]error:[/] {escape(str(err))}", err.exit_code)
+        _fail(f"[bold red]error:[/] {escape(err.cli_message())}", err.exit_code)
     except KeyboardInterrupt:
         _fail("[yellow]interrupted[/]", 130)
     except typer.Exit as e:

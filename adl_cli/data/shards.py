@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adl_cli.errors import AdlError
+from adl_cli.errors import AdlError, opt
 from adl_cli.fileio import atomic_write
 
 MAGIC = 20240520
@@ -88,7 +88,7 @@ def write_shards(
     id outside [0, 65536) is an AdlError before anything of that shard is written.
     """
     if shard_tokens < 1:
-        raise AdlError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+        raise AdlError(f"{opt('shard_tokens')} must be >= 1, got {shard_tokens}")
     if vocab_size is not None and vocab_size > MAX_VOCAB:
         raise AdlError(f"a vocabulary of {vocab_size:,} ids does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,})")
     out_dir = Path(out_dir)
@@ -321,15 +321,15 @@ def shard_corpus(
     from adl_cli.fileio import atomic_write as atomic_write_text
 
     if shard_tokens < 1:
-        raise AdlError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+        raise AdlError(f"{opt('shard_tokens')} must be >= 1, got {shard_tokens}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise AdlError(f"--out {out_dir} is a file, not a folder")
+        raise AdlError(f"{opt('out')} {out_dir} is a file, not a folder")
     existing = sorted(out_dir.glob("*.bin")) + [p for p in (out_dir / "shards.json", out_dir / "tokenizer.tiktoken") if p.exists()] if out_dir.is_dir() else []
     if existing and not force:
-        raise AdlError(f"--out {out_dir} already holds shards ({existing[0].name}{' and more' if len(existing) > 1 else ''}); choose another folder or pass --force to replace them")
+        raise AdlError(f"{opt('out')} {out_dir} already holds shards ({existing[0].name}{' and more' if len(existing) > 1 else ''}); choose another folder or pass {opt('force')} to replace them")
     if tokenizer == "bpe" and vocab_size > MAX_VOCAB:
-        raise AdlError(f"--vocab-size {vocab_size:,} does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,} ids)")
+        raise AdlError(f"{opt('vocab_size')} {vocab_size:,} does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,} ids)")
     docs = load_documents(corpus)
     text = "\n\n".join(docs) if tokenizer == "bpe" else None
     tok = make_tokenizer(tokenizer, text=text, corpus_key=corpus_key(docs), vocab_size=vocab_size, progress=progress)

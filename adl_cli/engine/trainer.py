@@ -55,7 +55,7 @@ from adl_cli.engine.distributed import STRATEGIES
 from adl_cli.engine import optim
 from adl_cli.engine.ema import EMA
 from adl_cli.engine.runtime import autocast_dtype, keep_freed_memory, matmul_peak, resolve_precision, seed_everything
-from adl_cli.errors import AdlError, Interrupted
+from adl_cli.errors import AdlError, Interrupted, opt
 
 
 @dataclass
@@ -468,11 +468,11 @@ class Trainer:
                 path = self._save(done, units, wall_before + time.perf_counter() - t_start)
                 progress.stop()
                 self._end_trackers()
-                raise Interrupted(f"stopped by {guard.signal_name} after step {done}; checkpoint written to {path}; continue with --resume", exit_code=guard.exit_code) from None
+                raise Interrupted(f"stopped by {guard.signal_name} after step {done}; checkpoint written to {path}; continue with {opt('resume')}", exit_code=guard.exit_code) from None
             except KeyboardInterrupt:
                 progress.stop()
                 self._end_trackers()
-                raise Interrupted("interrupted twice: stopped without writing a checkpoint; --resume continues from the last one") from None
+                raise Interrupted(f"interrupted twice: stopped without writing a checkpoint; {opt('resume')} continues from the last one") from None
 
         self._evaluate_and_log(cfg.steps, None)
         wall = wall_before + time.perf_counter() - t_start
@@ -491,13 +491,13 @@ class Trainer:
             return 0, 0, 0.0
         path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(self.run_dir)
         if path is None:
-            raise AdlError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            raise AdlError(f"{opt('resume')}: no checkpoint in {self.run_dir / 'checkpoints'}")
         state = self._load(path)
         start = int(state["step"])
         if self.acc.process_index:  # the file holds rank 0's RNG; keep the other ranks' streams (dropout) distinct
             torch.manual_seed(cfg.seed + 7919 * self.acc.process_index + start)
         if start >= cfg.steps:
-            raise AdlError(f"--resume: the checkpoint is at step {start}, the recipe has train.steps={cfg.steps}; raise train.steps to continue")
+            raise AdlError(f"{opt('resume')}: the checkpoint is at step {start}, the recipe has train.steps={cfg.steps}; raise train.steps to continue")
         self._truncate_metrics(start)
         return start, int(state.get("units", 0)), float(state.get("wall_s", 0.0))
 

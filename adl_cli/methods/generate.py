@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from adl_cli.errors import AdlError
+from adl_cli.errors import AdlError, opt
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -33,13 +33,13 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     if temperature < 0:
-        raise AdlError(f"--temperature must be >= 0, got {temperature}")
+        raise AdlError(f"{opt('temperature')} must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise AdlError(f"--top-k must be >= 1, got {top_k}")
+        raise AdlError(f"{opt('top_k')} must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise AdlError(f"--top-p must be in (0, 1], got {top_p}")
+        raise AdlError(f"{opt('top_p')} must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
-        raise AdlError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        raise AdlError(f"{opt('max_new_tokens')} must be >= 0, got {max_new_tokens}")
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 
 from adl_cli.data.tokenizer import Tokenizer, gpt2_tokenizer, make_tokenizer
 from adl_cli.engine.checkpoint import atomic_write_text, model_tensors, read_safetensors, save_safetensors
-from adl_cli.errors import AdlError
+from adl_cli.errors import AdlError, opt
 from adl_cli.models import hf_gpt2
 from adl_cli.models.gpt import GPT, GPTConfig
 from adl_cli.runs import load_run, read_config, save_run
@@ -59,11 +59,11 @@ def _read_json(path: Path) -> dict:
 def _check_out(src: Path, out: Path, force: bool = False) -> None:
     """--out must be a new or empty folder (or --force, which clears what is in it)."""
     if out.exists() and not out.is_dir():
-        raise AdlError(f"--out {out} is a file, not a folder")
+        raise AdlError(f"{opt('out')} {out} is a file, not a folder")
     if out.exists() and out.resolve() == src.resolve():
-        raise AdlError(f"--out {out} is the source folder itself; write to another folder")
+        raise AdlError(f"{opt('out')} {out} is the source folder itself; write to another folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise AdlError(f"--out {out} is not empty; choose a new folder or pass --force to replace what it holds")
+        raise AdlError(f"{opt('out')} {out} is not empty; choose a new folder or pass {opt('force')} to replace what it holds")
 
 
 def _clear_out(out: Path) -> None:
@@ -152,7 +152,7 @@ def _write_tokenizer(spec: str | None, src: Path, out: Path, vocab_size: int, no
     if n > vocab_size:
         msg = f"the tokenizer ({desc}) has more ids than the model's vocabulary ({vocab_size})"
         if explicit:
-            raise AdlError(msg + "; choose another --tokenizer")
+            raise AdlError(msg + f"; choose another {opt('tokenizer')}")
         notes.append(msg + ": generation may fail; pass --tokenizer bytes|gpt2|PATH")
     return desc
 

@@ -20,7 +20,7 @@ from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_wind
 from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint
 from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
-from adl_cli.errors import AdlError
+from adl_cli.errors import AdlError, opt
 from adl_cli.models import ModelConfig, build_model
 from adl_cli.models.gpt import GPTConfig
 from adl_cli.recipe import dump_recipe, load_recipe
@@ -59,8 +59,8 @@ def _check_resume_shape(run_dir: Path, cfg) -> None:
     for key in ("family", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "block_size", "attention", "position", "bias"):
         if key in old and old[key] != new.get(key) and not (key == "n_kv_head" and (old[key] or new["n_head"]) == (new[key] or new["n_head"])):
             raise AdlError(
-                f"--resume: the checkpoint in {run_dir} was trained with {key}={old[key]!r}, the recipe now says {new.get(key)!r}; "
-                "use the run's own recipe.toml or a new --out"
+                f"{opt('resume')}: the checkpoint in {run_dir} was trained with {key}={old[key]!r}, the recipe now says {new.get(key)!r}; "
+                f"use the run's own recipe.toml or a new {opt('out')}"
             )
 
 
@@ -92,11 +92,11 @@ def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise AdlError(f"--out {out} is a file, not a folder")
+        raise AdlError(f"{opt('out')} {out} is a file, not a folder")
     present = [name for name in RUN_FILES if (out / name).exists()]
     if not resume:
         if present and not force:
-            raise AdlError(f"{out} already holds a run ({', '.join(present[:3])}); continue it with --resume, write elsewhere with --out DIR, or replace it with --force")
+            raise AdlError(f"{out} already holds a run ({', '.join(present[:3])}); continue it with {opt('resume')}, write elsewhere with {opt('out')} DIR, or replace it with {opt('force')}")
         if present and main:
             for name in present:
                 target = out / name
@@ -108,14 +108,14 @@ def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force
     try:
         old = load_pretrain_recipe(old_path)
     except AdlError as e:
-        raise AdlError(f"--resume: cannot read the run's own recipe ({e})") from None
+        raise AdlError(f"{opt('resume')}: cannot read the run's own recipe ({e})") from None
     a, b = _flat(recipe_dict(old)), _flat(recipe_dict(recipe))
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     blocked = [k for k in changed if k not in RESUMABLE_KEYS]
     if blocked and not force:
         detail = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in blocked[:3])
-        raise AdlError(f"--resume: the recipe differs from the run's own ({detail}); only train.steps and the log/eval/checkpoint cadence may change; "
-                       f"resume with {old_path}, or pass --force to continue with the new settings")
+        raise AdlError(f"{opt('resume')}: the recipe differs from the run's own ({detail}); only train.steps and the log/eval/checkpoint cadence may change; "
+                       f"resume with {old_path}, or pass {opt('force')} to continue with the new settings")
     return old, changed
 
 
@@ -136,8 +136,8 @@ def resume_grad_accum(ck_state: dict, recipe: PretrainRecipe, world: int, accum:
     if force:
         log(f"[yellow]note:[/] --force: the global batch changes from {old_global:,} to {new_global:,} tokens")
         return accum
-    raise AdlError(f"--resume: the checkpoint was trained with a global batch of {old_global:,} tokens ({old_world} process(es)), this launch gives {new_global:,}; "
-                   f"set train.global_batch_tokens={old_global} or a train.grad_accum that keeps it, or pass --force")
+    raise AdlError(f"{opt('resume')}: the checkpoint was trained with a global batch of {old_global:,} tokens ({old_world} process(es)), this launch gives {new_global:,}; "
+                   f"set train.global_batch_tokens={old_global} or a train.grad_accum that keeps it, or pass {opt('force')}")
 
 
 @dataclass
@@ -290,11 +290,11 @@ def _resume_checkpoint(out: Path, resume_from: Path | None) -> Path:
     if resume_from is None:
         ck = latest_checkpoint(out)
         if ck is None:
-            raise AdlError(f"--resume: no checkpoint in {out / 'checkpoints'} (train first, or check --out)")
+            raise AdlError(f"{opt('resume')}: no checkpoint in {out / 'checkpoints'} (train first, or check {opt('out')})")
         return ck
     ck = Path(resume_from)
     if not (ck / "state.json").exists():
-        raise AdlError(f"--resume-from {ck}: not a checkpoint folder (it holds no state.json); checkpoints live in {out / 'checkpoints'}/step-N")
+        raise AdlError(f"{opt('resume_from')} {ck}: not a checkpoint folder (it holds no state.json); checkpoints live in {out / 'checkpoints'}/step-N")
     return ck
 
 
