@@ -450,3 +450,18 @@ def _row(impl, seq, *, fwd_ms=None, fwdbwd_ms=None, peak_mb=None, max_err=None, 
     return {"impl": impl, "seq": seq, "fwd_ms": r(fwd_ms, 3), "fwdbwd_ms": r(fwdbwd_ms, 3), "peak_mb": r(peak_mb, 2),
             "max_err": None if max_err is None else float(f"{max_err:.3g}"), "ratio_sdpa": r(ratio_sdpa, 3),
             "backend": backend, "note": note}
+
+
+def plot_rows(rows: list[dict], path) -> None:
+    """Time and peak memory by length, one line per implementation (log-log), as a PNG."""
+    from adl_cli.engine.plots import series_figure
+
+    timing = "fwdbwd_ms" if any(r.get("fwdbwd_ms") for r in rows) else "fwd_ms"
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    first = rows[0] if rows else {}
+    panels = {
+        ("forward + backward" if timing == "fwdbwd_ms" else "forward") + " time (ms)": {i: [(r["seq"], r.get(timing)) for r in rows if r["impl"] == i] for i in impls},
+        "peak memory beyond the inputs (MB)": {i: [(r["seq"], r.get("peak_mb")) for r in rows if r["impl"] == i] for i in impls},
+    }
+    title = f"attention by length: B={first.get('batch')} H={first.get('heads')} D={first.get('head_dim')} {first.get('dtype')} on {first.get('device')}"
+    series_figure(path, {}, title=title, xlabel="sequence length (tokens)", ylabel="", logx=True, logy=True, panels=panels)

@@ -472,3 +472,14 @@ def write_json(report: ContextReport, path: str | Path) -> None:
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(report.to_dict(), indent=1))
+
+
+def plot_report(report: ContextReport, path) -> None:
+    """Perplexity relative to the trained length, by evaluation length, one line per variant."""
+    from adl_cli.engine.plots import series_figure
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in report.rows:
+        series.setdefault(f"{r.position} ({r.mode})", []).append((r.length, r.ratio if math.isfinite(r.ratio) else None))
+    series_figure(path, series, title=f"{report.run_dir.name}: trained at {report.trained_length} tokens ({report.run_position})",
+                  xlabel="evaluation length (tokens)", ylabel="perplexity / perplexity at the trained length", logx=True, hline=1.0)

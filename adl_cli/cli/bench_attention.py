@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from adl_cli.cli.common import new_output, plot_option
+
 
 def _fmt(x, spec: str, dash: str = "-") -> str:
     return dash if x is None else format(x, spec)
@@ -55,7 +57,9 @@ def bench_attention(
     repeats: int = typer.Option(3, "--repeats", "-r", help="Timed repeats per implementation (medians; implementations alternate)."),
     window: int = typer.Option(256, "--window", help="Window W of the sliding-window implementation."),
     threads: int = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
-    json_path: Path = typer.Option(None, "--json", help="Also write the rows as JSON here."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the rows as JSON here (an existing file needs --force)."),
+    plot: Path = plot_option(),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json / --plot files."),
 ) -> None:
     """Attention time, peak memory and error by length: [bold]adl bench-attention --impl naive,sdpa,flash --seq 512,1024,2048[/]"""
     import torch
@@ -64,6 +68,7 @@ def bench_attention(
     from adl_cli.console import console
     from adl_cli.errors import AdlError
 
+    json_path, plot = new_output(json_path, force), new_output(plot, force, suffix=".png")
     impls = parse_impls(impl) if impl else default_impls()
     seqs = parse_seqs(seq)
     from adl_cli.bench.attention import canonical_dtype
@@ -82,6 +87,11 @@ def bench_attention(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         console.print(f"[dim]rows written to {json_path}[/]", highlight=False)
+    if plot is not None:
+        from adl_cli.bench.attention import plot_rows
+
+        plot_rows(rows, plot)
+        console.print(f"[dim]figure: {plot}[/]", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

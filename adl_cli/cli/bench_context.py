@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from adl_cli.cli.common import new_output, plot_option
+
 
 def _cell(row, plain: bool) -> str:
     if row.ppl == float("inf"):
@@ -77,13 +79,16 @@ def bench_context(
     finetune_lr: float = typer.Option(None, "--finetune-lr", help="Fine-tune learning rate (default: the run's train.lr / 10)."),
     batches: int = typer.Option(None, "--batches", "-b", help="Windows of the longest length to score (the same tokens at every length; default: as many as fit, up to 16 or 8,192 tokens)."),
     out: Path = typer.Option(None, "--out", "-o", help="Where fine-tunes go (default: RUN_DIR/context-<position>/)."),
-    json_path: Path = typer.Option(None, "--json", help="Also write the rows (and the KV-cache sizes) as JSON here."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the rows (and the KV-cache sizes) as JSON here (an existing file needs --force)."),
+    plot: Path = plot_option(),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json / --plot files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the fine-tune progress bar."),
 ) -> None:
     """Perplexity by length, RoPE vs PI/NTK/YaRN: [bold]adl bench-context runs/tiny-rope --lengths 128,256,512 --position rope,pi,ntk,yarn[/]"""
     from adl_cli.console import console
     from adl_cli.bench.context import bench_context as run, write_json
 
+    json_path, plot = new_output(json_path, force), new_output(plot, force, suffix=".png")
     console.print(f"[bold]adl bench-context[/] {run_dir}")
     report = run(
         run_dir,
@@ -101,6 +106,11 @@ def bench_context(
     if json_path is not None:
         write_json(report, json_path)
         console.print(f"[dim]rows written to {json_path}[/]")
+    if plot is not None:
+        from adl_cli.bench.context import plot_report
+
+        plot_report(report, plot)
+        console.print(f"[dim]figure: {plot}[/]", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

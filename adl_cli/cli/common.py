@@ -30,3 +30,23 @@ def resolve_recipe(recipe: Path) -> Path:
 
     return find_recipe(str(recipe))
 
+
+
+def plot_option():
+    return typer.Option(None, "--plot", help="Also draw the figure as a PNG here (an existing file needs --force).", metavar="PATH.png")
+
+
+def new_output(path: Path | None, force: bool, what: str = "file", suffix: str | None = None) -> Path | None:
+    """An output file the user named: refuse to replace an existing one unless --force."""
+    from adl_cli.errors import AdlError
+
+    if path is None:
+        return None
+    path = Path(path)
+    if suffix and path.suffix.lower() != suffix:
+        raise AdlError(f"{path}: give a path ending in {suffix}")
+    if path.is_dir():
+        raise AdlError(f"{path} is a folder; give a {what} path")
+    if path.exists() and not force:
+        raise AdlError(f"{path} exists; choose another path or pass --force to replace it")
+    return path

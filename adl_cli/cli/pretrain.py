@@ -21,7 +21,8 @@ def pretrain(
     """Pretrain a GPT on a corpus: [bold]adl pretrain recipes/pretrain/tiny.toml --set train.steps=200[/]"""
     from adl_cli.engine.checkpoint import atomic_write_text
     from adl_cli.console import console
-    from adl_cli.engine.report import render_run
+    from adl_cli.engine.plots import loss_figure
+    from adl_cli.engine.report import read_metrics, render_run
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
     from adl_cli.engine.distributed import is_main_env
@@ -35,7 +36,8 @@ def pretrain(
     if outcome.main and outcome.summary and outcome.sample is not None and (out / "summary.json").exists():
         md = render_run(out, outcome.summary)
         atomic_write_text(out / "report.md", md)
-        console.print(f"[dim]run folder: {out} (report.md, metrics.jsonl, model.safetensors, checkpoints/)[/]")
+        loss_figure(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"adl run {out.name}")
+        console.print(f"[dim]run folder: {out} (report.md, loss.png, metrics.jsonl, model.safetensors, checkpoints/)[/]", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,14 +7,24 @@ from pathlib import Path
 import typer
 
 
-def report(run_dir: Path = typer.Argument(..., help="A run folder.", show_default=False)) -> None:
-    """Show a finished run's report: [bold]adl report runs/tiny[/]"""
-    from adl_cli.engine.report import render_run
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder.", show_default=False),
+    plot: Path = typer.Option(None, "--plot", help="Where to draw the loss and learning-rate figure (default: RUN/loss.png, redrawn from metrics.jsonl).", metavar="PATH.png"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --plot file (RUN/loss.png is always redrawn)."),
+) -> None:
+    """Show a finished run's report and draw its loss curve as a PNG: [bold]adl report runs/tiny[/]"""
+    from adl_cli.cli.common import new_output
+    from adl_cli.console import console
+    from adl_cli.engine.plots import loss_figure
+    from adl_cli.engine.report import read_metrics, render_run
     from adl_cli.errors import AdlError
 
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir}")
+    target = new_output(plot, force, suffix=".png") if plot is not None else run_dir / "loss.png"
     render_run(run_dir)
+    loss_figure(read_metrics(run_dir / "metrics.jsonl"), target, title=f"adl run {run_dir.name}")
+    console.print(f"[dim]figure: {target}[/]", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -43,7 +43,10 @@ class ModelConfig:
     @classmethod
     def section_type(cls, data: dict[str, Any]) -> type:
         name = data.get("family", DEFAULT_FAMILY) if isinstance(data, dict) else DEFAULT_FAMILY
-        return family(str(name)).config
+        try:
+            return family(str(name)).config
+        except AdlError as e:
+            raise AdlError(f"model.family: {e}") from None
 
     def validate(self) -> None:  # pragma: no cover - families override
         pass

@@ -84,6 +84,7 @@ CASES = [
     ("missing", ["export", "hf", "{W}/nope", "--out", "{W}/exp"], "not found"),
     ("missing", ["bench-context", "{W}/nope", "--lengths", "32"], "not found"),
     ("missing", ["recipes", "show", "nope"], "no recipe named"),
+    ("missing", ["pretrain", "recipes/pretrain/tiny.toml", "--out", "{W}/new", "--set", "init.from={W}/nope"], "run folder not found"),
     ("missing", ["pretrain", "recipes/pretrain/tiny.toml", "--out", "{W}/run", "--resume-from", "{W}/run/checkpoints/step-99"], "not a checkpoint folder"),
     # --- garbage files
     ("garbage", ["pretrain", "{W}/garbage.toml"], "TOML syntax error"),
@@ -106,6 +107,8 @@ CASES = [
     ("existing", ["tokenizer", "train", "--corpus", "{W}/text.txt", "--vocab-size", "300", "--out", "{W}/bpe.tiktoken"], "exists"),
     ("existing", ["data", "shard", "{W}/text.txt", "--tokenizer", "bytes", "--out", "{W}/shards"], "already holds shards"),
     ("existing", ["recipes", "cp", "tiny", "{W}/bpe.tiktoken"], "exists"),
+    ("existing", ["report", "{W}/run", "--plot", "{W}/text.txt"], "ending in .png"),
+    ("existing", ["bench-attention", "--lengths", "32", "--json", "{W}/text.txt"], "exists"),
     ("existing", ["pretrain", "{W}/run/recipe.toml", "--resume", "--set", "train.lr=1"], "differs from the run's own"),
     # --- wrong types
     ("type", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "train.steps=many"], "must be an integer"),
@@ -116,6 +119,10 @@ CASES = [
     ("type", ["data", "shard", "pydoc", "--shard-tokens", "1e9x", "--out", "{W}/s3"], "'--shard-tokens'"),
     # --- out-of-range numbers
     ("range", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "train.steps=0"], "train.steps must be >= 1"),
+    ("range", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "train.ema=1.5"], "train.ema must be in [0, 1)"),
+    ("range", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "train.optimizer=adamm"], "did you mean 'adamw'"),
+    ("range", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "train.log_with=tensorbord"], "did you mean 'tensorboard'"),
+    ("range", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "model.family=vitt"], "unknown model family 'vitt'"),
     ("range", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "model.dropout=1.5"], "model.dropout"),
     ("range", ["generate", "{W}/run", "--top-p", "2"], "--top-p"),
     ("range", ["generate", "{W}/run", "--temperature", "-1"], "--temperature"),

@@ -10,15 +10,16 @@ from adl_cli.cli import main
 
 
 def test_bench_attention_writes_rows(tmp_path, capsys):
-    out = tmp_path / "rows.json"
-    main(["bench-attention", "--impl", "naive,flash", "--seq", "64", "--heads", "2", "--head-dim", "16",
-          "--repeats", "1", "--json", str(out)])
+    out, png = tmp_path / "rows.json", tmp_path / "fig.png"
+    main(["bench-attention", "--impl", "naive,flash", "--seq", "64,128", "--heads", "2", "--head-dim", "16",
+          "--repeats", "1", "--json", str(out), "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(out.read_text())
-    assert [r["impl"] for r in rows] == ["naive", "flash"]
+    assert [r["impl"] for r in rows] == ["naive", "flash", "naive", "flash"]
     for r in rows:
         for key in ("impl", "seq", "fwd_ms", "fwdbwd_ms", "peak_mb", "max_err", "ratio_sdpa"):
             assert key in r
-        assert r["seq"] == 64 and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] > 0
+        assert r["seq"] in (64, 128) and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] > 0
         assert r["max_err"] < 1e-5
     assert "attention at T=64" in capsys.readouterr().out
 

@@ -40,3 +40,13 @@ def test_bad_input_exits_2_with_one_line(rope_run, capsys, args, message, run):
 def test_missing_run_dir(tmp_path, capsys, run):
     code, _, err = run(["bench-context", tmp_path / "missing", "--lengths", "16"], capsys)
     assert code == 2 and "run folder not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plot_draws_a_png_and_keeps_existing_files(rope_run, tmp_path, capsys, run):
+    png = tmp_path / "ctx.png"
+    code, out, err = run(["bench-context", rope_run, "--lengths", "16,32", "--position", "rope,yarn", "--plot", png], capsys)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = png.read_bytes()
+    code, _, err = run(["bench-context", rope_run, "--lengths", "16", "--plot", png], capsys)
+    assert code == 2 and "exists" in err and png.read_bytes() == before

@@ -131,3 +131,22 @@ def test_init_from_a_run(tiny_recipe, tmp_path, capsys, run):
     assert code == 2 and "n_embd 32 (run) vs 64 (recipe)" in err and not (bad / "model.safetensors").exists()
     code, _, err = run(["pretrain", tiny_recipe, "--out", bad, "--set", f"init.from={tmp_path / 'nope'}", "--no-progress"], capsys)
     assert code == 2 and "run folder not found" in err
+
+
+def test_report_draws_the_loss_png_and_refuses_to_replace_a_named_file(tiny_recipe, tmp_path, capsys, run):
+    out = tmp_path / "run"
+    code, _, err = run(["pretrain", tiny_recipe, "--out", out, "--set", "train.ema=0.9", "--no-progress"], capsys)
+    assert code == 0, err
+    png = out / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written with the run
+    assert (out / "model.ema.safetensors").exists() and "| ema_val_loss |" in (out / "report.md").read_text()
+    png.unlink()
+    code, out_text, err = run(["report", out], capsys)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "figure:" in out_text
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"keep me")
+    code, _, err = run(["report", out, "--plot", mine], capsys)
+    assert code == 2 and "exists" in err and mine.read_bytes() == b"keep me"
+    code, _, err = run(["report", out, "--plot", tmp_path / "fig.svg"], capsys)
+    assert code == 2 and "ending in .png" in err

@@ -1,0 +1,102 @@
+"""Figures as PNG files (matplotlib, no display): a run's loss and learning rate, and the
+benchmarks' series by length. Every figure is written atomically (a reader never sees half a PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adl_cli.errors import AdlError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AdlError("plots need matplotlib (pip install matplotlib)") from None
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    from adl_cli.fileio import atomic_path
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise AdlError(f"{path}: plots are written as PNG; give a path ending in .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def loss_figure(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Train loss at every logging step, validation loss (and its EMA) at every evaluation, and the
+    learning rate on a second axis, against the optimizer step."""
+    plt = _pyplot()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if not train:
+        raise AdlError("no logged training steps to plot (metrics.jsonl has no 'loss' rows)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.plot(*zip(*train), color="tab:blue", lw=1.2, label="train loss (training mode, per logging interval)")
+    for key, style in (("val_loss", dict(color="tab:orange", marker="o")), ("ema_val_loss", dict(color="tab:green", marker="s"))):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.5, ms=4, label=key.replace("_", " ") + " (eval mode)", **style)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)" if any("tokens_per_s" in r for r in rows) else "loss")
+    ax.grid(alpha=0.3)
+    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    handles, labels = ax.get_legend_handles_labels()
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), color="tab:gray", lw=1, ls="--", label="learning rate")
+        ax2.set_ylabel("learning rate")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def series_figure(path: Path, series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
+                  logx: bool = False, logy: bool = False, panels: dict[str, dict[str, list[tuple[float, float]]]] | None = None,
+                  hline: float | None = None) -> Path:
+    """One line per series (x, y), or several panels side by side (``panels``: panel title -> series)."""
+    plt = _pyplot()
+    groups = panels or {title: series}
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.2 * len(groups), 4.2), squeeze=False)
+    for ax, (name, lines) in zip(axes[0], groups.items()):
+        for label, pts in lines.items():
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=4, lw=1.4, label=label)
+        if hline is not None:
+            ax.axhline(hline, color="gray", lw=0.8, ls=":")
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        if logx:
+            ax.set_xscale("log", base=2)
+            xs = sorted({x for pts in lines.values() for x, y in pts if y is not None})
+            ax.set_xticks(xs)
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        if logy:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+        ax.set_xlabel(xlabel)
+        if not panels:
+            ax.set_ylabel(ylabel)
+        ax.set_title(name if panels else title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    if panels:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
