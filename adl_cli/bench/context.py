@@ -236,6 +236,9 @@ def kv_cache_table(cfg, length: int, dtype_bytes: int = 2) -> list[dict[str, Any
     for name, d, shape in shapes:
         c = GPTConfig.from_dict(d)
         per_token = kv_cache_bytes_per_token(c, dtype_bytes)
+        held = decode_state_bytes(c, length, dtype_bytes)
+        if held != per_token * length:  # the formula and the model's own decode state must agree
+            raise AssertionError(f"{name}: the decode state holds {held:,} bytes for {length} tokens, the formula says {per_token * length:,}")
         if shape is None:
             from adl_cli.nn.attention.mla import mla_dims
 
@@ -243,6 +246,17 @@ def kv_cache_table(cfg, length: int, dtype_bytes: int = 2) -> list[dict[str, Any
             shape = f"latent {m.kv_lora_rank} + rope key {m.rope_head_dim} (defaults)"
         rows.append({"attention": name, "shape": shape, "bytes_per_token": per_token, "bytes_at_length": per_token * length, "length": length, "dtype_bytes": dtype_bytes})
     return rows
+
+
+def decode_state_bytes(cfg, length: int, dtype_bytes: int) -> int:
+    """Bytes of the decode state the model itself sets up for one sequence of ``length`` tokens
+    (built on the meta device: nothing is allocated)."""
+    from adl_cli.models.gpt import GPT
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(cfg, block_size=max(cfg.block_size, length), vocab_size=max(cfg.vocab_size, 1)))
+        return model.setup_cache(1, length, dtype=dtype, device="meta").nbytes()
 
 
 # ------------------------------------------------------------------ fine-tuning

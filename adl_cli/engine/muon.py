@@ -26,10 +26,12 @@ QUINTIC = (3.4445, -4.7750, 2.0315)
 CUBIC = (1.5, -0.5, 0.0)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = QUINTIC, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T of a matrix (or a batch of matrices) g = U S V^T."""
+def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = QUINTIC, eps: float = 1e-7,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximately U V^T of a matrix (or a batch of matrices) g = U S V^T, iterated in ``dtype``
+    (default: fp32, or g's own fp64; Muon passes bf16 where the run computes in bf16, as its authors do)."""
     a, b, c = coefficients
-    x = g if g.dtype == torch.float64 else g.float()
+    x = g.to(dtype or (torch.float64 if g.dtype == torch.float64 else torch.float32))
     wide = x.shape[-2] > x.shape[-1]
     if wide:
         x = x.mT  # iterate on the side with fewer rows: X X^T is then the smaller Gram matrix
@@ -72,9 +74,11 @@ def mark_non_hidden(model: nn.Module) -> None:
 class Muon(torch.optim.Optimizer):
     """Muon for groups with ``use_muon``, AdamW (decoupled decay, bias-corrected) for the others."""
 
-    def __init__(self, groups: list[dict], *, betas=(0.9, 0.95), momentum: float = 0.95, eps: float = 1e-8, ns_steps: int = 5):
+    def __init__(self, groups: list[dict], *, betas=(0.9, 0.95), momentum: float = 0.95, eps: float = 1e-8, ns_steps: int = 5,
+                 ns_dtype: torch.dtype | None = None):
         defaults = dict(lr=1e-3, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0, use_muon=False)
         super().__init__(groups, defaults)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -90,31 +94,40 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Matrices of one shape are orthogonalised together (one batched Newton-Schulz)."""
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        by_shape: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            update = newton_schulz(p.grad.add(buf, alpha=mu), group["ns_steps"])
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        for shape, ps in by_shape.items():
+            grads = [p.grad for p in ps]
+            bufs = []
+            for p in ps:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            nesterov = torch._foreach_add(grads, bufs, alpha=mu)
+            update = newton_schulz(torch.stack(nesterov), group["ns_steps"], dtype=self.ns_dtype).to(ps[0].dtype)
+            torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, list(update.unbind(0)), alpha=-lr * math.sqrt(max(1.0, shape[0] / shape[1])))
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        b1, b2 = group["betas"]
+        """torch's own AdamW arithmetic (decoupled decay, bias correction; foreach kernels)."""
+        from torch.optim.adam import adam
+
+        exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = float(state["step"])
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.mul_(1 - lr * wd)
-            denom = (v / (1 - b2**t)).sqrt_().add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        b1, b2 = group["betas"]
+        adam(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps, foreach=True, decoupled_weight_decay=True,
+             amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

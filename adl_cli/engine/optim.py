@@ -75,8 +75,9 @@ def make_muon(groups: list[dict], cfg, device: torch.device) -> tuple[torch.opti
     """Muon on the hidden layers' matrices, AdamW on the rest (see engine/muon.py)."""
     from adl_cli.engine.muon import Muon, split_for_muon
 
-    opt = Muon(split_for_muon(_with_lr(groups, cfg.lr), cfg), betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
-    return opt, f"Muon (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum}) + AdamW"
+    ns_dtype = torch.bfloat16 if getattr(cfg, "_compute_dtype", None) == torch.bfloat16 else None  # the run's compute dtype
+    opt = Muon(split_for_muon(_with_lr(groups, cfg.lr), cfg), betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum, ns_dtype=ns_dtype)
+    return opt, f"Muon (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum}, Newton-Schulz in {'bf16' if ns_dtype else 'fp32'}) + AdamW"
 
 
 def make_optimizer(name: str, groups: list[dict], cfg, device: torch.device) -> tuple[torch.optim.Optimizer, str]:

@@ -18,22 +18,13 @@ from adl_cli.engine.optim import SCHEDULES, lr_at
 from adl_cli.engine.trainer import TrainConfig, Trainer
 from adl_cli.models.gpt import GPT, GPTConfig
 
-VOCAB, BLOCK = 61, 16
+from test_trainer import BLOCK, VOCAB, batch_fn
+from test_trainer import loss_fn as lm_loss
 
 
 def gpt(dropout=0.1):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
-
-
-def batch_fn(step, micro, rank, world):
-    g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
-    x = torch.randint(0, VOCAB, (4, BLOCK + 1), generator=g)
-    return x[:, :-1], x[:, 1:]
-
-
-def lm_loss(model, batch):
-    return model(*batch)[1]
 
 
 def cfg(steps=6, **kw):
@@ -269,3 +260,20 @@ def test_tensorboard_tracking_writes_events(tmp_path):
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert (tmp_path / "metrics.jsonl").exists()  # beside metrics.jsonl, not instead of it
+
+
+def test_muon_s_adamw_part_is_torch_adamw():
+    """The tensors Muon leaves to AdamW take exactly torch.optim.AdamW's steps."""
+    from adl_cli.engine.muon import Muon
+
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+    b.data.copy_(a.data)
+    mine = Muon([{"params": [a], "use_muon": False, "lr": 0.1, "weight_decay": 0.1}], betas=(0.9, 0.95))
+    ref = torch.optim.AdamW([b], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    for _ in range(4):
+        g = torch.randn(5)
+        a.grad, b.grad = g.clone(), g.clone()
+        mine.step()
+        ref.step()
+    torch.testing.assert_close(a.data, b.data, atol=1e-7, rtol=1e-6)
