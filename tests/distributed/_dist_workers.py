@@ -101,10 +101,54 @@ def scenario(rank: int, world: int, port: int, recipe: str, root: str) -> None:
         outcome = f"interrupted: {e}"
     Path(root, f"ddp-ctrl-c.{rank}.txt").write_text(outcome)
     dist.barrier()
+    sigint_at.clear()
+    t, result = masked_run(Path(root, "masked"), grad_accum=1)
+    if rank == 0:
+        from adl_cli.engine.checkpoint import save_safetensors
+
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in t.raw_model.state_dict().items() if k != "lm_head.weight"},
+                         Path(root, "masked", "weights.safetensors"))
+        Path(root, "masked", "result.json").write_text(json.dumps({"units": result.units, "history": result.history}))
+    dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip torch's slow interpreter teardown (seconds per process on a busy machine)
+
+
+MASKED_KEEP = (3, 29)  # trained tokens (of 32) in global slices 0 and 1: a masked loss over very unequal micro-batches
+
+
+def masked_batch(step, micro, rank, world):
+    """Slice ``micro * world + rank`` of step's global batch of two sequences, targets masked to
+    MASKED_KEEP[slice] tokens (an SFT-like batch whose micro-batches train unequal counts)."""
+    piece = micro * world + rank
+    g = torch.Generator().manual_seed(100 * step + piece)
+    x = torch.randint(0, 61, (2, 17), generator=g)
+    y = x[:, 1:].clone()
+    y.view(-1)[MASKED_KEEP[piece]:] = -100
+    return x[:, :-1], y
+
+
+def masked_run(run_dir: Path, grad_accum: int):
+    """A GPT trained 3 SGD steps on ``masked_batch`` with the global token count as the unit and a
+    metric from the loss; the same global batch whatever the world size."""
+    from adl_cli.engine.trainer import TrainConfig, Trainer
+    from adl_cli.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    cfg = TrainConfig(steps=3, batch_size=2, grad_accum=grad_accum, optimizer="sgd", momentum=0.0, lr=0.5, min_lr=0.5, warmup=0,
+                      grad_clip=0.0, weight_decay=0.0, eval_every=0, checkpoint_every=0, log_every=1, precision="fp32", seed=1)
+
+    def loss(m, b):
+        value = m(*b)[1]
+        return value, {"twice": 2 * value.detach()}
+
+    t = Trainer(model, cfg, run_dir=run_dir, batch_fn=masked_batch, loss_fn=loss, units_fn=lambda b: int((b[1] != -100).sum()),
+                units_per_batch=2 * 16, progress=False)
+    result = t.fit()
+    return t, result
 
 
 def launch(fn, args: tuple, nprocs: int = 2, timeout: float = 120.0) -> None:

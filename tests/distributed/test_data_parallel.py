@@ -133,3 +133,28 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(launched):
     assert all(o.startswith("interrupted: stopped by Ctrl-C after step 2") for o in outcomes), outcomes
     assert (launched / "ddp-ctrl-c" / "checkpoints" / "step-2" / "state.json").exists()
     assert sorted(losses(launched / "ddp-ctrl-c")) == [1, 2]
+
+
+def test_a_masked_loss_over_two_ranks_is_normalised_by_the_global_token_count(launched, tmp_path):
+    """Two ranks training 3 and 29 tokens of the same global batch take the same steps, log the same
+    loss and metric, and count the same 32 tokens a step as one process accumulating both micro-batches."""
+    from safetensors.torch import load_file
+
+    t, one = workers.masked_run(tmp_path / "one", grad_accum=2)
+    two = json.loads((launched / "masked" / "result.json").read_text())
+    assert one.units == two["units"] == 3 * sum(workers.MASKED_KEEP)
+    from adl_cli.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)  # the first step's loss is the token-weighted mean, not the mean of the two micro-batch means
+    m = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        total = sum(torch.nn.functional.cross_entropy(m(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+                    for x, y in (workers.masked_batch(0, k, 0, 1) for k in range(2)))
+    assert two["history"][0]["loss"] == pytest.approx(float(total) / sum(workers.MASKED_KEEP), rel=RTOL)
+    for a, b in zip(one.history, two["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=RTOL) and a["twice"] == pytest.approx(b["twice"], rel=RTOL)
+        assert a["twice"] == pytest.approx(2 * a["loss"], rel=1e-6)
+    weights = load_file(launched / "masked" / "weights.safetensors")
+    mine = {k: v for k, v in t.raw_model.state_dict().items() if k != "lm_head.weight"}
+    for k, v in weights.items():  # fp32 sums of two terms in either order: equal to rounding
+        torch.testing.assert_close(mine[k], v, rtol=1e-5, atol=1e-6)
