@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_windows, load_tokens
-from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint
+from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint, unwrap
 from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError, opt
@@ -220,7 +220,8 @@ def run_pretrain(
 
     def loss_fn(m, batch):
         x, y = batch
-        return m(x, y)[1]
+        loss = m(x, y)[1]
+        return loss, dict(unwrap(m).aux_metrics) if gcfg.mtp_heads else {}
 
     def eval_fn(m):
         device = next(m.parameters()).device

@@ -6,7 +6,24 @@
 
 Pre-LayerNorm blocks, a 4x GELU MLP, GPT-2 initialisation N(0, 0.02) with residual
 projections scaled by 1/sqrt(2 n_layer). Parameter names follow GPT-2's layout
-(transformer.h.N.attn.c_attn ...) so converting to and from transformers is a renaming.
+(transformer.h.N.attn.c_proj ...; q, k, v are separate) so converting to and from
+transformers is a renaming plus one concatenation.
+
+Modern options, each a recipe switch (defaults give GPT-2):
+- ``norm = "rmsnorm"``: RMSNorm (Zhang & Sennrich 2019) instead of LayerNorm (nn/norms.py);
+- ``mlp = "swiglu" | "relu2"``: gated SiLU (Shazeer 2020) or squared ReLU (So et al. 2021) (nn/mlp.py);
+- ``qk_norm``: RMSNorm on each head's queries and keys before the rotation (Dehghani et al.
+  2023; OLMo 2), which bounds the attention logits;
+- ``tie_embeddings = false``: a separate output matrix (untied input/output embeddings);
+- ``zero_init_proj``: the residual output projections start at zero, so every block starts as
+  the identity (modded-nanogpt; "ReZero"-like, Bachlechner et al. 2020);
+- ``logit_softcap = c``: logits c tanh(z / c) (Gemma 2, Team et al. 2024);
+- ``unet_skips``: the first half's block outputs are added, with learned weights, to the inputs of
+  the mirrored blocks of the second half (modded-nanogpt's U-net skips);
+- ``mtp_heads = k``: k auxiliary heads, head d (one extra block each, the shared unembedding)
+  predicting token t + 1 + d from position t, trained with weight ``mtp_weight`` (Gloeckle et al.,
+  "Better & Faster Large Language Models via Multi-token Prediction", 2024); evaluation and
+  generation use the next-token head only.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from adl_cli.errors import closest
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.nn.attention import ATTENTION, ATTENTION_BLOCKS, check_options
 from adl_cli.nn.losses import fused_linear_cross_entropy
+from adl_cli.nn.norms import NORMS
 from adl_cli.nn.position import POSITIONS
 
 
@@ -45,6 +63,16 @@ class GPTConfig(ModelConfig):
     vocab_multiple: int = 64  # pad the embedding table to a multiple of this (GPU-friendly shapes)
     vocab_size: int = 0  # 0 in a recipe: the tokenizer's size, rounded up to vocab_multiple
     loss_chunk_rows: int = 1024  # rows of logits alive at once in the fused loss (1024 x 50304 fp32: 206 MB); 0 = plain loss
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    mlp_hidden: int = 0  # inner width; 0: 4 n_embd (gelu, relu2) or 8/3 n_embd rounded up to 64 (swiglu)
+    qk_norm: bool = False  # RMSNorm on each head's q and k
+    tie_embeddings: bool = True  # the output matrix is the token embedding table
+    zero_init_proj: bool = False  # residual output projections start at zero
+    logit_softcap: float = 0.0  # > 0: logits c * tanh(logits / c)
+    unet_skips: bool = False  # first-half block outputs feed the mirrored second-half blocks
+    mtp_heads: int = 0  # auxiliary multi-token-prediction heads (token t + 1 + d)
+    mtp_weight: float = 0.3  # weight of their mean loss in the training loss
     attention_options: dict[str, Any] = field(default_factory=dict)  # e.g. window, block sizes
     position_options: dict[str, Any] = field(default_factory=dict)  # e.g. rope theta, scaling
 
@@ -69,6 +97,19 @@ class GPTConfig(ModelConfig):
             names = ATTENTION.names() + ATTENTION_BLOCKS.names()
             raise ValueError(f"model.attention '{self.attention}' is unknown{closest(self.attention, names)}; choose from: {', '.join(names)}")
         check_options(self.attention, self.attention_options, self.block_size)
+        from adl_cli.nn.mlp import MLPS
+        from adl_cli.nn.norms import NORMS
+
+        for key, reg in (("norm", NORMS), ("mlp", MLPS)):
+            value = getattr(self, key)
+            if value not in reg:
+                raise ValueError(f"model.{key} '{value}' is unknown{closest(value, reg.names())}; choose from: {', '.join(reg.names())}")
+        if self.mlp_hidden < 0 or self.mtp_heads < 0:
+            raise ValueError(f"model.mlp_hidden and model.mtp_heads must be >= 0, got {self.mlp_hidden} and {self.mtp_heads}")
+        if self.logit_softcap < 0 or self.mtp_weight < 0:
+            raise ValueError(f"model.logit_softcap and model.mtp_weight must be >= 0 (0: off), got {self.logit_softcap} and {self.mtp_weight}")
+        if self.qk_norm and self.attention in ATTENTION_BLOCKS:
+            raise ValueError(f"model.qk_norm applies to the standard attention block, not to '{self.attention}'")
         if self.position not in POSITIONS:
             raise ValueError(f"model.position '{self.position}' is unknown{closest(self.position, POSITIONS.names())}; choose from: {', '.join(POSITIONS.names())}")
 
@@ -104,6 +145,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.kernel = ATTENTION.get(cfg.attention)
         self.kernel_options = dict(cfg.attention_options)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if cfg.qk_norm else None
 
     def make_cache(self, batch: int, max_len: int, *, dtype=torch.float32, device=None):
         """This block's decode cache: a ring of the last window - 1 keys under a sliding window,
@@ -120,6 +163,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = position.rotate(q, pos), position.rotate(k, pos)
         if cache is not None:
             k, v = cache.append(k, v)
@@ -130,24 +175,18 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        from adl_cli.nn.mlp import MLPS, default_hidden
+        from adl_cli.nn.norms import NORMS
+
+        norm = NORMS.get(cfg.norm)
+        self.ln_1 = norm(cfg.n_embd, bias=cfg.bias)
         block_cls = ATTENTION_BLOCKS.get(cfg.attention) if cfg.attention in ATTENTION_BLOCKS else CausalSelfAttention
         self.attn = block_cls(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_2 = norm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLPS.get(cfg.mlp)(cfg.n_embd, cfg.mlp_hidden or default_hidden(cfg.mlp, cfg.n_embd), bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, pos, position, bias=None, cache=None, segment_ids=None):
@@ -174,15 +213,25 @@ class GPT(nn.Module):
                 ),
                 drop=nn.Dropout(cfg.dropout),
                 h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+                ln_f=NORMS.get(cfg.norm)(cfg.n_embd, bias=cfg.bias),
             )
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.n_skips = cfg.n_layer // 2 if cfg.unet_skips else 0
+        if self.n_skips:
+            self.skip_weights = nn.Parameter(torch.ones(self.n_skips))
+        if cfg.mtp_heads:
+            self.mtp = nn.ModuleList(Block(cfg) for _ in range(cfg.mtp_heads))
+        self.aux_metrics: dict[str, torch.Tensor] = {}  # the last training forward's loss parts (multi-token prediction)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -225,14 +274,29 @@ class GPT(nn.Module):
             x = x + pe
         x = tr.drop(x)
         bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))
-        recompute = self.activation_checkpointing and self.training and state is None and torch.is_grad_enabled()
-        for i, block in enumerate(tr.h):
-            cache = None if state is None else state[i]
-            if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, pos, tr.pos, bias, None, segment_ids, use_reentrant=False)
-            else:
-                x = block(x, pos, tr.pos, bias, cache, segment_ids=segment_ids)
+        x = self._blocks(x, pos, bias, state, segment_ids)
+        self._trunk = x  # the last block's output, for the multi-token heads
         return tr.ln_f(x)
+
+    def _run_block(self, block, x, pos, bias, cache, segment_ids):
+        if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, pos, self.transformer.pos, bias, None, segment_ids, use_reentrant=False)
+        return block(x, pos, self.transformer.pos, bias, cache, segment_ids=segment_ids)
+
+    def _blocks(self, x, pos, bias, state, segment_ids):
+        """The blocks in order; with U-net skips the first n_skips outputs are kept and added
+        (weighted) to the inputs of the last n_skips blocks, mirrored."""
+        layers = self.transformer.h
+        skips = []
+        first_decoder = len(layers) - self.n_skips
+        for i, block in enumerate(layers):
+            if self.n_skips and i >= first_decoder:
+                j = i - first_decoder
+                x = x + self.skip_weights[j] * skips[self.n_skips - 1 - j]
+            x = self._run_block(block, x, pos, bias, None if state is None else state[i], segment_ids)
+            if i < self.n_skips:
+                skips.append(x)
+        return x
 
     def forward(self, idx, targets=None, state=None, segment_ids=None):
         """(logits, loss). With targets, loss is the mean token cross-entropy (targets -100 are
@@ -240,11 +304,39 @@ class GPT(nn.Module):
         (B, T, vocab). ``state``: a DecodeState to continue (``setup_cache``)."""
         h = self.hidden(idx, state, segment_ids)
         if targets is None:
-            return self.lm_head(h), None
+            return self.logits(h), None
+        loss = self.token_loss(h, targets)
+        if self.config.mtp_heads and self.training:
+            loss = self._with_multi_token_loss(loss, targets, segment_ids)
+        return None, loss
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.lm_head(h)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(z / cap) if cap else z
+
+    def token_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the (soft-capped) logits of h against targets (-100: left out)."""
         if self.config.loss_chunk_rows > 0:
-            return None, fused_linear_cross_entropy(h, self.lm_head.weight, targets, chunk_rows=self.config.loss_chunk_rows)
-        logits = self.lm_head(h)
-        return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            return fused_linear_cross_entropy(h, self.lm_head.weight, targets, chunk_rows=self.config.loss_chunk_rows,
+                                              softcap=self.config.logit_softcap)
+        return F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def _with_multi_token_loss(self, loss: torch.Tensor, targets: torch.Tensor, segment_ids) -> torch.Tensor:
+        """Head d (d = 1..k) reads the trunk through one more block and predicts token t + 1 + d,
+        which is targets[:, t + d]; the last d positions have no such token."""
+        trunk, T = self._trunk, targets.shape[1]
+        pos = torch.arange(T, device=targets.device)
+        bias = self.transformer.pos.bias(self.config.n_head, pos, pos)
+        aux = []
+        for d, head in enumerate(self.mtp, start=1):
+            shifted = torch.full_like(targets, -100)
+            shifted[:, : T - d] = targets[:, d:]
+            h = self.transformer.ln_f(self._run_block(head, trunk, pos, bias, None, segment_ids))
+            aux.append(self.token_loss(h, shifted))
+        mtp = torch.stack(aux).mean()
+        self.aux_metrics = {"next_token_loss": loss.detach(), "mtp_loss": mtp.detach()}
+        return loss + self.config.mtp_weight * mtp
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 N (matmuls, forward + backward) + 12 L T C (attention).

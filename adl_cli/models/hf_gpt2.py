@@ -100,6 +100,11 @@ def check_exportable(cfg: GPTConfig) -> None:
         raise AdlError(f"this model uses the {cfg.attention!r} attention block; GPT-2 has standard multi-head attention only ({', '.join(STANDARD_ATTENTION)})")
     if cfg.attention_options:
         raise AdlError(f"this model uses attention options {cfg.attention_options}; GPT-2 has plain full causal attention only")
+    modern = {"norm": "layernorm", "mlp": "gelu", "mlp_hidden": 0, "qk_norm": False, "tie_embeddings": True, "logit_softcap": 0.0,
+              "unet_skips": False, "mtp_heads": 0}
+    changed = [f"{k}={getattr(cfg, k)!r}" for k, v in modern.items() if getattr(cfg, k) != v and not (k == "mlp_hidden" and getattr(cfg, k) == 4 * cfg.n_embd)]
+    if changed:
+        raise AdlError(f"this model uses {', '.join(changed)}; GPT-2 (transformers' GPT2LMHeadModel) has none of these options")
 
 
 def adl_to_hf_config(cfg: GPTConfig, *, eot_id: int | None = None, dtype: str = "float32") -> dict[str, Any]:
