@@ -259,7 +259,11 @@ class GPT(nn.Module):
         return DecodeState(layers, max_len)
 
     def hidden(self, idx: torch.Tensor, state=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, C). ``state`` (``setup_cache``) decodes: the
+        """Final-norm hidden states (B, T, C); see ``_hidden``."""
+        return self._hidden(idx, state, segment_ids)[0]
+
+    def _hidden(self, idx: torch.Tensor, state=None, segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Final-norm hidden states (B, T, C), the last block's output). ``state`` (``setup_cache``) decodes: the
         tokens continue the state's positions and are appended to it. ``segment_ids`` (B, T):
         packed documents, each attending within itself only."""
         B, T = idx.shape
@@ -275,8 +279,7 @@ class GPT(nn.Module):
         x = tr.drop(x)
         bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))
         x = self._blocks(x, pos, bias, state, segment_ids)
-        self._trunk = x  # the last block's output, for the multi-token heads
-        return tr.ln_f(x)
+        return tr.ln_f(x), x  # (final hidden states, the last block's output: the multi-token heads' input)
 
     def _run_block(self, block, x, pos, bias, cache, segment_ids):
         if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
@@ -302,12 +305,12 @@ class GPT(nn.Module):
         """(logits, loss). With targets, loss is the mean token cross-entropy (targets -100 are
         left out) and logits is None (the fused loss never builds them); without, logits are
         (B, T, vocab). ``state``: a DecodeState to continue (``setup_cache``)."""
-        h = self.hidden(idx, state, segment_ids)
+        h, trunk = self._hidden(idx, state, segment_ids)
         if targets is None:
             return self.logits(h), None
         loss = self.token_loss(h, targets)
         if self.config.mtp_heads and self.training:
-            loss = self._with_multi_token_loss(loss, targets, segment_ids)
+            loss = self._with_multi_token_loss(loss, trunk, targets, segment_ids)
         return None, loss
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -322,10 +325,10 @@ class GPT(nn.Module):
                                               softcap=self.config.logit_softcap)
         return F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
-    def _with_multi_token_loss(self, loss: torch.Tensor, targets: torch.Tensor, segment_ids) -> torch.Tensor:
+    def _with_multi_token_loss(self, loss: torch.Tensor, trunk: torch.Tensor, targets: torch.Tensor, segment_ids) -> torch.Tensor:
         """Head d (d = 1..k) reads the trunk through one more block and predicts token t + 1 + d,
         which is targets[:, t + d]; the last d positions have no such token."""
-        trunk, T = self._trunk, targets.shape[1]
+        T = targets.shape[1]
         pos = torch.arange(T, device=targets.device)
         bias = self.transformer.pos.bias(self.config.n_head, pos, pos)
         aux = []

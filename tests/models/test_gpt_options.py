@@ -111,8 +111,7 @@ def test_multi_token_prediction_adds_its_heads_loss_in_training_only():
     x, y = idx[:, :-1], idx[:, 1:]
     m.train()
     total = m(x, y)[1]
-    h = m.hidden(x)
-    trunk = m._trunk
+    h, trunk = m._hidden(x)
     main = F.cross_entropy(m.lm_head(h).flatten(0, 1), y.flatten())
     aux = []
     pos = torch.arange(12)
