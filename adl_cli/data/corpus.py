@@ -2,7 +2,9 @@
 
 - ``pydoc``: the English reference text that ships with every Python install
   (``pydoc_data.topics``, about 465k characters: the language reference's topics).
-- ``stdlib``: the standard library's own ``.py`` source files (site-packages excluded).
+- ``stdlib``: the standard library's own ``.py`` source files (site-packages, tests and
+  ``pydoc_data`` excluded: ``pydoc_data/topics.py`` holds the pydoc text word for word, so
+  training on it would leak pydoc's held-out topics).
 - anything else: a text file, a folder (its text files, recursively) or a glob.
 """
 
@@ -27,7 +29,7 @@ def _pydoc_docs() -> list[str]:
 
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "pydoc_data"}
     return sorted(p for p in root.rglob("*.py") if not (skip & set(p.relative_to(root).parts)))
 
 
@@ -71,6 +73,89 @@ def load_documents(spec: str) -> list[str]:
     if not any(d.strip() for d in docs):
         raise AdlError(f"corpus {spec} is empty")
     return docs
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val): the last ``val_fraction`` of the text, held out whole. The cut moves to the
+    nearest document boundary, so no document is in both; a corpus of one document is cut at a
+    line break instead."""
+    sizes = [len(d) for d in docs]
+    total = sum(sizes)
+    target = total * (1.0 - val_fraction)
+    if len(docs) > 1:
+        ends, run = [], 0
+        for n in sizes:
+            run += n
+            ends.append(run)
+        k = min(range(len(docs) - 1), key=lambda i: abs(ends[i] - target))  # train = docs[: k + 1], never empty, val never empty
+        return docs[: k + 1], docs[k + 1:]
+    text = docs[0] if docs else ""
+    cut = text.find("\n", int(target))
+    if cut < 0 or cut >= len(text) - 1:
+        cut = int(target)
+    return [text[:cut]], [text[cut:]]
+
+
+def window_hashes(text: str, width: int = 64):
+    """A 64-bit polynomial hash of every ``width``-byte window of the UTF-8 text (numpy, wrapping
+    uint64 arithmetic): the same bytes anywhere give the same hash."""
+    import numpy as np
+
+    b = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8).astype(np.uint64)
+    if len(b) < width:
+        return np.zeros(0, np.uint64)
+    base = np.uint64(1_000_003)
+    inv = np.uint64(pow(1_000_003, -1, 2**64))
+    one = np.ones(1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        powers = np.concatenate((one, np.cumprod(np.full(len(b) - 1, base, dtype=np.uint64))))  # base^k (mod 2^64)
+        prefix = np.concatenate((np.zeros(1, np.uint64), np.cumsum(b * powers, dtype=np.uint64)))
+        window = prefix[width:] - prefix[:-width]  # sum_j b[i+j] base^(i+j)
+        inv_pow = np.concatenate((one, np.cumprod(np.full(len(window) - 1, inv, dtype=np.uint64))))  # base^-i
+        return window * inv_pow  # sum_j b[i+j] base^j
+
+
+def shared_windows(train: list[str], val: list[str], width: int = 64) -> tuple[int, int]:
+    """(how many of val's ``width``-byte windows occur anywhere in the training text, how many
+    there are): the leak check."""
+    import numpy as np
+
+    v = np.concatenate([window_hashes(t, width) for t in val] or [np.zeros(0, np.uint64)])
+    t = np.concatenate([window_hashes(x, width) for x in train] or [np.zeros(0, np.uint64)])
+    return int(np.isin(v, t).sum()), int(len(v))
+
+
+def drop_overlaps(train: list[str], val: list[str], width: int = 64) -> tuple[list[str], int]:
+    """The training documents without every paragraph that shares a ``width``-byte window with
+    the held-out text (pydoc repeats a topic inside another: "compound" holds "while" and "with"),
+    and how many paragraphs went. Held-out text is never trained on, whole or quoted."""
+    import numpy as np
+
+    v = np.unique(np.concatenate([window_hashes(t, width) for t in val] or [np.zeros(0, np.uint64)]))
+    out, dropped = [], 0
+    for doc in train:
+        hits = np.isin(window_hashes(doc, width), v)
+        if not hits.any():
+            out.append(doc)
+            continue
+        data = doc.encode("utf-8", errors="surrogatepass")
+        bad = np.zeros(len(data) + 1, dtype=np.int64)  # bytes covered by a shared window
+        starts = np.flatnonzero(hits)
+        np.add.at(bad, starts, 1)
+        np.add.at(bad, starts + width, -1)
+        covered = np.cumsum(bad)[: len(data)] > 0
+        keep, pos = [], 0
+        for para in data.split(b"\n\n"):
+            end = pos + len(para)
+            if covered[pos:end].any():
+                dropped += 1
+            else:
+                keep.append(para)
+            pos = end + 2
+        text = b"\n\n".join(keep).decode("utf-8", errors="surrogatepass")
+        if text.strip():
+            out.append(text)
+    return out, dropped
 
 
 def corpus_key(docs: list[str]) -> str:

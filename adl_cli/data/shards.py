@@ -301,6 +301,7 @@ def shard_corpus(
     *,
     vocab_size: int = 4096,
     val_shard: bool = False,
+    val_fraction: float = 0.1,
     prefix: str | None = None,
     progress=None,
     force: bool = False,
@@ -316,7 +317,7 @@ def shard_corpus(
     import json
     from adl_cli.fileio import atomic_copy
 
-    from adl_cli.data.corpus import corpus_key, load_documents
+    from adl_cli.data.corpus import corpus_key, drop_overlaps, load_documents, split_documents
     from adl_cli.data.tokenizer import make_tokenizer
     from adl_cli.fileio import atomic_write as atomic_write_text
 
@@ -331,8 +332,12 @@ def shard_corpus(
     if tokenizer == "bpe" and vocab_size > MAX_VOCAB:
         raise AdlError(f"{opt('vocab_size')} {vocab_size:,} does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,} ids)")
     docs = load_documents(corpus)
-    text = "\n\n".join(docs) if tokenizer == "bpe" else None
-    tok = make_tokenizer(tokenizer, text=text, corpus_key=corpus_key(docs), vocab_size=vocab_size, progress=progress)
+    # A BPE learns from the documents training will see (all but the last val_fraction, held out as
+    # in load_tokens), so the tokenizer never saw the text it is validated on.
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    text = (lambda: "\n\n".join(drop_overlaps(train_docs, val_docs)[0])) if tokenizer == "bpe" else None
+    key = corpus_key([*train_docs, "\x00held out:\x00", *val_docs])  # as load_tokens names the same split
+    tok = make_tokenizer(tokenizer, text=text, corpus_key=key, vocab_size=vocab_size, progress=progress)
     if tok.vocab_size > MAX_VOCAB:
         raise AdlError(f"the tokenizer {tok.describe()} does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,} ids)")
     prefix = _safe_prefix(prefix or Path(corpus).stem or corpus)

@@ -151,8 +151,9 @@ def gpt2_tokenizer() -> Tokenizer:
     return Tokenizer("gpt2", enc)
 
 
-def bpe_tokenizer(text: str, corpus_key: str, vocab_size: int, *, progress=None) -> Tokenizer:
-    """A BPE tokenizer trained on ``text`` (cached by corpus hash and vocab size)."""
+def bpe_tokenizer(text, corpus_key: str, vocab_size: int, *, progress=None) -> Tokenizer:
+    """A BPE tokenizer trained on ``text`` (a string, or a function giving it, called only when the
+    cache of this corpus hash and vocab size is empty)."""
     from adl_cli.data import bpe
     from adl_cli.fileio import cache_dir
 
@@ -161,14 +162,14 @@ def bpe_tokenizer(text: str, corpus_key: str, vocab_size: int, *, progress=None)
     path = cache_dir() / "tokenizers" / f"bpe-{corpus_key}-{vocab_size}.tiktoken"
     if not path.exists():
         try:
-            ranks = bpe.train_bpe(text, vocab_size - 1, progress=progress)  # one id stays for <|endoftext|>
+            ranks = bpe.train_bpe(text() if callable(text) else text, vocab_size - 1, progress=progress)  # one id stays for <|endoftext|>
         except ValueError as e:
             raise AdlError(str(e)) from None
         bpe.save_ranks(ranks, path)
     return from_ranks_file(path, kind="bpe", pattern=bpe.GPT2_PATTERN)
 
 
-def make_tokenizer(spec: str, *, text: str | None = None, corpus_key: str = "", vocab_size: int = 4096, progress=None) -> Tokenizer:
+def make_tokenizer(spec: str, *, text=None, corpus_key: str = "", vocab_size: int = 4096, progress=None) -> Tokenizer:
     """bytes | bpe | gpt2 | a path to a .tiktoken file."""
     if spec == "bytes":
         return Tokenizer("bytes")

@@ -10,25 +10,25 @@ the data position to resume from is the step number.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from adl_cli.data.corpus import corpus_key, load_documents
+from adl_cli.data.corpus import corpus_key, drop_overlaps, load_documents, split_documents
 from adl_cli.data.tokenizer import Tokenizer, make_tokenizer
-from adl_cli.fileio import cache_dir
 from adl_cli.errors import AdlError
-from adl_cli.fileio import atomic_path, atomic_write
+from adl_cli.fileio import atomic_path, atomic_write, cache_dir
 
 
 @dataclass
 class DataSection:
-    corpus: str = "pydoc"  # pydoc | stdlib | a file, folder or glob
+    corpus: str = "pydoc"  # pydoc | stdlib | a file, folder or glob; its last val_fraction is held out
     tokenizer: str = "bpe"  # bytes | bpe | gpt2 | path/to/ranks.tiktoken
-    vocab_size: int = 4096  # for a bpe tokenizer trained on the corpus
+    vocab_size: int = 4096  # for a bpe tokenizer trained on the training text
     val_fraction: float = 0.1
+    extra_train: list[str] = field(default_factory=list)  # more corpora for the training stream only (never validated on)
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
@@ -42,20 +42,34 @@ class TokenData:
     val: np.ndarray
     val_bytes_per_token: float
     corpus: str
+    own_train: int = -1  # tokens at the start of ``train`` from the corpus itself (the rest: data.extra_train); -1: all
+
+    @property
+    def corpus_train(self):
+        """The training tokens that come from the corpus itself (its split's other side), without the extras."""
+        return self.train if self.own_train < 0 else self.train[: self.own_train]
 
     @property
     def n_tokens(self) -> int:
         return len(self.train) + len(self.val)
 
 
-def _tokenize_to_cache(docs: list[str], tok: Tokenizer, path: Path) -> None:
+def _tokenize_to_cache(docs: list[str], tok: Tokenizer, path: Path, own: int | None = None) -> None:
+    """Tokens of ``docs``, each followed by <|endoftext|>; the meta file records how many tokens the
+    first ``own`` documents make (the corpus's own training text, before the extras)."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     parts = []
-    for ids in tok.encode_batch(docs):
+    own_tokens = 0
+    for i, ids in enumerate(tok.encode_batch(docs)):
         parts.append(ids.astype(dtype))
         parts.append(np.array([tok.eot_id], dtype=dtype))
+        if own is not None and i < own:
+            own_tokens += len(ids) + 1
     arr = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    atomic_write(path.with_suffix(".json"), json.dumps({"dtype": np.dtype(dtype).name, "n": int(len(arr))}))
+    meta = {"dtype": np.dtype(dtype).name, "n": int(len(arr))}
+    if own is not None:
+        meta["own"] = own_tokens
+    atomic_write(path.with_suffix(".json"), json.dumps(meta))
     with atomic_path(path) as tmp:
         arr.tofile(tmp)
 
@@ -68,26 +82,62 @@ def _tokenizer_key(tok: Tokenizer) -> str:
     return tok.kind
 
 
-def load_tokens(section: DataSection, *, progress=None, tokenizer: Tokenizer | None = None) -> TokenData:
-    """Tokenize (or reuse the cache of) ``section.corpus`` and split train/val."""
-    if section.corpus.startswith("shards:"):
-        return load_shard_tokens(section, tokenizer)
-    docs = load_documents(section.corpus)
-    key = corpus_key(docs)
-    if tokenizer is None:
-        text = "\n\n".join(docs) if section.tokenizer == "bpe" else None
-        tokenizer = make_tokenizer(section.tokenizer, text=text, corpus_key=key, vocab_size=section.vocab_size, progress=progress)
+def split_texts(section: DataSection) -> tuple[list[str], list[str], list[str]]:
+    """(the corpus's training documents, the extra_train documents, held-out documents): the
+    corpus's last val_fraction, cut at a document boundary, is held out; ``extra_train`` corpora
+    join the training side only."""
+    train, val = split_documents(load_documents(section.corpus), section.val_fraction)
+    extra: list[str] = []
+    for spec in section.extra_train:
+        if spec == section.corpus:
+            raise AdlError(f"data.extra_train names the corpus itself ('{spec}'): its held-out part would be trained on")
+        extra += load_documents(spec)
+    return train, extra, val
+
+
+def _cached_stream(key: str, docs, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """(the token stream of ``docs``, the tokens of its own part): ``docs`` is a list, or a function
+    giving (documents, how many of them are the corpus's own) when the cache is empty."""
     path = cache_dir() / "tokens" / f"{key}-{_tokenizer_key(tokenizer)}.bin"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or not path.with_suffix(".json").exists():
-        _tokenize_to_cache(docs, tokenizer, path)
+        if callable(docs):
+            listed, own = docs()
+            _tokenize_to_cache(listed, tokenizer, path, own)
+        else:
+            _tokenize_to_cache(docs, tokenizer, path)
     meta = json.loads(path.with_suffix(".json").read_text())
-    tokens = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["n"],))
-    n_val = max(1, int(len(tokens) * section.val_fraction))
-    train, val = tokens[:-n_val], tokens[-n_val:]
+    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["n"],)), int(meta.get("own", -1))
+
+
+def load_tokens(section: DataSection, *, progress=None, tokenizer: Tokenizer | None = None) -> TokenData:
+    """Tokenize (or reuse the caches of) the training and held-out documents. The training side
+    loses every paragraph that quotes the held-out text (``drop_overlaps``), and a BPE tokenizer
+    is trained on it alone. Both are cached under a hash of the raw split, so the (seconds of)
+    overlap search runs once per corpus."""
+    if section.corpus.startswith("shards:"):
+        if section.extra_train:
+            raise AdlError("data.extra_train adds text to a corpus; token shards are already tokenized: write the extra text into the shards (adl data shard)")
+        return load_shard_tokens(section, tokenizer)
+    own_raw, extra_raw, val_docs = split_texts(section)
+    key = corpus_key([*own_raw, "\x00extra:\x00", *extra_raw, "\x00held out:\x00", *val_docs])
+    cleaned: list[tuple[list[str], int]] = []
+
+    def train_docs() -> tuple[list[str], int]:
+        if not cleaned:
+            own, _ = drop_overlaps(own_raw, val_docs)
+            extra, _ = drop_overlaps(extra_raw, val_docs)
+            cleaned.append((own + extra, len(own)))
+        return cleaned[0]
+
+    if tokenizer is None:
+        text = (lambda: "\n\n".join(train_docs()[0])) if section.tokenizer == "bpe" else None
+        tokenizer = make_tokenizer(section.tokenizer, text=text, corpus_key=key, vocab_size=section.vocab_size, progress=progress)
+    train, own = _cached_stream(key + "-train", train_docs, tokenizer)
+    val, _ = _cached_stream(corpus_key(val_docs) + "-val", val_docs, tokenizer)
     sample = val[: min(len(val), 200_000)]
     bpt = tokenizer.token_bytes(sample) / max(1, len(sample))
-    return TokenData(tokenizer, train, val, bpt, section.corpus)
+    return TokenData(tokenizer, train, val, bpt, section.corpus, own_train=own)
 
 
 def load_shard_tokens(section: DataSection, tokenizer: Tokenizer | None) -> TokenData:
@@ -149,8 +199,25 @@ class WindowBatches:
         return windows(self.tokens, starts[i * self.batch_size : (i + 1) * self.batch_size], self.block)
 
 
-def eval_windows(tokens, block: int, batch_size: int, n_batches: int, seed: int, rank: int = 0, world: int = 1):
-    """The same fixed evaluation batches every time (rank r takes every world-th one)."""
-    for i in range(rank, n_batches, world):
-        starts = window_starts(len(tokens), block, batch_size, seed + 1_000_003, i)
-        yield windows(tokens, starts, block)
+def split_windows(tokens, block: int, batch_size: int, max_batches: int | None = None):
+    """Consecutive windows over a split, each token scored once: batches of (x, y) where y is -100
+    where a token was already scored (the last window is end-aligned and overlaps the one before).
+    ``max_batches`` stops early (the first that many batches); None covers the whole split."""
+    n = len(tokens)
+    if n < block + 1:
+        raise AdlError(f"the split has {n} tokens, too few for a window of {block} + 1")
+    starts = list(range(0, n - block, block))
+    last = n - block - 1
+    if starts[-1] + block < n - 1:
+        starts.append(last)
+    for b in range(0, len(starts), batch_size):
+        if max_batches is not None and b // batch_size >= max_batches:
+            return
+        chunk = starts[b:b + batch_size]
+        x, y = windows(tokens, np.asarray(chunk), block)
+        y = y.clone()  # y and x share memory
+        for row, s in enumerate(chunk):
+            if s == last and len(starts) > 1:
+                seen = starts[-2] + block  # the last target position the previous window scored
+                y[row, : seen - s] = -100
+        yield x, y

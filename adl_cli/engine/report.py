@@ -103,7 +103,9 @@ def summary_table(s: dict[str, Any], title: str = "run summary") -> Table:
         ("tokens/s (median)", _fmt(s.get("tokens_per_s"), "int")),
         ("model FLOPs utilisation", _fmt(s.get("mfu"), "pct") + f" of the measured {s.get('mfu_peak_dtype', 'float32')} matmul peak" if s.get("mfu") is not None else "-"),
         ("train loss (nats/token)", _fmt(s.get("train_loss")) + " (mean of the last 10% of logged steps, training mode)" if s.get("train_loss") is not None else "-"),
-        ("val loss (nats/token)", _fmt(s.get("val_loss"))),
+        ("val loss (nats/token)", _fmt(s.get("val_loss")) + (f" over {s['val_tokens']:,} held-out tokens" if s.get("val_tokens") else "")),
+        *([("train loss, eval mode", _fmt(s["train_eval_loss"]) + f" (same windowing; gap {s['val_loss'] - s['train_eval_loss']:+.3f})")]
+          if s.get("train_eval_loss") is not None and s.get("val_loss") is not None else []),
         ("val bits per byte", _fmt(s.get("val_bits_per_byte"))),
         *([("EMA val loss (nats/token)", _fmt(s["ema_val_loss"]))] if s.get("ema_val_loss") is not None else []),
         ("unigram baseline loss", _fmt(s.get("unigram_loss")) + " nats/token" if s.get("unigram_loss") is not None else "-"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, eval_windows, load_tokens
+from adl_cli.data.tokens import DataSection, TokenData, WindowBatches, load_tokens
 from adl_cli.engine.checkpoint import atomic_write_text, latest_checkpoint, unwrap
 from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
@@ -223,12 +223,14 @@ def run_pretrain(
         loss = m(x, y)[1]
         return loss, dict(unwrap(m).aux_metrics) if gcfg.mtp_heads else {}
 
+    train_slice = _train_probe(data, tc.seed)
+
     def eval_fn(m):
-        device = next(m.parameters()).device
-        total = torch.zeros((), device=device)  # summed on the device: one host sync per evaluation
-        for x, y in eval_windows(data.val, gcfg.block_size, tc.batch_size, tc.eval_batches, tc.seed):
-            total += m(x.to(device), y.to(device))[1]
-        return {"val_loss": total.item() / tc.eval_batches}
+        """Loss over the held-out split (every token once, up to eval_batches batches) and over an
+        equally long, fixed stretch of the training stream measured the same way (eval mode, same
+        windowing): the gap between them is the generalisation gap."""
+        return {"val_loss": split_loss(m, data.val, gcfg.block_size, tc.batch_size, tc.eval_batches),
+                "train_eval_loss": split_loss(m, train_slice, gcfg.block_size, tc.batch_size, tc.eval_batches)}
 
     trainer = Trainer(
         model,
@@ -277,6 +279,32 @@ def _start_point(recipe: PretrainRecipe, out: Path, resume: bool, log):
         raise AdlError(f"init.from {recipe.init.from_}: the run has no tokenizer.json, so it cannot continue on text")
     log(f"init: weights and tokenizer from {recipe.init.from_} ({base.weights})")
     return base.tokenizer, base, base.config.vocab_size
+
+
+def split_loss(model, tokens, block: int, batch_size: int, max_batches: int) -> float:
+    """Mean next-token loss over consecutive windows of a split (each token scored once), summed on
+    the device: one host sync."""
+    from adl_cli.data.tokens import split_windows
+
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    count = 0
+    for x, y in split_windows(tokens, block, batch_size, max_batches):
+        n = int((y != -100).sum())
+        total += model(x.to(device), y.to(device))[1].float() * n
+        count += n
+    return total.item() / max(1, count)
+
+
+def _train_probe(data: TokenData, seed: int):
+    """A fixed stretch of the corpus's own training text (not the extra_train corpora: the same
+    kind of text as the held-out split) as long as the held-out split, at most all of it."""
+    import numpy as np
+
+    own = data.corpus_train
+    n = min(len(data.val), len(own))
+    start = int(np.random.default_rng([seed, 7]).integers(0, len(own) - n + 1))
+    return own[start:start + n]
 
 
 def _read_state(checkpoint: Path) -> dict:
@@ -337,6 +365,9 @@ def summarize(recipe, model, data: TokenData, result: TrainResult, sample: str, 
         "mfu_peak_dtype": result.peak_dtype,
         "train_loss": result.train_loss,
         "val_loss": val,
+        "train_eval_loss": result.metrics.get("train_eval_loss"),
+        "val_tokens": len(data.val),
+        "train_tokens_available": len(data.train),
         "ema_val_loss": result.metrics.get("ema_val_loss"),
         "optimizer_schedule": result.schedule,
         "val_bits_per_byte": val / math.log(2) / data.val_bytes_per_token if val is not None else None,

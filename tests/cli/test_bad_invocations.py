@@ -20,7 +20,7 @@ import pytest
 
 from adl_cli.cli import main
 
-TINY = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32", "--set", "model.block_size=32",
+TINY = ["--set", "data.extra_train=[]", "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32", "--set", "model.block_size=32",
         "--set", "model.vocab_multiple=8", "--set", "data.tokenizer=bytes", "--set", "train.steps=2", "--set", "train.eval_batches=1",
         "--set", "sample_tokens=2", "--no-progress"]
 
@@ -89,7 +89,7 @@ CASES = [
     # --- garbage files
     ("garbage", ["pretrain", "{W}/garbage.toml"], "TOML syntax error"),
     ("garbage", ["tokenizer", "encode", "x", "--tokenizer", "{W}/garbage.bin"], "garbage.bin"),
-    ("garbage", ["pretrain", "recipes/pretrain/tiny.toml", "--out", "{W}/new", "--set", "data.corpus=shards:{W}/garbage.bin"], "magic number"),
+    ("garbage", ["pretrain", "recipes/pretrain/tiny.toml", "--out", "{W}/new", "--set", "data.corpus=shards:{W}/garbage.bin", "--set", "data.extra_train=[]"], "magic number"),
     ("garbage", ["report", "{W}/blocker"], "blocker"),
     ("garbage", ["generate", "{W}/blocker"], "blocker"),
     # --- truncated files
@@ -99,7 +99,7 @@ CASES = [
     ("truncated", ["report", "{W}/truncated"], "summary.json"),
     ("truncated", ["bench-context", "{W}/truncated", "--lengths", "32"], "config.json"),
     ("truncated", ["tokenizer", "encode", "x", "--tokenizer", "{W}/truncated.tiktoken"], "truncated.tiktoken"),
-    ("truncated", ["pretrain", "recipes/pretrain/tiny.toml", "--out", "{W}/new", "--set", "data.tokenizer={W}/truncated.tiktoken"], "truncated.tiktoken"),
+    ("truncated", ["pretrain", "recipes/pretrain/tiny.toml", "--out", "{W}/new", "--set", "data.tokenizer={W}/truncated.tiktoken", "--set", "data.extra_train=[]"], "truncated.tiktoken"),
     # --- existing outputs
     ("existing", ["pretrain", "{W}/run/recipe.toml"], "already holds a run"),
     ("existing", ["export", "hf", "{W}/run", "--out", "{W}/hf"], "not empty"),

@@ -65,6 +65,7 @@ def test_shard_pretrain_export_import_generate(small_corpus, tmp_path, capsys, r
     sets = {
         "data.corpus": f"shards:{shards}/*.bin",
         "data.tokenizer": shards / "tokenizer.tiktoken",
+        "data.extra_train": "[]",
         "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32, "model.vocab_multiple": 8,
         "train.steps": 3, "train.batch_size": 2, "train.warmup": 1, "train.eval_every": 3, "train.eval_batches": 1,
         "train.checkpoint_every": 3, "sample_tokens": 4,
@@ -141,7 +142,7 @@ def test_exported_tokenizer_encodes_as_adl_in_transformers(small_corpus, tmp_pat
     for tok in ("bpe", "bytes"):
         run_dir, hf = tmp_path / f"run-{tok}", tmp_path / f"hf-{tok}"
         args = ["pretrain", "recipes/pretrain/tiny.toml", "--out", run_dir, "--no-progress", "--set", f"data.corpus={small_corpus}",
-                "--set", f"data.tokenizer={tok}", "--set", "data.vocab_size=400"]
+                "--set", f"data.tokenizer={tok}", "--set", "data.vocab_size=400", "--set", "data.extra_train=[]"]
         for k, v in {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32, "train.steps": 1,
                      "train.eval_batches": 1, "sample_tokens": 2}.items():
             args += ["--set", f"{k}={v}"]
