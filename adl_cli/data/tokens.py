@@ -29,10 +29,13 @@ class DataSection:
     vocab_size: int = 4096  # for a bpe tokenizer trained on the training text
     val_fraction: float = 0.1
     extra_train: list[str] = field(default_factory=list)  # more corpora for the training stream only (never validated on)
+    align: str = "random"  # random | document: training windows start anywhere, or only where a document starts
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.align not in ("random", "document"):
+            raise ValueError(f"data.align must be 'random' or 'document', got '{self.align}'")
 
 
 @dataclass
@@ -186,17 +189,59 @@ def windows(tokens, starts: np.ndarray, block: int) -> tuple[torch.Tensor, torch
 
 
 class WindowBatches:
-    """batch_fn(step, micro, rank, world) -> (x, y) for the trainer."""
+    """batch_fn(step, micro, rank, world) -> (x, y) for the trainer: random windows of the stream,
+    a pure function of (seed, step).
 
-    def __init__(self, tokens, block: int, batch_size: int, grad_accum: int, seed: int):
+    ``align = "document"``: windows start only where a document starts (after <|endoftext|>), so
+    the model always reads a document from its beginning. Warm-ups (modded-nanogpt; Li et al.,
+    "The Stability-Efficiency Dilemma", 2022, for the sequence length): over the first
+    ``seq_warmup`` steps the window grows linearly from ``seq_start`` to ``block`` tokens (in
+    steps of 16), over the first ``batch_warmup`` steps the rows from ``batch_start`` to
+    ``batch_size``; the trainer then counts each batch's own tokens (``units``)."""
+
+    def __init__(self, tokens, block: int, batch_size: int, grad_accum: int, seed: int, *, align: str = "random", eot_id: int | None = None,
+                 seq_warmup: int = 0, seq_start: int = 0, batch_warmup: int = 0, batch_start: int = 0):
         self.tokens, self.block, self.batch_size, self.grad_accum, self.seed = tokens, block, batch_size, grad_accum, seed
+        self.seq_warmup, self.seq_start = seq_warmup, max(1, min(seq_start or block, block))
+        self.batch_warmup, self.batch_start = batch_warmup, max(1, min(batch_start or batch_size, batch_size))
         window_starts(len(tokens), block, 1, seed, 0)  # fail early on a too-small split
+        self.doc_starts = None
+        if align == "document":
+            if eot_id is None:
+                raise ValueError("document-aligned batches need the tokenizer's end-of-text id")
+            ends = np.flatnonzero(np.asarray(tokens) == eot_id) + 1
+            starts = np.concatenate(([0], ends))
+            self.doc_starts = starts[starts <= len(tokens) - block - 1]
+            if len(self.doc_starts) == 0:
+                raise AdlError(f"data.align = 'document': no document start leaves a window of {block} + 1 tokens")
+        elif align != "random":
+            raise ValueError(f"align must be 'random' or 'document', got {align!r}")
+
+    @property
+    def varies(self) -> bool:
+        """Whether batches change shape over the run (the trainer then counts tokens per batch)."""
+        return bool(self.seq_warmup or self.batch_warmup)
+
+    def shape_at(self, step: int) -> tuple[int, int]:
+        """(rows, tokens per row) of step's micro-batches."""
+        rows, length = self.batch_size, self.block
+        if self.batch_warmup and step < self.batch_warmup:
+            rows = self.batch_start + (self.batch_size - self.batch_start) * step // self.batch_warmup
+        if self.seq_warmup and step < self.seq_warmup:
+            grown = self.seq_start + (self.block - self.seq_start) * step // self.seq_warmup
+            length = max(self.seq_start, min(self.block, grown - grown % 16 if grown >= 16 else grown))
+        return rows, length
 
     def __call__(self, step: int, micro: int, rank: int, world: int):
+        rows, length = self.shape_at(step)
         slices = self.grad_accum * world
-        starts = window_starts(len(self.tokens), self.block, self.batch_size * slices, self.seed, step)
+        if self.doc_starts is not None:
+            pick = np.random.default_rng([self.seed, step]).integers(0, len(self.doc_starts), size=rows * slices)
+            starts = self.doc_starts[pick]
+        else:
+            starts = window_starts(len(self.tokens), length, rows * slices, self.seed, step)
         i = micro * world + rank
-        return windows(self.tokens, starts[i * self.batch_size : (i + 1) * self.batch_size], self.block)
+        return windows(self.tokens, starts[i * rows : (i + 1) * rows], length)
 
 
 def split_windows(tokens, block: int, batch_size: int, max_batches: int | None = None):

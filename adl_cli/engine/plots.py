@@ -72,10 +72,13 @@ def series_figure(path: Path, series: dict[str, list[tuple[float, float]]], *, t
     groups = panels or {title: series}
     fig, axes = plt.subplots(1, len(groups), figsize=(6.2 * len(groups), 4.2), squeeze=False)
     for ax, (name, lines) in zip(axes[0], groups.items()):
-        for label, pts in lines.items():
+        palette = plt.cm.tab20.colors if len(lines) > 10 else plt.cm.tab10.colors  # no two series share a colour
+        for i, (label, pts) in enumerate(lines.items()):
             pts = [(x, y) for x, y in pts if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=4, lw=1.4, label=label)
+            if not pts:
+                continue
+            style = dict(color="black", lw=2.2, zorder=3) if label.startswith("baseline") else dict(color=palette[i % len(palette)], lw=1.4)
+            ax.plot(*zip(*pts), marker="o", ms=4, label=label, **style)
         if hline is not None:
             ax.axhline(hline, color="gray", lw=0.8, ls=":")
         from matplotlib.ticker import FuncFormatter

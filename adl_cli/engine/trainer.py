@@ -90,6 +90,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     log_with: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl, through accelerate: tensorboard, wandb, ...
+    seq_len_warmup: int = 0  # steps over which the training window grows from seq_len_start to model.block_size (0: off)
+    seq_len_start: int = 64
+    batch_size_warmup: int = 0  # steps over which the rows per micro-batch grow from batch_size_start to batch_size (0: off)
+    batch_size_start: int = 1
     seed: int = 1337
 
     def validate(self) -> None:
@@ -121,6 +125,11 @@ class TrainConfig:
         for name in ("momentum", "muon_momentum", "beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("seq_len_warmup", "batch_size_warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.seq_len_start < 1 or self.batch_size_start < 1:
+            raise ValueError(f"train.seq_len_start and train.batch_size_start must be >= 1, got {self.seq_len_start} and {self.batch_size_start}")
         if self.muon_lr <= 0:
             raise ValueError(f"train.muon_lr must be > 0, got {self.muon_lr}")
         if self.distributed == "fsdp" and (self.optimizer == "muon" or self.ema):

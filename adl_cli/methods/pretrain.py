@@ -124,7 +124,8 @@ def resume_grad_accum(ck_state: dict, recipe: PretrainRecipe, world: int, accum:
     tc, block = recipe.train, recipe.model.block_size
     old_world, old_accum = int(ck_state.get("world_size", world)), int(ck_state.get("grad_accum", accum))
     step, units = int(ck_state.get("step", 0)), int(ck_state.get("units", 0))
-    old_global = units // step if step else tc.batch_size * block * old_accum * old_world
+    warmups = tc.seq_len_warmup or tc.batch_size_warmup  # the early steps were smaller: the full batch is the recipe's
+    old_global = units // step if step and not warmups else tc.batch_size * block * old_accum * old_world
     new_global = tc.batch_size * block * accum * world
     if old_global == new_global:
         return accum
@@ -216,7 +217,11 @@ def run_pretrain(
             f"parallel: {world} process(es), {tc.distributed if world > 1 else 'single'}; global batch {tc.batch_size} x {gcfg.block_size} tokens "
             f"x {accum} accumulation x {world} = {tc.batch_size * gcfg.block_size * accum * world:,} tokens"
         )
-    batches = WindowBatches(data.train, gcfg.block_size, tc.batch_size, accum, tc.seed)
+    try:
+        batches = WindowBatches(data.train, gcfg.block_size, tc.batch_size, accum, tc.seed, align=recipe.data.align, eot_id=data.tokenizer.eot_id,
+                                seq_warmup=tc.seq_len_warmup, seq_start=tc.seq_len_start, batch_warmup=tc.batch_size_warmup, batch_start=tc.batch_size_start)
+    except ValueError as e:
+        raise AdlError(f"data: {e}") from None
 
     def loss_fn(m, batch):
         x, y = batch
@@ -240,6 +245,7 @@ def run_pretrain(
         loss_fn=loss_fn,
         eval_fn=eval_fn,
         units_per_batch=tc.batch_size * gcfg.block_size,
+        units_fn=(lambda b: b[0].numel()) if batches.varies else None,  # warm-ups change the batch shape: count each batch
         unit="tokens",
         flops_per_unit=model.flops_per_token(gcfg.block_size),
         accelerator=acc,

@@ -35,6 +35,18 @@ class LayerCache(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def _write(self, dim: int, max_len: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Write each new tensor into its buffer's rows length.. along ``dim``; returns the new length."""
+        t = pairs[0][1].shape[dim]
+        end = self.length + t
+        if end > max_len:
+            raise ValueError(f"the decode state holds {max_len} positions; {end} were asked for (reset it or set it up longer)")
+        rows = torch.arange(self.length, end, device=pairs[0][0].device)
+        for buf, new in pairs:
+            buf.index_copy_(dim, rows, new.to(buf.dtype))
+        self.length = end
+        return end
+
 
 class KVCache(LayerCache):
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, *, dtype=torch.float32, device=None, v_dim: int | None = None):
@@ -45,14 +57,7 @@ class KVCache(LayerCache):
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write T new keys/values (B, H, T, D) after the filled rows; the filled views back."""
-        t = k.shape[2]
-        end = self.length + t
-        if end > self.max_len:
-            raise ValueError(f"the decode state holds {self.max_len} positions; {end} were asked for (reset it or set it up longer)")
-        rows = torch.arange(self.length, end, device=self.k.device)
-        self.k.index_copy_(2, rows, k.to(self.k.dtype))
-        self.v.index_copy_(2, rows, v.to(self.v.dtype))
-        self.length = end
+        end = self._write(2, self.max_len, [(self.k, k), (self.v, v)])
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -101,14 +106,7 @@ class LatentCache(LayerCache):
         self.register_buffer("k_rope", torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device), persistent=False)
 
     def append(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = c_kv.shape[1]
-        end = self.length + t
-        if end > self.max_len:
-            raise ValueError(f"the decode state holds {self.max_len} positions; {end} were asked for (reset it or set it up longer)")
-        rows = torch.arange(self.length, end, device=self.c_kv.device)
-        self.c_kv.index_copy_(1, rows, c_kv.to(self.c_kv.dtype))
-        self.k_rope.index_copy_(1, rows, k_rope.to(self.k_rope.dtype))
-        self.length = end
+        end = self._write(1, self.max_len, [(self.c_kv, c_kv), (self.k_rope, k_rope)])
         return self.c_kv[:, :end], self.k_rope[:, :end]
 
 

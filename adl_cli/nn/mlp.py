@@ -27,26 +27,31 @@ def default_hidden(kind: str, n_embd: int) -> int:
     return 4 * n_embd
 
 
-@MLPS.register("gelu")
-class GeluMLP(nn.Module):
+class TwoLayerMLP(nn.Module):
+    """W2 act(W1 x); subclasses give the activation."""
+
     def __init__(self, n_embd: int, hidden: int, bias: bool = True):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
 
+    def activation(self, h):
+        raise NotImplementedError
+
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.activation(self.c_fc(x)))
+
+
+@MLPS.register("gelu")
+class GeluMLP(TwoLayerMLP):
+    def activation(self, h):
+        return F.gelu(h, approximate="tanh")
 
 
 @MLPS.register("relu2")
-class ReluSquaredMLP(nn.Module):
-    def __init__(self, n_embd: int, hidden: int, bias: bool = True):
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
-        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
-
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+class ReluSquaredMLP(TwoLayerMLP):
+    def activation(self, h):
+        return F.relu(h).square()
 
 
 @MLPS.register("swiglu")

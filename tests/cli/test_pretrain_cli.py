@@ -150,3 +150,13 @@ def test_report_draws_the_loss_png_and_refuses_to_replace_a_named_file(tiny_reci
     assert code == 2 and "exists" in err and mine.read_bytes() == b"keep me"
     code, _, err = run(["report", out, "--plot", tmp_path / "fig.svg"], capsys)
     assert code == 2 and "ending in .png" in err
+
+
+def test_warm_ups_count_the_tokens_each_batch_holds(tiny_recipe, tmp_path, capsys, run):
+    out = tmp_path / "run"
+    code, _, err = run(["pretrain", tiny_recipe, "--out", out, "--no-progress", "--set", "train.seq_len_warmup=4", "--set", "train.seq_len_start=16",
+                        "--set", "data.align=document"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    # block 32, batch 4, 6 steps: windows of 16, 16, 16, 24 -> 16 (multiples of 16), then 32, 32
+    assert summary["tokens"] == 4 * (16 + 16 + 16 + 16 + 32 + 32)

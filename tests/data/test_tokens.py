@@ -128,3 +128,30 @@ def test_a_bpe_tokenizer_learns_from_training_text_only(tmp_path):
     assert word in data.tokenizer.decode(data.val[:10])
     assert len(data.tokenizer.encode(word)) == len(word)  # never merged: the tokenizer never saw it
     assert len(data.tokenizer.encode("the cat sat")) < len("the cat sat")
+
+
+def test_document_aligned_windows_start_where_a_document_starts():
+    from adl_cli.data.tokens import WindowBatches
+
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate(([1000], rng.integers(0, 900, size=rng.integers(40, 120)))) for _ in range(30)]
+    stream = np.concatenate([np.concatenate((d, [999])) for d in docs])  # 999: <|endoftext|>, 1000: every document's first token
+    b = WindowBatches(stream, 32, 8, 1, seed=3, align="document", eot_id=999)
+    for step in range(5):
+        x, y = b(step, 0, 0, 1)
+        assert (x[:, 0] == 1000).all() and torch.equal(x[:, 1:], y[:, :-1])
+    x, _ = WindowBatches(stream, 32, 64, 1, seed=3)(0, 0, 0, 1)
+    assert (x[:, 0] != 1000).any()  # random windows start anywhere
+
+
+def test_sequence_length_and_batch_size_warm_up():
+    from adl_cli.data.tokens import WindowBatches
+
+    stream = np.arange(5000) % 300
+    b = WindowBatches(stream, 128, 8, 1, seed=0, seq_warmup=10, seq_start=32, batch_warmup=4, batch_start=2)
+    shapes = [b.shape_at(t) for t in range(12)]
+    assert shapes[0] == (2, 32) and shapes[10] == (8, 128) and shapes[11] == (8, 128)
+    assert all(a[0] <= c[0] and a[1] <= c[1] for a, c in zip(shapes, shapes[1:]))  # never shrinks
+    assert all(length % 16 == 0 for _, length in shapes)
+    x, y = b(3, 0, 0, 1)
+    assert tuple(x.shape) == shapes[3] and b.varies and not WindowBatches(stream, 128, 8, 1, seed=0).varies
