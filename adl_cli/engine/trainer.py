@@ -436,6 +436,7 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
         self.compile_s = None
+        self.overhead_s = 0.0
         t_start = time.perf_counter()
         progress = _Progress(cfg.steps, start, self.unit, bar=self.show_progress, main=self.acc.is_main_process)
         iv = self._new_interval()
@@ -464,12 +465,14 @@ class Trainer:
                         t_eval = time.perf_counter()
                         self._evaluate_and_log(done, progress)
                         iv.t0 += time.perf_counter() - t_eval
+                        self.overhead_s += time.perf_counter() - t_eval
                     if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                         t_ck = time.perf_counter()
                         self._check_finite(done, iv.loss, last_saved)
                         self._save(done, units, wall_before + time.perf_counter() - t_start)
                         last_saved = done
                         iv.t0 += time.perf_counter() - t_ck
+                        self.overhead_s += time.perf_counter() - t_ck
                     if stop:
                         raise StopRequested
             except StopRequested:
@@ -599,7 +602,8 @@ class Trainer:
             self.rates.append(rate)
         self.losses.append(loss)
         self.train_metrics = dict(zip(keys, reduced[1:-1]))
-        row = {"step": done, "loss": loss, **self.train_metrics, "lr": lr, f"{self.unit}_per_s": rate, "elapsed_s": elapsed}
+        row = {"step": done, "loss": loss, **self.train_metrics, "lr": lr, f"{self.unit}_per_s": rate, "elapsed_s": elapsed,
+               "train_s": elapsed - self.overhead_s}  # train_s: this session's evaluations and checkpoints left out
         self.history.append(row)
         self._log(row)
         progress.update(done, loss, lr, rate, self.train_metrics)

@@ -21,7 +21,9 @@ def test_pretrain_end_to_end_subprocess(tiny_recipe, tmp_path, run):
     for name in ("recipe.toml", "config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "summary.json", "report.md"):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0])
+    assert {"step", "loss", "lr", "tokens_per_s", "elapsed_s", "train_s"} <= set(rows[0])
+    last = [r for r in rows if "loss" in r][-1]
+    assert 0 < last["train_s"] <= last["elapsed_s"]
     assert any("val_loss" in r for r in rows)
     assert "val bits per byte" in p.stdout and "loss curve" in p.stdout
     # the resolved recipe reproduces the run's settings
