@@ -56,7 +56,7 @@ def _with_lr(groups: list[dict], lr: float) -> list[dict]:
 
 
 @OPTIMIZERS.register("adamw")
-def make_adamw(groups: list[dict], cfg, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+def make_adamw(groups: list[dict], cfg, device: torch.device, compute_dtype: torch.dtype | None = None) -> tuple[torch.optim.Optimizer, str]:
     """AdamW (fused kernel where torch has one for the device)."""
     use_fused = cfg.fused_adamw and fused_available(device)
     opt = torch.optim.AdamW(_with_lr(groups, cfg.lr), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=use_fused or None)
@@ -64,24 +64,25 @@ def make_adamw(groups: list[dict], cfg, device: torch.device) -> tuple[torch.opt
 
 
 @OPTIMIZERS.register("sgd")
-def make_sgd(groups: list[dict], cfg, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+def make_sgd(groups: list[dict], cfg, device: torch.device, compute_dtype: torch.dtype | None = None) -> tuple[torch.optim.Optimizer, str]:
     """SGD with (Nesterov) momentum ``train.momentum`` and decoupled-from-nothing L2 weight decay."""
     opt = torch.optim.SGD(_with_lr(groups, cfg.lr), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return opt, f"SGD (momentum {cfg.momentum}{', Nesterov' if cfg.momentum > 0 else ''})"
 
 
 @OPTIMIZERS.register("muon")
-def make_muon(groups: list[dict], cfg, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+def make_muon(groups: list[dict], cfg, device: torch.device, compute_dtype: torch.dtype | None = None) -> tuple[torch.optim.Optimizer, str]:
     """Muon on the hidden layers' matrices, AdamW on the rest (see engine/muon.py)."""
     from adl_cli.engine.muon import Muon, split_for_muon
 
-    ns_dtype = torch.bfloat16 if getattr(cfg, "_compute_dtype", None) == torch.bfloat16 else None  # the run's compute dtype
+    ns_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else None  # Newton-Schulz follows the run's compute dtype
     opt = Muon(split_for_muon(_with_lr(groups, cfg.lr), cfg), betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum, ns_dtype=ns_dtype)
     return opt, f"Muon (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum}, Newton-Schulz in {'bf16' if ns_dtype else 'fp32'}) + AdamW"
 
 
-def make_optimizer(name: str, groups: list[dict], cfg, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    return OPTIMIZERS.get(name)(groups, cfg, device)
+def make_optimizer(name: str, groups: list[dict], cfg, device: torch.device, compute_dtype: torch.dtype | None = None) -> tuple[torch.optim.Optimizer, str]:
+    """An optimizer from the registry: ``factory(groups, cfg, device, compute_dtype) -> (optimizer, description)``."""
+    return OPTIMIZERS.get(name)(groups, cfg, device, compute_dtype)
 
 
 def _warm(step: int, warmup: int) -> float | None:

@@ -297,8 +297,7 @@ class Trainer:
             mark_non_hidden(self.raw_model)
         fused_ok = not (self.sharded and self.precision == "fp16")  # fused AdamW rejects the sharded scaler's found_inf
         run_cfg = dataclasses.replace(cfg, fused_adamw=cfg.fused_adamw and fused_ok)
-        run_cfg._compute_dtype = self.amp_dtype  # optimizers may follow the run's compute dtype (Muon's Newton-Schulz)
-        return optim.make_optimizer(cfg.optimizer, groups, run_cfg, self.device)
+        return optim.make_optimizer(cfg.optimizer, groups, run_cfg, self.device, self.amp_dtype)
 
     # ------------------------------------------------------------------ pieces
 

@@ -69,7 +69,7 @@ class Family:
     config: type  # a ModelConfig dataclass
     build: Callable[[Any], nn.Module]
     # Old state-dict layouts of this family -> the current one (e.g. a fused qkv split in three).
-    upgrade_state: Callable[[dict], dict] = staticmethod(lambda tensors: tensors)
+    upgrade_state: Callable[[dict], dict] = lambda tensors: tensors  # noqa: E731  (an instance field: not bound as a method)
     # The model's language-model head (None: not a language model): decides which commands take it.
     language_model: bool = True
 
