@@ -68,12 +68,22 @@ seed = 7
 """
 
 
+@pytest.fixture(scope="session")
+def write_tiny_recipe(small_corpus):
+    """write_tiny_recipe(folder) -> the path of the tiny recipe written there (for fixtures wider than a test)."""
+
+    def write(folder):
+        path = folder / "tiny.toml"
+        path.write_text(TINY_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
+        return path
+
+    return write
+
+
 @pytest.fixture
-def tiny_recipe(tmp_path, small_corpus):
+def tiny_recipe(tmp_path, write_tiny_recipe):
     """A recipe for a 2-layer, 32-wide GPT on bytes of a small corpus: seconds to train."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
-    return path
+    return write_tiny_recipe(tmp_path)
 
 
 ROPE_RECIPE = """

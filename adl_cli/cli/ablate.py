@@ -14,6 +14,7 @@ def ablate(
     vary: list[str] = typer.Option(None, "--vary", "-v", help="KEY=V1,V2,... : values to try for a recipe key (repeatable).", metavar="KEY=V1,V2"),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per variant (train.seed, train.seed + 1, ...); the spread of the difference to the baseline needs 2 or more."),
     budget_tokens: int = typer.Option(None, "--budget-tokens", help="Tokens each variant trains on (steps = budget / tokens per step of the baseline)."),
+    budget_seconds: float = typer.Option(None, "--budget-seconds", help="Seconds of training per variant: a short probe of each variant measures its time per step and sets its steps."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps per variant (default: the recipe's train.steps)."),
     grid: bool = typer.Option(False, "--grid", help="Every combination of the --vary values instead of one change at a time."),
     set_: list[str] = set_option(),
@@ -23,7 +24,7 @@ def ablate(
     plot_x: str = typer.Option("time", "--plot-x", help="The figure's x axis: time (training wall time) or tokens."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out and existing --json / --plot files."),
 ) -> None:
-    """Compare recipe variants at an equal budget: [bold]adl ablate tiny --vary model.norm=layernorm,rmsnorm --vary train.optimizer=adamw,muon --seeds 2[/]"""
+    """Compare recipe variants at an equal budget of tokens or seconds: [bold]adl ablate tiny --vary model.norm=layernorm,rmsnorm --vary train.optimizer=adamw,muon --seeds 2[/]"""
     from rich.table import Table
 
     from adl_cli.console import console
@@ -38,18 +39,20 @@ def ablate(
     name = load_pretrain_recipe(recipe, set_).name
     out = out or Path("runs") / f"ablate-{name}"
     console.print(f"[bold]adl ablate[/] {recipe} -> {out}", highlight=False)
-    results = run_ablation(recipe, vary, out, seeds=seeds, budget_tokens=budget_tokens, steps=steps, overrides=set_, grid=grid, force=force,
+    results = run_ablation(recipe, vary, out, seeds=seeds, budget_tokens=budget_tokens, budget_seconds=budget_seconds, steps=steps,
+                           overrides=set_, grid=grid, force=force,
                            log=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False))
     rows = summary_rows(results)
-    table = Table(title=f"{name}: {len(results[0].seeds)} seed(s) per variant, equal tokens", title_justify="left")
+    budget = f"{budget_seconds:g} s of training each" if budget_seconds is not None else "equal tokens"
+    table = Table(title=f"{name}: {len(results[0].seeds)} seed(s) per variant, {budget}", title_justify="left")
     table.add_column("variant", overflow="fold")
-    for col in ("val bpb", "Δ bpb", "val loss", "tok/s", "train s"):
+    for col in ("val bpb", "Δ bpb", "val loss", "tok/s", "steps", "train s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         sd = f" ± {r['delta_bpb_sd']:.4f}" if r["delta_bpb_sd"] is not None else ""
         delta = "-" if r["variant"] == "baseline" else f"{r['delta_bpb']:+.4f}{sd}"
         bpb = f"{r['val_bpb']:.4f}" + (f" ± {r['val_bpb_sd']:.4f}" if r["val_bpb_sd"] is not None else "")
-        table.add_row(r["variant"], bpb, delta, f"{r['val_loss']:.4f}", f"{r['tokens_per_s']:,.0f}", f"{r['train_wall_s']:.1f}")
+        table.add_row(r["variant"], bpb, delta, f"{r['val_loss']:.4f}", f"{r['tokens_per_s']:,.0f}", str(r["steps"]), f"{r['train_wall_s']:.1f}")
     console.print(table)
     console.print("[dim]bpb: validation bits per byte (mean ± sd over seeds); Δ bpb: the mean over seeds of (variant - the baseline of the same seed), ± its sd[/]")
     if json_path is not None:

@@ -30,12 +30,15 @@ class DataSection:
     val_fraction: float = 0.1
     extra_train: list[str] = field(default_factory=list)  # more corpora for the training stream only (never validated on)
     align: str = "random"  # random | document: training windows start anywhere, or only where a document starts
+    tokenizer_text: str = "train"  # train | corpus: a bpe learns from all training text, or from the corpus's own training side only
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.align not in ("random", "document"):
             raise ValueError(f"data.align must be 'random' or 'document', got '{self.align}'")
+        if self.tokenizer_text not in ("train", "corpus"):
+            raise ValueError(f"data.tokenizer_text must be 'train' or 'corpus', got '{self.tokenizer_text}'")
 
 
 @dataclass
@@ -134,8 +137,15 @@ def load_tokens(section: DataSection, *, progress=None, tokenizer: Tokenizer | N
         return cleaned[0]
 
     if tokenizer is None:
-        text = (lambda: "\n\n".join(train_docs()[0])) if section.tokenizer == "bpe" else None
-        tokenizer = make_tokenizer(section.tokenizer, text=text, corpus_key=key, vocab_size=section.vocab_size, progress=progress)
+        own_only = section.tokenizer_text == "corpus" and bool(section.extra_train)
+
+        def bpe_text() -> str:  # training text only: the whole stream, or the corpus's own side (without extra_train)
+            docs, n_own = train_docs()
+            return "\n\n".join(docs[:n_own] if own_only else docs)
+
+        text = bpe_text if section.tokenizer == "bpe" else None
+        bpe_key = key + ("-own" if own_only else "")
+        tokenizer = make_tokenizer(section.tokenizer, text=text, corpus_key=bpe_key, vocab_size=section.vocab_size, progress=progress)
     train, own = _cached_stream(key + "-train", train_docs, tokenizer)
     val, _ = _cached_stream(corpus_key(val_docs) + "-val", val_docs, tokenizer)
     sample = val[: min(len(val), 200_000)]

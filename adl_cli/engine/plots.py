@@ -103,3 +103,48 @@ def series_figure(path: Path, series: dict[str, list[tuple[float, float]]], *, t
     if panels:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def scaling_figure(path: Path, runs: list[dict[str, Any]], *, frontier: list[tuple[float, float]], minima: list[dict[str, Any]],
+                   parabolas: list[dict[str, Any]], title: str) -> Path:
+    """Two panels. Left: final validation loss against training compute (log), one colour per model
+    size (its runs joined in order of tokens), the fitted law's compute-optimal frontier, and the
+    IsoFLOP minima. Right: the IsoFLOP profiles, loss against N per budget with their parabolas
+    (``parabolas``: budget, and the curve's points) and minima."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.4, 4.6))
+    sizes = sorted({r["params"] for r in runs})
+    colours = plt.cm.viridis([i / max(1, len(sizes) - 1) * 0.9 for i in range(len(sizes))])
+    for n, colour in zip(sizes, colours):
+        pts = sorted((r["flops"], r["val_loss"]) for r in runs if r["params"] == n)
+        label = next(f"{r['n_layer']}x{r['n_embd']} ({n / 1e6:.2f}M)" for r in runs if r["params"] == n)
+        left.plot(*zip(*pts), marker="o", ms=4, lw=1.2, color=colour, label=label)
+    if frontier:
+        left.plot(*zip(*frontier), color="black", lw=2, ls="--", label="fitted law: compute-optimal", zorder=4)
+    if minima:
+        left.scatter([m["flops"] for m in minima], [m["loss"] for m in minima], marker="*", s=140, color="crimson",
+                     zorder=5, label="IsoFLOP minima")
+    left.set_xscale("log")
+    left.set_xlabel("training compute C = 6 N D (FLOPs)")
+    left.set_ylabel("val loss (nats per token)")
+    left.set_title("loss against compute", fontsize=10)
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=8)
+    budgets = sorted({r["budget"] for r in runs})
+    bcolours = plt.cm.plasma([i / max(1, len(budgets) - 1) * 0.85 for i in range(len(budgets))])
+    for c, colour in zip(budgets, bcolours):
+        pts = sorted((r["params"], r["val_loss"]) for r in runs if r["budget"] == c)
+        right.plot(*zip(*pts), marker="o", ms=4, lw=0, color=colour, label=f"C = {c:.0e}")
+        curve = next((p["points"] for p in parabolas if p["budget"] == c), None)
+        if curve:
+            right.plot(*zip(*curve), lw=1.2, color=colour)
+        m = next((m for m in minima if abs(m["flops"] / c - 1) < 0.05), None)
+        if m:
+            right.scatter([m["n_opt"]], [m["loss"]], marker="*", s=140, color=colour, edgecolor="black", zorder=5)
+    right.set_xscale("log")
+    right.set_xlabel("parameters N")
+    right.set_title("IsoFLOP profiles (stars: minima)", fontsize=10)
+    right.grid(alpha=0.3, which="both")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

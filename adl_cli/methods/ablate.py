@@ -6,6 +6,11 @@
         for variant in order:      so a slow drift of the machine's load hits every variant alike
             run_pretrain(recipe + variant's overrides + seed, steps = budget / tokens per step)
 
+A budget in seconds of training gives each variant its own step count: a short probe run of the
+variant measures its seconds per optimizer step (``train_s`` of its log rows, the first steps left
+out), and steps = budget / that. Every seed of a variant trains the same steps, so the pairing by
+seed compares equal schedules; the table shows the training time each run actually took.
+
 Reported per variant: validation bits per byte and loss (mean and spread over seeds), tokens/s,
 training wall time, and the difference to the baseline in bits per byte with its spread (the
 standard deviation of the per-seed differences, which pairs each variant with the baseline of its
@@ -41,6 +46,7 @@ class VariantResult:
     tokens_per_s: list[float]
     train_wall_s: list[float]
     curves: list[list[dict[str, Any]]] = field(default_factory=list)  # per seed: rows with step, tokens, elapsed_s, val_loss
+    steps: int = 0
     delta_bpb: list[float] = field(default_factory=list)  # per seed: this variant minus the baseline of that seed
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,14 +107,16 @@ def make_variants(recipe_path: Path, base_overrides: list[str], varies: list[tup
 
 
 def run_ablation(recipe_path: Path, varies: list[str], out: Path, *, seeds: int = 1, budget_tokens: int | None = None,
-                 steps: int | None = None, overrides: list[str] | None = None, grid: bool = False, force: bool = False,
-                 log=print) -> list[VariantResult]:
+                 budget_seconds: float | None = None, steps: int | None = None, overrides: list[str] | None = None, grid: bool = False,
+                 force: bool = False, probe_steps: int = 25, log=print) -> list[VariantResult]:
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
     if seeds < 1:
         raise AdlError(f"{opt('seeds')} must be >= 1, got {seeds}")
-    if budget_tokens is not None and steps is not None:
-        raise AdlError(f"give {opt('budget_tokens')} or {opt('steps')}, not both")
+    if sum(x is not None for x in (budget_tokens, budget_seconds, steps)) > 1:
+        raise AdlError(f"give one of {opt('budget_tokens')}, {opt('budget_seconds')} and {opt('steps')}")
+    if budget_seconds is not None and not (budget_seconds > 0 and math.isfinite(budget_seconds)):
+        raise AdlError(f"{opt('budget_seconds')} must be a positive number of seconds, got {budget_seconds}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise AdlError(f"{out} is not empty (an earlier ablation?); choose another {opt('out')} or pass {opt('force')} to replace it")
@@ -128,14 +136,21 @@ def run_ablation(recipe_path: Path, varies: list[str], out: Path, *, seeds: int 
 
         shutil.rmtree(out)
     base_seed = base_recipe.train.seed
-    results = {v.name: VariantResult(v.name, v.overrides, [], [], [], [], []) for v in variants}
+    steps_of = {v.name: steps for v in variants}
+    if budget_seconds is not None:
+        for v in variants:
+            per_step = _seconds_per_step(recipe_path, base_overrides + v.overrides, out / "probe", probe_steps)
+            steps_of[v.name] = max(1, int(budget_seconds / per_step))
+            log(f"{v.name}: {per_step * 1000:.0f} ms per step in a {probe_steps}-step probe -> {steps_of[v.name]} steps in {budget_seconds:g} s")
+    results = {v.name: VariantResult(v.name, v.overrides, [], [], [], [], [], steps=steps_of[v.name]) for v in variants}
     for i in range(seeds):
         seed = base_seed + i
         order = variants if i % 2 == 0 else list(reversed(variants))
         for v in order:
             folder = out / _slug(v.name) / f"seed-{seed}"
-            sets = base_overrides + v.overrides + [f"train.seed={seed}", f"train.steps={steps}", "train.checkpoint_every=0"]
-            log(f"{v.name}, seed {seed}: {steps} steps -> {folder}")
+            n = steps_of[v.name]
+            sets = base_overrides + v.overrides + [f"train.seed={seed}", f"train.steps={n}", "train.checkpoint_every=0"]
+            log(f"{v.name}, seed {seed}: {n} steps -> {folder}")
             outcome = run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=False, log=lambda *a, **k: None)
             s = outcome.summary
             r = results[v.name]
@@ -149,6 +164,26 @@ def run_ablation(recipe_path: Path, varies: list[str], out: Path, *, seeds: int 
     for r in results.values():
         r.delta_bpb = [a - b for a, b in zip(r.val_bpb, base.val_bpb)]
     return [results[v.name] for v in variants]
+
+
+def _seconds_per_step(recipe_path: Path, sets: list[str], folder: Path, probe_steps: int) -> float:
+    """Training seconds per optimizer step of a recipe, from a short run's log rows (``train_s``
+    leaves evaluations out; the first fifth of the steps, warm-up of caches and allocator, too)."""
+    import shutil
+
+    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+    probe_steps = max(10, probe_steps)
+    sets = sets + [f"train.steps={probe_steps}", "train.checkpoint_every=0", "train.eval_every=0", "train.eval_batches=1",
+                   "train.log_every=1", "sample_tokens=1"]
+    try:
+        run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=False, force=True, log=lambda *a, **k: None)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    timed = [(r["step"], r["train_s"]) for r in rows if "train_s" in r]
+    (s0, t0), (s1, t1) = timed[len(timed) // 5], timed[-1]
+    return (t1 - t0) / max(1, s1 - s0)
 
 
 def _slug(name: str) -> str:
@@ -182,6 +217,7 @@ def summary_rows(results: list[VariantResult]) -> list[dict[str, Any]]:
             "delta_bpb": statistics.fmean(r.delta_bpb) if r.name != "baseline" else 0.0,
             "delta_bpb_sd": spread if r.name != "baseline" else None,
             "seeds": len(r.seeds),
+            "steps": r.steps,
         })
     return rows
 

@@ -35,3 +35,33 @@ def test_ablate_refuses_bad_variants_before_training(tiny_recipe, tmp_path, caps
     (tmp_path / "b" / "keep.txt").write_text("mine")
     code, _, err = run(["ablate", tiny_recipe, "--vary", "model.norm=rmsnorm", "--out", tmp_path / "b"], capsys)
     assert code == 2 and "not empty" in err and (tmp_path / "b" / "keep.txt").read_text() == "mine"
+
+
+def test_a_budget_in_seconds_gives_each_variant_the_steps_its_probe_allows(tiny_recipe, tmp_path, capsys, run, monkeypatch):
+    import adl_cli.methods.ablate as ablate
+
+    probes = []
+
+    def fake_probe(recipe, sets, folder, probe_steps):  # a deterministic clock: the 4-layer variant is twice as slow
+        probes.append(sets)
+        return 0.01 if "model.n_layer=4" in sets else 0.005
+
+    monkeypatch.setattr(ablate, "_seconds_per_step", fake_probe)
+    out, js = tmp_path / "abl", tmp_path / "abl.json"
+    code, text, err = run(["ablate", tiny_recipe, "--vary", "model.n_layer=4", "--budget-seconds", "0.2", "--out", out, "--json", js], capsys)
+    assert code == 0, err
+    rows = {r["variant"]: r for r in json.loads(js.read_text())["summary"]}
+    assert rows["baseline"]["steps"] == 40 and rows["model.n_layer=4"]["steps"] == 20 and len(probes) == 2
+    assert json.loads((out / "model.n_layer_4" / "seed-7" / "summary.json").read_text())["steps"] == 20
+    assert "0.2 s of training each" in text
+    code, _, err = run(["ablate", tiny_recipe, "--vary", "model.n_layer=4", "--budget-seconds", "5", "--steps", "3", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "give one of --budget-tokens, --budget-seconds and --steps" in err
+    code, _, err = run(["ablate", tiny_recipe, "--vary", "model.n_layer=4", "--budget-seconds", "-1", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "--budget-seconds must be a positive number" in err
+
+
+def test_the_time_probe_measures_training_steps_and_leaves_nothing(tiny_recipe, tmp_path):
+    from adl_cli.methods.ablate import _seconds_per_step
+
+    per_step = _seconds_per_step(tiny_recipe, [], tmp_path / "probe", 10)
+    assert 0 < per_step < 60 and not (tmp_path / "probe").exists()

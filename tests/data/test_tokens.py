@@ -155,3 +155,19 @@ def test_sequence_length_and_batch_size_warm_up():
     assert all(length % 16 == 0 for _, length in shapes)
     x, y = b(3, 0, 0, 1)
     assert tuple(x.shape) == shapes[3] and b.varies and not WindowBatches(stream, 128, 8, 1, seed=0).varies
+
+
+def test_data_tokenizer_text_corpus_learns_from_the_corpus_side_alone(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    from pydoc_data.topics import topics
+
+    (tmp_path / "corpus" / "a.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:10]) + " the cat sat on the mat. " * 60)
+    (tmp_path / "corpus" / "b.txt").write_text("a dog ran in the park. " * 20)  # held out
+    (tmp_path / "extra.txt").write_text("qwxz_vplk = qwxz_vplk + 1\n" * 300)
+    common = dict(corpus=str(tmp_path / "corpus"), extra_train=[str(tmp_path / "extra.txt")], tokenizer="bpe", vocab_size=300, val_fraction=0.3)
+    both = load_tokens(DataSection(**common)).tokenizer
+    own = load_tokens(DataSection(**common, tokenizer_text="corpus")).tokenizer
+    assert len(both.encode("qwxz_vplk")) < 4 and len(own.encode("qwxz_vplk")) == len("qwxz_vplk")  # the extra text taught only `both`
+    assert len(own.encode("the cat sat")) <= len(both.encode("the cat sat"))
+    with pytest.raises(ValueError, match="tokenizer_text"):
+        DataSection(tokenizer_text="all").validate()

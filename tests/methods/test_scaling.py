@@ -29,3 +29,45 @@ def test_the_fit_recovers_the_constants_of_synthetic_runs():
 def test_too_few_runs_are_refused():
     with pytest.raises(ValueError, match="at least 5 runs"):
         fit_loss_law([1e6, 2e6], [1e8, 1e9], [3.0, 2.9])
+
+
+TRUE = dict(E=1.2, A=50.0, B=900.0, alpha=0.3, beta=0.45)
+
+
+def law(n, d, c=TRUE):
+    return c["E"] + c["A"] / n ** c["alpha"] + c["B"] / d ** c["beta"]
+
+
+def test_isoflop_minima_find_the_laws_optimum_and_its_exponent():
+    from adl_cli.methods.scaling import isoflop_minima, power_law
+
+    budgets = [1e15, 1e16, 1e17, 1e18]
+    grid = np.geomspace(1e4, 1e10, 200_001)
+    truth = {b: grid[np.argmin(law(grid, b / (6 * grid)))] for b in budgets}  # a dense search of the law at each budget
+    c, n = map(np.array, zip(*[(b, x) for b in budgets for x in np.geomspace(truth[b] / 8, truth[b] * 4, 7)]))  # bracketing, off-centre
+    minima = isoflop_minima(c, n, law(n, c / (6 * n)))
+    assert [m.flops for m in minima] == pytest.approx(budgets)
+    for m, b in zip(minima, budgets):
+        assert m.inside and m.n_opt == pytest.approx(truth[b], rel=0.1)
+        assert m.n_opt * m.d_opt * 6 == pytest.approx(m.flops)
+    _, a = power_law([m.flops for m in minima], [m.n_opt for m in minima])
+    assert a == pytest.approx(TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), abs=0.02)
+
+
+def test_bootstrap_intervals_cover_the_truth_and_the_holdout_predicts_the_largest_runs():
+    from adl_cli.methods.scaling import bootstrap, holdout_check
+
+    rng = np.random.default_rng(3)
+    n = np.repeat(np.geomspace(1e5, 5e6, 6), 4)
+    d = np.tile(np.geomspace(1e5, 1e7, 4), 6)
+    loss = law(n, d) * np.exp(rng.normal(0, 0.005, size=n.shape))
+    fit = fit_loss_law(n, d, loss)
+    intervals = bootstrap(n, d, loss, fit, samples=60, seed=1)
+    for key in ("E", "alpha", "beta"):
+        iv = intervals[key]
+        assert iv.low < TRUE[key] < iv.high, key
+        assert iv.low <= getattr(fit, key) <= iv.high
+    assert intervals["alpha"].high - intervals["alpha"].low < 0.5  # informative, not the whole range
+    check = holdout_check(n, d, loss, fraction=0.1)
+    assert len(check.errors) == 2 and all(c > check.flops_cut for c, _, _ in check.errors)
+    assert check.worst < 0.03  # 0.5% noise: the extrapolated law stays within 3%
