@@ -11,13 +11,13 @@ from adl_cli.cli.common import new_output, plot_option, resolve_recipe, set_opti
 
 def scaling(
     recipe: Path = typer.Argument("tiny", help="Recipe TOML or a shipped recipe's name: the data, tokenizer, optimizer and schedule of every run."),
-    sizes: str = typer.Option(None, "--sizes", help="Model shapes LAYERSxWIDTH,... (heads of 64 dims) [default: 1x32,1x64,2x96,2x128,3x192,4x256; --quick: 1x32,1x48,1x64]."),
-    budgets: str = typer.Option(None, "--budgets", help="Compute budgets in FLOPs; a run of N parameters trains on C / 6N tokens [default: 1e12,2e12,4e12,8e12, about 15 minutes on 2 cores with the tiny recipe; --quick: those giving the smallest model 40, 80 and 160 steps]."),
+    sizes: str = typer.Option(None, "--sizes", help="Model shapes LAYERSxWIDTH,... (heads of 64 dims) [default: 2x48,2x64,2x96,2x128,3x160,4x256; --quick: 1x32,1x48,1x64]."),
+    budgets: str = typer.Option(None, "--budgets", help="Compute budgets in FLOPs; a run of N parameters trains on C / 6N tokens [default: 1.5e12,3e12,6e12,1.2e13, 12-18 minutes on 2 cores with the tiny recipe; --quick: those giving the smallest model 40, 80 and 160 steps]."),
     quick: bool = typer.Option(False, "--quick", help="A small grid of tiny models (about a minute on 2 cores): a first look, and the tests."),
     params: str = typer.Option("total", "--params", help="N counts every parameter (total, as Chinchilla) or all but the position embeddings (non-embedding)."),
-    min_steps: int = typer.Option(20, "--min-steps", help="Leave out runs that a budget gives fewer optimizer steps than this."),
+    min_steps: int = typer.Option(None, "--min-steps", help="Leave out runs that a budget gives fewer optimizer steps than this (optimisation-limited) [default: 100; --quick: 20]."),
     bootstrap_samples: int = typer.Option(200, "--bootstrap", help="Resamples of the runs for the 95% intervals of the fitted constants (0: none)."),
-    holdout: float = typer.Option(0.1, "--holdout", help="Fraction of runs, the largest by compute, left out of a second fit whose predictions of them are checked."),
+    holdout: float = typer.Option(0.1, "--holdout", help="The top fraction of compute (a budget's runs together) left out of a second fit whose predictions of them are checked."),
     set_: list[str] = set_option(),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for the runs (default: runs/scaling-<recipe name>, or -quick)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a sweep in --out: finished runs are read, the others trained."),
@@ -31,13 +31,14 @@ def scaling(
     from adl_cli.methods.pretrain import load_pretrain_recipe
     from adl_cli.methods.scaling_report import analyse, print_analysis, write_json, write_plot
     from adl_cli.methods.scaling_sweep import (
-        DEFAULT_BUDGETS, DEFAULT_SIZES, QUICK_SIZES, parse_budgets, parse_sizes, plan, run_sweep,
+        DEFAULT_BUDGETS, DEFAULT_SIZES, MIN_STEPS, QUICK_SIZES, parse_budgets, parse_sizes, plan, run_sweep,
     )
 
     if bootstrap_samples < 0:
         raise AdlError(f"{opt('bootstrap')} must be >= 0, got {bootstrap_samples}")
     if not 0.0 <= holdout < 0.5:
         raise AdlError(f"{opt('holdout')} must be in [0, 0.5), got {holdout}")
+    min_steps = min_steps if min_steps is not None else (20 if quick else MIN_STEPS)
     if min_steps < 1:
         raise AdlError(f"{opt('min_steps')} must be >= 1, got {min_steps}")
     json_path, plot = new_output(json_path, force, suffix=".json"), new_output(plot, force, suffix=".png")

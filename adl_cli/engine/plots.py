@@ -134,7 +134,7 @@ def scaling_figure(path: Path, runs: list[dict[str, Any]], *, frontier: list[tup
     bcolours = plt.cm.plasma([i / max(1, len(budgets) - 1) * 0.85 for i in range(len(budgets))])
     for c, colour in zip(budgets, bcolours):
         pts = sorted((r["params"], r["val_loss"]) for r in runs if r["budget"] == c)
-        right.plot(*zip(*pts), marker="o", ms=4, lw=0, color=colour, label=f"C = {c:.0e}")
+        right.plot(*zip(*pts), marker="o", ms=4, lw=0, color=colour, label=f"C = {c:.3g}")
         curve = next((p["points"] for p in parabolas if p["budget"] == c), None)
         if curve:
             right.plot(*zip(*curve), lw=1.2, color=colour)
@@ -142,6 +142,12 @@ def scaling_figure(path: Path, runs: list[dict[str, Any]], *, frontier: list[tup
         if m:
             right.scatter([m["n_opt"]], [m["loss"]], marker="*", s=140, color=colour, edgecolor="black", zorder=5)
     right.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for ax in (left, right):  # ticks at 1, 2 and 5 of each decade, written 2e+12: minor labels collide on a short log axis
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("parameters N")
     right.set_title("IsoFLOP profiles (stars: minima)", fontsize=10)
     right.grid(alpha=0.3, which="both")

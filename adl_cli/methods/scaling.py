@@ -159,9 +159,11 @@ class IsoFlopMinimum:
     coef: tuple[float, float, float]  # loss = c2 (log N)^2 + c1 log N + c0
     n_range: tuple[float, float]  # the smallest and largest N run at this budget
 
-    def curve(self, points: int = 40) -> list[tuple[float, float]]:
-        """The parabola over the sizes run (and out to its minimum), as (N, loss) points."""
-        lo, hi = math.log(min(self.n_range[0], self.n_opt)), math.log(max(self.n_range[1], self.n_opt))
+    def curve(self, points: int = 40, clip: bool = False) -> list[tuple[float, float]]:
+        """The parabola over the sizes run (and out to its minimum unless ``clip``), as (N, loss) points."""
+        lo, hi = math.log(self.n_range[0]), math.log(self.n_range[1])
+        if not clip:
+            lo, hi = min(lo, math.log(self.n_opt)), max(hi, math.log(self.n_opt))
         c2, c1, c0 = self.coef
         xs = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
         return [(math.exp(x), c2 * x * x + c1 * x + c0) for x in xs]
@@ -263,16 +265,21 @@ class HoldoutCheck:
         return max(abs(p / o - 1) for _, o, p in self.errors)
 
 
-def holdout_check(n, d, loss, *, fraction: float = 0.1, **fit_kwargs) -> HoldoutCheck:
-    """Fit on every run but the top ``fraction`` by compute (6 N D; at least one run left out) and
-    predict the left-out runs' losses: whether the law extrapolates in compute."""
+def holdout_check(n, d, loss, *, fraction: float = 0.1, budget=None, **fit_kwargs) -> HoldoutCheck:
+    """Fit on every run below the top ``fraction`` of compute and predict the others' losses:
+    whether the law extrapolates in compute. The left-out runs are those at or above the
+    (1 - fraction) quantile of compute (6 N D, or the ``budget`` each run was planned for, so the
+    runs of one IsoFLOP budget leave together); at least one run is left out."""
     import numpy as np
 
     n, d, loss = (np.asarray(v, dtype=np.float64) for v in (n, d, loss))
     c = 6 * n * d
-    order = np.argsort(c)
-    k = max(1, int(round(fraction * len(c))))
-    keep, out = order[:-k], order[-k:]
+    key = c if budget is None else np.asarray(budget, dtype=np.float64)
+    cut = np.quantile(key, 1.0 - fraction, method="higher")
+    out_mask = key >= cut * (1 - 1e-9)
+    if out_mask.all():
+        raise ValueError("the hold-out would leave out every run: give runs of more than one compute budget")
+    keep, out = np.flatnonzero(~out_mask), np.flatnonzero(out_mask)
     fit = fit_loss_law(n[keep], d[keep], loss[keep], **fit_kwargs)
     errors = [(float(c[i]), float(loss[i]), fit.loss(float(n[i]), float(d[i]))) for i in out]
     return HoldoutCheck(fit, float(c[keep].max()), errors)

@@ -43,12 +43,15 @@ def analyse(runs, *, bootstrap_samples: int = 200, holdout: float = 0.1, count: 
         _, b = power_law([m.flops for m in inside], [m.d_opt for m in inside])
         result.approach2 = {"a": a, "b": b, "budgets": len(inside)}
     top = max(r["budget"] for r in rows)
-    for c in (top, 10 * top, 100 * top, 1e18, 1e21):
+    for c in (top, 10 * top, 100 * top):
         n_opt, d_opt = fit.compute_optimal(c)
         result.optimal.append({"flops": c, "n": n_opt, "d": d_opt, "tokens_per_param": d_opt / n_opt, "loss": fit.loss(n_opt, d_opt)})
-    k = max(1, int(round(holdout * len(rows)))) if holdout > 0 else 0
-    if k and len(rows) - k >= 5:
-        result.holdout = holdout_check(n, d, loss, fraction=holdout)
+    if holdout > 0:
+        try:
+            check = holdout_check(n, d, loss, fraction=holdout, budget=[r["budget"] for r in rows])
+        except ValueError:  # one budget only, or too few runs below the cut to fit
+            check = None
+        result.holdout = check
     return result
 
 
@@ -56,12 +59,17 @@ def print_analysis(result: ScalingAnalysis, console, *, title: str) -> None:
     from rich.table import Table
 
     runs = Table(title=f"{title}: final validation loss", title_justify="left")
-    for col in ("run", "N", "D", "C", "val loss", "val bpb", "train s"):
-        runs.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+    for col in ("run (shape-budget)", "N", "D", "steps", "epochs", "val loss", "val bpb", "train s"):
+        runs.add_column(col, justify="left" if col.startswith("run") else "right", no_wrap=True)
     for r in sorted(result.runs, key=lambda r: (r["budget"], r["params"])):
-        runs.add_row(r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['tokens'] / 1e6:.2f}M", f"{r['flops']:.2e}", f"{r['val_loss']:.4f}",
-                     f"{r['val_bits_per_byte']:.4f}", f"{r['train_wall_s']:.1f}")
+        epochs = r.get("epochs", math.nan)
+        runs.add_row(r["name"], _count(r["params"]), _count(r["tokens"]), str(r["steps"]), f"{epochs:.2f}" if epochs == epochs else "-",
+                     f"{r['val_loss']:.4f}", f"{r['val_bits_per_byte']:.4f}", f"{r['train_wall_s']:.1f}")
     console.print(runs)
+    repeated = sum(1 for r in result.runs if r.get("epochs", 0) > 1)
+    if repeated:
+        console.print(f"[yellow]note:[/] {repeated} run(s) read their training text more than once (epochs > 1); L(N, D) assumes "
+                      "unique tokens, and repeated ones are worth less (Muennighoff et al. 2023)", highlight=False)
     f, iv = result.fit, result.intervals
     law = Table(title=f"L(N, D) = E + A/N^alpha + B/D^beta (approach 3, N = {result.count} parameters)", title_justify="left")
     law.add_column("constant")
@@ -96,8 +104,11 @@ def print_analysis(result: ScalingAnalysis, console, *, title: str) -> None:
     if result.holdout is not None:
         h = result.holdout
         errs = ", ".join(f"{o:.4f} vs {p:.4f}" for _, o, p in h.errors)
-        console.print(f"hold-out: a fit on the runs up to C = {h.flops_cut:.2e} predicts the {len(h.errors)} larger one(s) "
-                      f"(observed vs predicted: {errs}); worst error {h.worst:.2%}", highlight=False)
+        epochs = {round(r["flops"]): r.get("epochs", math.nan) for r in result.runs}
+        within = [abs(p / o - 1) for c, o, p in h.errors if not epochs.get(round(c), math.nan) > 1]
+        console.print(f"hold-out: a fit on the runs up to C = {h.flops_cut:.2e} predicts the {len(h.errors)} at the top of the compute "
+                      f"(observed vs predicted: {errs}); worst error {h.worst:.2%}"
+                      + (f", {max(within):.2%} over those within one epoch" if within and len(within) < len(h.errors) else ""), highlight=False)
 
 
 def _num(v: float) -> str:
@@ -124,7 +135,10 @@ def to_dict(result: ScalingAnalysis) -> dict[str, Any]:
     }
     if result.holdout is not None:
         h = result.holdout
+        epochs = {round(r["flops"]): r.get("epochs", math.nan) for r in result.runs}
+        within = [abs(p / o - 1) for c, o, p in h.errors if not epochs.get(round(c), math.nan) > 1]
         out["holdout"] = {"flops_cut": h.flops_cut, "worst_relative_error": h.worst,
+                          "worst_relative_error_within_one_epoch": max(within) if within else None,
                           "runs": [{"flops": c, "observed": o, "predicted": p} for c, o, p in h.errors],
                           "fit": {k: getattr(h.fit, k) for k in ("E", "A", "B", "alpha", "beta")}}
     return out
@@ -145,6 +159,6 @@ def write_plot(result: ScalingAnalysis, path: Path, *, title: str) -> None:
     for i in range(40):
         c = math.exp(lo + (hi - lo) * i / 39)
         frontier.append((c, result.fit.loss(*result.fit.compute_optimal(c))))
-    minima = [asdict(m) for m in result.minima]
-    parabolas = [{"budget": m.flops, "points": m.curve()} for m in result.minima]
+    minima = [asdict(m) for m in result.minima if m.inside]  # a minimum outside the sizes run is an extrapolation: listed, not drawn
+    parabolas = [{"budget": m.flops, "points": m.curve(clip=True)} for m in result.minima]
     scaling_figure(path, result.runs, frontier=frontier, minima=minima, parabolas=parabolas, title=title)

@@ -23,9 +23,15 @@ from typing import Any
 
 from adl_cli.errors import AdlError, opt
 
-# About 15 minutes on 2 cores (Intel AMX host, bf16): 6 sizes x 4 budgets, 2,048 tokens a step.
-DEFAULT_SIZES = "1x32,1x64,2x96,2x128,3x192,4x256"
-DEFAULT_BUDGETS = "1e12,2e12,4e12,8e12"
+# 12-18 minutes on 2 cores (Intel AMX host, bf16) with the tiny recipe (2,048 tokens a step):
+# 6 sizes x 4 budgets, less the runs under MIN_STEPS. Every shape has 2 layers or more: a 1-layer
+# transformer cannot compose attention heads (no induction heads, Olsson et al. 2022) and its loss
+# stalls at many tokens per parameter where the law keeps falling (benchmarks/RESULTS.md).
+DEFAULT_SIZES = "2x48,2x64,2x96,2x128,3x160,4x256"
+DEFAULT_BUDGETS = "1.5e12,3e12,6e12,1.2e13"
+# Runs of fewer optimizer steps are limited by optimisation (warmup, too few updates) rather than
+# by data or capacity, which is what L(N, D) describes: they are left out of the sweep.
+MIN_STEPS = 100
 # The --quick grid (the tests, a first look; about a minute): three small shapes, and budgets that
 # give the smallest 40, 80 and 160 optimizer steps of the recipe's batch.
 QUICK_SIZES = "1x32,1x48,1x64"
@@ -51,6 +57,7 @@ class SweepRun(PlannedRun):
     val_bits_per_byte: float = math.nan
     train_wall_s: float = math.nan
     tokens_per_s: float = math.nan
+    epochs: float = math.nan  # D over the training tokens available: above 1 the run repeats data, which L(N, D) does not model
 
 
 def parse_sizes(spec: str) -> list[tuple[int, int]]:
@@ -71,7 +78,7 @@ def parse_sizes(spec: str) -> list[tuple[int, int]]:
 
 def parse_budgets(spec: str) -> list[float]:
     try:
-        out = sorted({float(v) for v in spec.split(",") if v.strip()})
+        out = sorted({float(f"{float(v):.3g}") for v in spec.split(",") if v.strip()})  # 3 digits: what run names show
     except ValueError:
         raise AdlError(f"{opt('budgets')} takes FLOP counts, e.g. 1e12,2e12,4e12; got '{spec}'") from None
     if not out or out[0] <= 0 or not all(math.isfinite(v) for v in out):
@@ -88,7 +95,7 @@ def heads_for(width: int) -> int:
 
 
 def plan(recipe_path: Path, overrides: list[str], sizes: list[tuple[int, int]], budgets: list[float] | None, *,
-         count: str = "total", min_steps: int = 20) -> tuple[list[PlannedRun], list[str]]:
+         count: str = "total", min_steps: int = MIN_STEPS) -> tuple[list[PlannedRun], list[str]]:
     """(the runs, a note for each run left out). N comes from building each shape once (with the
     recipe's tokenizer's vocabulary). Without ``budgets``, the quick ones: the smallest shape
     trains for QUICK_STEPS steps."""
@@ -117,7 +124,7 @@ def plan(recipe_path: Path, overrides: list[str], sizes: list[tuple[int, int]], 
     for layers, width, heads, n in shapes:
         for c in budgets:
             steps = round(c / (6 * n) / tokens_per_step)
-            name = f"{layers}x{width}-C{c:.0e}".replace("+", "")
+            name = f"{layers}x{width}-C{c:.3g}".replace("+", "")
             if steps < min_steps:
                 skipped.append(f"{name}: {steps} steps (under {min_steps}) at this budget")
                 continue
@@ -144,12 +151,18 @@ def run_sweep(recipe_path: Path, out: Path, runs: list[PlannedRun], *, overrides
                            f"or choose another {opt('out')}")
     base = load_pretrain_recipe(recipe_path, overrides or [])
     done: list[SweepRun] = []
+    for r in runs:  # a finished run that the plan would train differently is a changed recipe: refuse before anything is lost
+        summary = _summary(out / r.name)
+        if summary is not None and (summary.get("steps") != r.steps or r.params not in (summary.get("parameters"), summary.get("parameters_non_embedding"))):
+            raise AdlError(f"{out / r.name} was trained with {summary.get('steps')} steps and {summary.get('parameters', 0):,} parameters; "
+                           f"the plan now gives {r.steps} and {r.params:,} (the recipe or the grid changed): continue it with the "
+                           f"recipe it used ({out / r.name / 'recipe.toml'}), or pass {opt('force')} to retrain the sweep")
     for i, r in enumerate(runs, 1):
         folder = out / r.name
         previous = _finished(folder, r.steps)
         if previous is None:
             if folder.exists():
-                shutil.rmtree(folder)  # an unfinished or differently planned run of this sweep: trained again
+                shutil.rmtree(folder)  # an unfinished run of this sweep (no summary.json): trained again
             log(f"[{i}/{len(runs)}] {r.name}: N {r.params:,}, D {r.tokens:,} tokens ({r.steps} steps), C {r.flops:.2e}")
             warmup = min(base.train.warmup, max(1, r.steps // 10))
             sets = list(overrides or []) + _shape_sets(r.n_layer, r.n_embd, r.n_head) + [
@@ -159,16 +172,21 @@ def run_sweep(recipe_path: Path, out: Path, runs: list[PlannedRun], *, overrides
         else:
             log(f"[{i}/{len(runs)}] {r.name}: finished earlier, read from {folder}")
         done.append(SweepRun(**asdict(r), val_loss=float(previous["val_loss"]), val_bits_per_byte=float(previous["val_bits_per_byte"]),
-                             train_wall_s=float(previous["train_wall_s"]), tokens_per_s=float(previous["tokens_per_s"])))
+                             train_wall_s=float(previous["train_wall_s"]), tokens_per_s=float(previous["tokens_per_s"]),
+                             epochs=r.tokens / max(1, int(previous.get("train_tokens_available") or 0)) if previous.get("train_tokens_available") else math.nan))
     return done
 
 
-def _finished(folder: Path, steps: int) -> dict[str, Any] | None:
+def _summary(folder: Path) -> dict[str, Any] | None:
     path = folder / "summary.json"
     if not path.exists():
         return None
     try:
-        summary = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("steps") == steps and summary.get("val_loss") is not None else None
+
+
+def _finished(folder: Path, steps: int) -> dict[str, Any] | None:
+    summary = _summary(folder)
+    return summary if summary is not None and summary.get("steps") == steps and summary.get("val_loss") is not None else None

@@ -22,7 +22,7 @@ from adl_cli.cli import main
 
 TINY = ["--set", "data.extra_train=[]", "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32", "--set", "model.block_size=32",
         "--set", "model.vocab_multiple=8", "--set", "data.tokenizer=bytes", "--set", "train.steps=2", "--set", "train.eval_batches=1",
-        "--set", "sample_tokens=2", "--no-progress"]
+        "--set", "sample_tokens=2", "--set", "model.tie_embeddings=true", "--set", "model.unet_skips=false", "--no-progress"]  # exportable to GPT-2
 
 
 @pytest.fixture(scope="module")

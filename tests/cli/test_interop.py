@@ -69,6 +69,7 @@ def test_shard_pretrain_export_import_generate(small_corpus, tmp_path, capsys, r
         "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32, "model.vocab_multiple": 8,
         "train.steps": 3, "train.batch_size": 2, "train.warmup": 1, "train.eval_every": 3, "train.eval_batches": 1,
         "train.checkpoint_every": 3, "sample_tokens": 4,
+        "model.tie_embeddings": "true", "model.unet_skips": "false",  # GPT-2's own layout: the main job's options do not export
     }
     args = ["pretrain", "recipes/pretrain/tiny.toml", "--out", run_dir, "--no-progress"]
     for k, v in sets.items():
@@ -144,7 +145,7 @@ def test_exported_tokenizer_encodes_as_adl_in_transformers(small_corpus, tmp_pat
         args = ["pretrain", "recipes/pretrain/tiny.toml", "--out", run_dir, "--no-progress", "--set", f"data.corpus={small_corpus}",
                 "--set", f"data.tokenizer={tok}", "--set", "data.vocab_size=400", "--set", "data.extra_train=[]"]
         for k, v in {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32, "train.steps": 1,
-                     "train.eval_batches": 1, "sample_tokens": 2}.items():
+                     "train.eval_batches": 1, "sample_tokens": 2, "model.tie_embeddings": "true", "model.unet_skips": "false"}.items():
             args += ["--set", f"{k}={v}"]
         code, _, err = run(args, capsys)
         assert code == 0, err

@@ -57,6 +57,11 @@ def test_a_finished_sweep_resumes_without_training_and_refuses_without_resume(sw
     assert code == 0, err
     assert text.count("finished earlier") == len(stamps) and "approach 3" in text.replace("\n", " ")
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # nothing retrained
+    budgets = ",".join(sorted({f"{r['budget']:g}" for r in json.loads((root / "fit.json").read_text())["runs"]}))
+    code, _, err = run(["scaling", recipe, "--quick", "--budgets", budgets, "--out", root / "sweep", "--resume", "--bootstrap", "0",
+                        "--set", "model.tie_embeddings=false"], capsys)
+    assert code == 2 and "the recipe or the grid changed" in err and "--force" in err  # a changed plan refuses before anything is lost
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
 
 
 @pytest.mark.parametrize("args, message", [

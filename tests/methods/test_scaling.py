@@ -69,5 +69,17 @@ def test_bootstrap_intervals_cover_the_truth_and_the_holdout_predicts_the_larges
         assert iv.low <= getattr(fit, key) <= iv.high
     assert intervals["alpha"].high - intervals["alpha"].low < 0.5  # informative, not the whole range
     check = holdout_check(n, d, loss, fraction=0.1)
-    assert len(check.errors) == 2 and all(c > check.flops_cut for c, _, _ in check.errors)
+    assert len(check.errors) == 3 and all(c > check.flops_cut for c, _, _ in check.errors)  # the top 10% of 24: C at or above its 0.9 quantile
     assert check.worst < 0.03  # 0.5% noise: the extrapolated law stays within 3%
+
+
+def test_the_holdout_leaves_a_budgets_runs_out_together():
+    from adl_cli.methods.scaling import holdout_check
+
+    budgets = [1e12] * 4 + [2e12] * 4 + [4e12] * 4
+    n = np.tile([1e5, 2e5, 4e5, 8e5], 3)
+    d = np.array(budgets) / (6 * n)
+    check = holdout_check(n, d, law(n, d), fraction=0.1, budget=budgets)
+    assert len(check.errors) == 4 and all(c == pytest.approx(4e12) for c, _, _ in check.errors)
+    with pytest.raises(ValueError, match="every run"):
+        holdout_check(n[:4], d[:4], law(n[:4], d[:4]), budget=budgets[:4])
