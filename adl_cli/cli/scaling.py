@@ -11,11 +11,11 @@ from adl_cli.cli.common import new_output, plot_option, resolve_recipe, set_opti
 
 def scaling(
     recipe: Path = typer.Argument("tiny", help="Recipe TOML or a shipped recipe's name: the data, tokenizer, optimizer and schedule of every run."),
-    sizes: str = typer.Option(None, "--sizes", help="Model shapes LAYERSxWIDTH,... (heads of 64 dims) [default: 2x48,2x64,2x96,2x128,3x160,4x256; --quick: 1x32,1x48,1x64]."),
-    budgets: str = typer.Option(None, "--budgets", help="Compute budgets in FLOPs; a run of N parameters trains on C / 6N tokens [default: 1.5e12,3e12,6e12,1.2e13, 12-18 minutes on 2 cores with the tiny recipe; --quick: those giving the smallest model 40, 80 and 160 steps]."),
+    sizes: str = typer.Option(None, "--sizes", help="Model shapes LAYERSxWIDTH,... (heads of 64 dims). Default: 2x48,2x64,2x96,2x128,3x160,4x256; with --quick: 1x32,1x48,1x64."),
+    budgets: str = typer.Option(None, "--budgets", help="Compute budgets in FLOPs; a run of N parameters trains on C / 6N tokens. Default: 1.5e12,3e12,6e12,1.2e13 (12-18 minutes on 2 cores with the tiny recipe); with --quick: those giving the smallest model 40, 80 and 160 steps."),
     quick: bool = typer.Option(False, "--quick", help="A small grid of tiny models (about a minute on 2 cores): a first look, and the tests."),
     params: str = typer.Option("total", "--params", help="N counts every parameter (total, as Chinchilla) or all but the position embeddings (non-embedding)."),
-    min_steps: int = typer.Option(None, "--min-steps", help="Leave out runs that a budget gives fewer optimizer steps than this (optimisation-limited) [default: 100; --quick: 20]."),
+    min_steps: int = typer.Option(None, "--min-steps", help="Leave out runs that a budget gives fewer optimizer steps than this (optimisation-limited). Default: 100; with --quick: 20."),
     bootstrap_samples: int = typer.Option(200, "--bootstrap", help="Resamples of the runs for the 95% intervals of the fitted constants (0: none)."),
     holdout: float = typer.Option(0.1, "--holdout", help="The top fraction of compute (a budget's runs together) left out of a second fit whose predictions of them are checked."),
     set_: list[str] = set_option(),
