@@ -11,7 +11,7 @@ from adl_cli.cli.common import new_output, plot_option, resolve_recipe, set_opti
 
 def scaling(
     recipe: Path = typer.Argument("tiny", help="Recipe TOML or a shipped recipe's name: the data, tokenizer, optimizer and schedule of every run."),
-    sizes: str = typer.Option(None, "--sizes", help="Model shapes LAYERSxWIDTH,... (heads of 64 dims). Default: 2x48,2x64,2x96,2x128,3x160,4x256; with --quick: 1x32,1x48,1x64."),
+    sizes: str = typer.Option(None, "--sizes", help="Model shapes LAYERSxWIDTH,... (heads of 64 dims where the width allows, else 32). Default: 2x48,2x64,2x96,2x128,3x160,4x256; with --quick: 1x32,1x48,1x64."),
     budgets: str = typer.Option(None, "--budgets", help="Compute budgets in FLOPs; a run of N parameters trains on C / 6N tokens. Default: 1.5e12,3e12,6e12,1.2e13 (12-18 minutes on 2 cores with the tiny recipe); with --quick: those giving the smallest model 40, 80 and 160 steps."),
     quick: bool = typer.Option(False, "--quick", help="A small grid of tiny models (about a minute on 2 cores): a first look, and the tests."),
     params: str = typer.Option("total", "--params", help="N counts every parameter (total, as Chinchilla) or all but the position embeddings (non-embedding)."),

@@ -9,7 +9,8 @@ budgets, then both Chinchilla fits (``adl_cli.methods.scaling``).
 Every run keeps the recipe's data, tokenizer, optimizer and schedule (its warmup capped at a tenth
 of the run), so the fits see one training recipe at many (N, D). The loss is the final validation
 loss over the whole held-out split. A sweep folder that already holds finished runs is continued
-with ``resume`` (each run whose summary.json records the planned steps is read, not retrained).
+with ``resume``: each run whose summary.json records the planned steps and N is read, not
+retrained; one that records others (the recipe or the grid changed) stops the sweep untouched.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def parse_budgets(spec: str) -> list[float]:
 
 
 def heads_for(width: int) -> int:
-    """Heads of 64 dimensions (one head below 128; a width not divisible by 64 keeps 32-dim heads
-    where it can)."""
+    """Heads of 64 dimensions where the width divides by 64 (128: 2), else of 32 (96: 3, 160: 5),
+    else one head (48: 1)."""
     if width % 64 == 0:
         return max(1, width // 64)
     return width // 32 if width % 32 == 0 and width >= 64 else 1
