@@ -45,16 +45,18 @@ def ablate(
     rows = summary_rows(results)
     budget = f"{budget_seconds:g} s of training each" if budget_seconds is not None else "equal tokens"
     table = Table(title=f"{name}: {len(results[0].seeds)} seed(s) per variant, {budget}", title_justify="left")
-    table.add_column("variant", overflow="fold")
-    for col in ("val bpb", "Δ bpb", "val loss", "tok/s", "steps", "train s"):
+    table.add_column("variant", overflow="fold", min_width=20)
+    timed = budget_seconds is not None
+    for col in ("val bpb", "Δ bpb ± sd", "tok/s") + (("steps",) if timed else ()) + ("train s",):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         sd = f" ± {r['delta_bpb_sd']:.4f}" if r["delta_bpb_sd"] is not None else ""
         delta = "-" if r["variant"] == "baseline" else f"{r['delta_bpb']:+.4f}{sd}"
-        bpb = f"{r['val_bpb']:.4f}" + (f" ± {r['val_bpb_sd']:.4f}" if r["val_bpb_sd"] is not None else "")
-        table.add_row(r["variant"], bpb, delta, f"{r['val_loss']:.4f}", f"{r['tokens_per_s']:,.0f}", str(r["steps"]), f"{r['train_wall_s']:.1f}")
+        steps = (str(r["steps"]),) if timed else ()
+        table.add_row(r["variant"], f"{r['val_bpb']:.4f}", delta, f"{r['tokens_per_s']:,.0f}", *steps, f"{r['train_wall_s']:.1f}")
     console.print(table)
-    console.print("[dim]bpb: validation bits per byte (mean ± sd over seeds); Δ bpb: the mean over seeds of (variant - the baseline of the same seed), ± its sd[/]")
+    console.print("[dim]val bpb: validation bits per byte, the mean over seeds (their sd and the val loss are in --json); Δ bpb: the mean "
+                  "over seeds of (variant - the baseline of the same seed), ± its sd[/]")
     if json_path is not None:
         write_json(results, json_path)
         console.print(f"[dim]table and curves written to {json_path}[/]", highlight=False)

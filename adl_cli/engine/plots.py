@@ -99,7 +99,10 @@ def series_figure(path: Path, series: dict[str, list[tuple[float, float]]], *, t
             ax.set_ylabel(ylabel)
         ax.set_title(name if panels else title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if len(lines) > 6:  # many series: the legend beside the axes, not over the lines
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        else:
+            ax.legend(fontsize=8)
     if panels:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)

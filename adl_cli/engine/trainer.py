@@ -233,7 +233,7 @@ class Trainer:
         flops_per_unit: float | None = None,
         param_groups: Callable[[nn.Module], list[dict]] | None = None,
         accelerator=None,
-        progress: bool = True,
+        progress: bool | None = True,  # a bar (or plain lines in a pipe); False: evaluation lines only; None: silent
         state_extra: dict[str, Any] | None = None,
         grad_accum: int | None = None,
         run_name: str | None = None,
@@ -245,7 +245,8 @@ class Trainer:
         self.acc = accelerator or _accelerator(cfg.log_with, self.run_dir)
         self.trackers = list(cfg.log_with)
         self.run_name = run_name or self.run_dir.name
-        self.show_progress = progress and self.acc.is_main_process
+        self.show_progress = bool(progress) and self.acc.is_main_process
+        self.silent = progress is None
         self.state_extra = state_extra or {}
         self.device = self.acc.device
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -437,7 +438,7 @@ class Trainer:
         self.compile_s = None
         self.overhead_s = 0.0
         t_start = time.perf_counter()
-        progress = _Progress(cfg.steps, start, self.unit, bar=self.show_progress, main=self.acc.is_main_process)
+        progress = _Progress(cfg.steps, start, self.unit, bar=self.show_progress, main=self.acc.is_main_process and not self.silent)
         iv = self._new_interval()
         step = start
         last_saved = start if resume else None

@@ -151,7 +151,7 @@ def run_ablation(recipe_path: Path, varies: list[str], out: Path, *, seeds: int 
             n = steps_of[v.name]
             sets = base_overrides + v.overrides + [f"train.seed={seed}", f"train.steps={n}", "train.checkpoint_every=0"]
             log(f"{v.name}, seed {seed}: {n} steps -> {folder}")
-            outcome = run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=False, log=lambda *a, **k: None)
+            outcome = run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=None, log=lambda *a, **k: None)
             s = outcome.summary
             r = results[v.name]
             r.seeds.append(seed)
@@ -177,7 +177,7 @@ def _seconds_per_step(recipe_path: Path, sets: list[str], folder: Path, probe_st
     sets = sets + [f"train.steps={probe_steps}", "train.checkpoint_every=0", "train.eval_every=0", "train.eval_batches=1",
                    "train.log_every=1", "sample_tokens=1"]
     try:
-        run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=False, force=True, log=lambda *a, **k: None)
+        run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=None, force=True, log=lambda *a, **k: None)
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -223,16 +223,21 @@ def summary_rows(results: list[VariantResult]) -> list[dict[str, Any]]:
 
 
 def plot_ablation(results: list[VariantResult], path: Path, *, x: str = "elapsed_s") -> None:
-    """Validation loss against wall time (or tokens) for every variant, each seed a line."""
+    """Validation loss against wall time (or tokens) for every variant: with several seeds, the
+    mean over seeds at each evaluation (one line per variant)."""
     from adl_cli.engine.plots import series_figure
 
     series = {}
     for r in results:
-        for seed, curve in zip(r.seeds, r.curves):
-            label = r.name if len(r.seeds) == 1 else f"{r.name} (seed {seed})"
-            series[label] = [(p[x], p["val_loss"]) for p in curve]
+        curves = [c for c in r.curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        series[r.name] = [(statistics.fmean(c[i][x] for c in curves), statistics.fmean(c[i]["val_loss"] for c in curves)) for i in range(n)]
     xlabel = "training wall time (s)" if x == "elapsed_s" else "tokens trained"
-    series_figure(path, series, title="ablation: validation loss", xlabel=xlabel, ylabel="val loss (nats per token)")
+    seeds = len(results[0].seeds)
+    title = "ablation: validation loss" + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+    series_figure(path, series, title=title, xlabel=xlabel, ylabel="val loss (nats per token)")
 
 
 def write_json(results: list[VariantResult], path: Path) -> None:

@@ -152,7 +152,7 @@ class PretrainOutcome:
 
 def run_pretrain(
     recipe: PretrainRecipe, out: Path, *, resume: bool = False, resume_from: Path | None = None, force: bool = False,
-    progress: bool = True, accelerator=None, log=print,
+    progress: bool | None = True, accelerator=None, log=print,
 ) -> PretrainOutcome:
     """Train; under torchrun / accelerate launch every process calls this, only the main one
     prints (``log``) and writes files; the others return an outcome with ``main=False``."""
@@ -249,7 +249,7 @@ def run_pretrain(
         unit="tokens",
         flops_per_unit=model.flops_per_token(gcfg.block_size),
         accelerator=acc,
-        progress=progress and main,
+        progress=None if progress is None else progress and main,
         grad_accum=accum,
         run_name=recipe.name,
     )

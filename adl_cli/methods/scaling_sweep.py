@@ -169,7 +169,7 @@ def run_sweep(recipe_path: Path, out: Path, runs: list[PlannedRun], *, overrides
             sets = list(overrides or []) + _shape_sets(r.n_layer, r.n_embd, r.n_head) + [
                 f"train.steps={r.steps}", f"train.warmup={warmup}", "train.checkpoint_every=0", "train.eval_every=0",
                 "sample_tokens=8", f"name={r.name}"]
-            previous = run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=False, log=lambda *a, **k: None).summary
+            previous = run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=None, log=lambda *a, **k: None).summary
         else:
             log(f"[{i}/{len(runs)}] {r.name}: finished earlier, read from {folder}")
         done.append(SweepRun(**asdict(r), val_loss=float(previous["val_loss"]), val_bits_per_byte=float(previous["val_bits_per_byte"]),

@@ -21,7 +21,7 @@ def test_ablate_runs_variants_pairs_them_by_seed_and_draws(tiny_recipe, tmp_path
     assert rows["baseline"]["delta_bpb"] == 0.0 and rows["train.optimizer=muon"]["delta_bpb_sd"] is not None
     assert (out / "train.optimizer_muon" / "seed-8" / "summary.json").exists()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Δ bpb" in text and "model.norm=rmsnorm" in text.replace("\n", "").replace("│", "").replace(" ", "")
+    assert "Δ bpb ± sd" in text and "model.norm=rmsnorm" in text.replace("\n", "").replace("│", "").replace(" ", "")
 
 
 def test_ablate_refuses_bad_variants_before_training(tiny_recipe, tmp_path, capsys, run):
