@@ -23,6 +23,7 @@ class ScalingAnalysis:
     approach2: dict[str, float] | None = None  # exponents a (N_opt ~ C^a) and b (D_opt ~ C^b) from the minima
     optimal: list[dict[str, float]] = field(default_factory=list)  # per budget: C, N, D, tokens per parameter, loss
     holdout: HoldoutCheck | None = None
+    holdout_within_epoch: float | None = None  # the hold-out's worst error over its runs that read each training token at most once
 
 
 def analyse(runs, *, bootstrap_samples: int = 200, holdout: float = 0.1, count: str = "total", seed: int = 0) -> ScalingAnalysis:
@@ -52,6 +53,10 @@ def analyse(runs, *, bootstrap_samples: int = 200, holdout: float = 0.1, count: 
         except ValueError:  # one budget only, or too few runs below the cut to fit
             check = None
         result.holdout = check
+        if check is not None:
+            epochs = {round(r["flops"]): r.get("epochs", math.nan) for r in rows}
+            within = [abs(p / o - 1) for c, o, p in check.errors if not epochs.get(round(c), math.nan) > 1]
+            result.holdout_within_epoch = max(within) if within and len(within) < len(check.errors) else None
     return result
 
 
@@ -104,11 +109,10 @@ def print_analysis(result: ScalingAnalysis, console, *, title: str) -> None:
     if result.holdout is not None:
         h = result.holdout
         errs = ", ".join(f"{o:.4f} vs {p:.4f}" for _, o, p in h.errors)
-        epochs = {round(r["flops"]): r.get("epochs", math.nan) for r in result.runs}
-        within = [abs(p / o - 1) for c, o, p in h.errors if not epochs.get(round(c), math.nan) > 1]
+        within = result.holdout_within_epoch
         console.print(f"hold-out: a fit on the runs up to C = {h.flops_cut:.2e} predicts the {len(h.errors)} at the top of the compute "
                       f"(observed vs predicted: {errs}); worst error {h.worst:.2%}"
-                      + (f", {max(within):.2%} over those within one epoch" if within and len(within) < len(h.errors) else ""), highlight=False)
+                      + (f", {within:.2%} over those within one epoch" if within is not None else ""), highlight=False)
 
 
 def _num(v: float) -> str:
@@ -135,10 +139,8 @@ def to_dict(result: ScalingAnalysis) -> dict[str, Any]:
     }
     if result.holdout is not None:
         h = result.holdout
-        epochs = {round(r["flops"]): r.get("epochs", math.nan) for r in result.runs}
-        within = [abs(p / o - 1) for c, o, p in h.errors if not epochs.get(round(c), math.nan) > 1]
         out["holdout"] = {"flops_cut": h.flops_cut, "worst_relative_error": h.worst,
-                          "worst_relative_error_within_one_epoch": max(within) if within else None,
+                          "worst_relative_error_within_one_epoch": result.holdout_within_epoch,
                           "runs": [{"flops": c, "observed": o, "predicted": p} for c, o, p in h.errors],
                           "fit": {k: getattr(h.fit, k) for k in ("E", "A", "B", "alpha", "beta")}}
     return out
