@@ -16,6 +16,7 @@ def scaling(
     quick: bool = typer.Option(False, "--quick", help="A small grid of tiny models (about a minute on 2 cores): a first look, and the tests."),
     params: str = typer.Option("total", "--params", help="N counts every parameter (total, as Chinchilla) or all but the position embeddings (non-embedding)."),
     min_steps: int = typer.Option(None, "--min-steps", help="Leave out runs that a budget gives fewer optimizer steps than this (optimisation-limited). Default: 100; with --quick: 20."),
+    max_epochs: float = typer.Option(None, "--max-epochs", help="Leave out runs that would read the training text more than this many times (L(N, D) is a law of unique tokens). Default: 1; with --quick: no limit."),
     bootstrap_samples: int = typer.Option(200, "--bootstrap", help="Resamples of the runs for the 95% intervals of the fitted constants (0: none)."),
     holdout: float = typer.Option(0.1, "--holdout", help="The top fraction of compute (a budget's runs together) left out of a second fit whose predictions of them are checked."),
     set_: list[str] = set_option(),
@@ -27,11 +28,13 @@ def scaling(
 ) -> None:
     """Fit a scaling law to a sweep over size and tokens: [bold]adl scaling tiny --plot scaling.png --json scaling.json[/]"""
     from adl_cli.console import console
-    from adl_cli.errors import AdlError, opt
+    from rich.markup import escape
+
+    from adl_cli.errors import AdlError, opt, render
     from adl_cli.methods.pretrain import load_pretrain_recipe
     from adl_cli.methods.scaling_report import analyse, print_analysis, write_json, write_plot
     from adl_cli.methods.scaling_sweep import (
-        DEFAULT_BUDGETS, DEFAULT_SIZES, MIN_STEPS, QUICK_SIZES, parse_budgets, parse_sizes, plan, run_sweep,
+        DEFAULT_BUDGETS, DEFAULT_SIZES, MAX_EPOCHS, MIN_STEPS, QUICK_SIZES, parse_budgets, parse_sizes, plan, run_sweep,
     )
 
     if bootstrap_samples < 0:
@@ -41,15 +44,18 @@ def scaling(
     min_steps = min_steps if min_steps is not None else (20 if quick else MIN_STEPS)
     if min_steps < 1:
         raise AdlError(f"{opt('min_steps')} must be >= 1, got {min_steps}")
+    if max_epochs is not None and not max_epochs > 0:
+        raise AdlError(f"{opt('max_epochs')} must be > 0, got {max_epochs}")
     json_path, plot = new_output(json_path, force, suffix=".json"), new_output(plot, force, suffix=".png")
     recipe = resolve_recipe(recipe)
     name = load_pretrain_recipe(recipe, set_).name
     shapes = parse_sizes(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
     flops = parse_budgets(budgets) if budgets else (None if quick else parse_budgets(DEFAULT_BUDGETS))
     out = out or Path("runs") / f"scaling-{name}{'-quick' if quick else ''}"
-    runs, skipped = plan(recipe, set_, shapes, flops, count=params, min_steps=min_steps)
+    runs, skipped = plan(recipe, set_, shapes, flops, count=params, min_steps=min_steps,
+                         max_epochs=max_epochs if max_epochs is not None else (None if quick else MAX_EPOCHS))
     for note in skipped:
-        console.print(f"[yellow]left out:[/] {note}", highlight=False)
+        console.print(f"[yellow]left out:[/] {escape(render(note, cli=True))}", highlight=False)
     if len(runs) < 5:
         raise AdlError(f"the sweep plans {len(runs)} runs; a fit needs at least 5: add {opt('sizes')} or {opt('budgets')}, or lower {opt('min_steps')}")
     tokens = sum(r.tokens for r in runs)

@@ -5,6 +5,9 @@
 - ``stdlib``: the standard library's own ``.py`` source files (site-packages, tests and
   ``pydoc_data`` excluded: ``pydoc_data/topics.py`` holds the pydoc text word for word, so
   training on it would leak pydoc's held-out topics).
+- ``stdlib-tests``: the standard library's test suite (``Lib/test``'s ``.py`` files, about 17 MB
+  on CPython 3.11): more Python for runs that need more unique tokens (``adl scaling``'s
+  largest); some installs (Debian's ``python3``) leave it out.
 - anything else: a text file, a folder (its text files, recursively) or a glob.
 """
 
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from adl_cli.errors import AdlError
 
-BUILTIN = ("pydoc", "stdlib")
+BUILTIN = ("pydoc", "stdlib", "stdlib-tests")
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tex", ".html", ".xml", ""}
 
 
@@ -31,6 +34,15 @@ def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "pydoc_data"}
     return sorted(p for p in root.rglob("*.py") if not (skip & set(p.relative_to(root).parts)))
+
+
+def _stdlib_test_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts) if root.is_dir() else []
+    if len(files) < 100:  # Debian keeps test/support and a few others; the suite is the python3-test package
+        raise AdlError(f"this Python install has no test suite in {root} (corpus 'stdlib-tests'); "
+                       "Debian and Ubuntu ship it as python3.X-test, or use another corpus")
+    return files
 
 
 def _read(files: list[Path]) -> list[str]:
@@ -69,6 +81,8 @@ def load_documents(spec: str) -> list[str]:
         return _pydoc_docs()
     if spec == "stdlib":
         return _read(_stdlib_files())
+    if spec == "stdlib-tests":
+        return _read(_stdlib_test_files())
     docs = _read(corpus_files(spec))
     if not any(d.strip() for d in docs):
         raise AdlError(f"corpus {spec} is empty")
@@ -156,6 +170,54 @@ def drop_overlaps(train: list[str], val: list[str], width: int = 64) -> tuple[li
         if text.strip():
             out.append(text)
     return out, dropped
+
+
+def dedup_paragraphs(docs: list[str], *, seen: set | None = None, min_bytes: int = 64) -> tuple[list[str], int]:
+    """The documents with every repeat of a paragraph of ``min_bytes`` or more left out (the first
+    occurrence stays; shorter ones such as a lone \"\"\" are code structure, not content), and how
+    many went. Pass one ``seen`` set to several calls to deduplicate across them. Exact repeats
+    are trained on several times per epoch and memorised first (Lee et al. 2022, "Deduplicating
+    training data makes language models better"): pydoc's topics quote one another (a fifth of
+    their text), the stdlib's codecs repeat one template."""
+    seen = set() if seen is None else seen
+    out, dropped = [], 0
+    for doc in docs:
+        keep = []
+        for para in doc.split("\n\n"):
+            body = para.strip().encode("utf-8", errors="surrogatepass")
+            if len(body) >= min_bytes:
+                digest = hashlib.blake2b(body, digest_size=16).digest()
+                if digest in seen:
+                    dropped += 1
+                    continue
+                seen.add(digest)
+            keep.append(para)
+        text = "\n\n".join(keep)
+        if text.strip():
+            out.append(text)
+    return out, dropped
+
+
+def split_key(own: list[str], extra: list[str], val: list[str], dedup: bool) -> str:
+    """The cache key of a training/held-out split: the tokenizer and token caches of one split
+    (whoever builds them: training or ``adl data shard``) share it."""
+    return corpus_key([*own, "\x00extra:\x00", *extra, "\x00held out:\x00", *val] + (["\x00dedup\x00"] if dedup else []))
+
+
+def train_side(own: list[str], extra: list[str], val: list[str], dedup: bool) -> tuple[list[str], int]:
+    """(the documents training reads, how many of them are the corpus's own): every paragraph
+    that quotes the held-out text left out (``drop_overlaps``), then, with ``dedup``, every
+    repeated paragraph (``dedup_paragraphs``, across the corpus and its extras)."""
+    own, _ = drop_overlaps(own, val)
+    extra, _ = drop_overlaps(extra, val)
+    if dedup:
+        seen: set = set()
+        own, _ = dedup_paragraphs(own, seen=seen)
+        extra, _ = dedup_paragraphs(extra, seen=seen)
+    if not own + extra:
+        raise AdlError("no training text is left once the paragraphs that quote the held-out split are left out: the corpus repeats "
+                       "its held-out text; give it more documents, or a smaller data.val_fraction")
+    return own + extra, len(own)
 
 
 def corpus_key(docs: list[str]) -> str:

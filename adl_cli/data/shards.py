@@ -303,6 +303,7 @@ def shard_corpus(
     val_shard: bool = False,
     val_fraction: float = 0.1,
     prefix: str | None = None,
+    dedup: bool = True,
     progress=None,
     force: bool = False,
 ) -> dict:
@@ -317,7 +318,7 @@ def shard_corpus(
     import json
     from adl_cli.fileio import atomic_copy
 
-    from adl_cli.data.corpus import corpus_key, drop_overlaps, load_documents, split_documents
+    from adl_cli.data.corpus import dedup_paragraphs, load_documents, split_documents, split_key, train_side
     from adl_cli.data.tokenizer import make_tokenizer
     from adl_cli.fileio import atomic_write as atomic_write_text
 
@@ -335,8 +336,10 @@ def shard_corpus(
     # A BPE learns from the documents training will see (all but the last val_fraction, held out as
     # in load_tokens), so the tokenizer never saw the text it is validated on.
     train_docs, val_docs = split_documents(docs, val_fraction)
-    text = (lambda: "\n\n".join(drop_overlaps(train_docs, val_docs)[0])) if tokenizer == "bpe" else None
-    key = corpus_key([*train_docs, "\x00held out:\x00", *val_docs])  # as load_tokens names the same split
+    text = (lambda: "\n\n".join(train_side(train_docs, [], val_docs, dedup)[0])) if tokenizer == "bpe" else None
+    key = split_key(train_docs, [], val_docs, dedup)  # as load_tokens names the same split: one tokenizer cache
+    if dedup:  # the training side without repeated paragraphs, as training reads it (the held-out tail stays whole)
+        docs = dedup_paragraphs(train_docs)[0] + val_docs
     tok = make_tokenizer(tokenizer, text=text, corpus_key=key, vocab_size=vocab_size, progress=progress)
     if tok.vocab_size > MAX_VOCAB:
         raise AdlError(f"the tokenizer {tok.describe()} does not fit llm.c's uint16 token shards (at most {MAX_VOCAB:,} ids)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adl_cli.data.corpus import corpus_key, drop_overlaps, load_documents, split_documents
+from adl_cli.data.corpus import corpus_key, load_documents, split_documents, split_key, train_side
 from adl_cli.data.tokenizer import Tokenizer, make_tokenizer
 from adl_cli.errors import AdlError
 from adl_cli.fileio import atomic_path, atomic_write, cache_dir
@@ -31,6 +31,7 @@ class DataSection:
     extra_train: list[str] = field(default_factory=list)  # more corpora for the training stream only (never validated on)
     align: str = "random"  # random | document: training windows start anywhere, or only where a document starts
     tokenizer_text: str = "train"  # train | corpus: a bpe learns from all training text, or from the corpus's own training side only
+    dedup: bool = True  # leave out repeats of training paragraphs (64 bytes or more): each is trained on once per epoch
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
@@ -126,14 +127,12 @@ def load_tokens(section: DataSection, *, progress=None, tokenizer: Tokenizer | N
             raise AdlError("data.extra_train adds text to a corpus; token shards are already tokenized: write the extra text into the shards (adl data shard)")
         return load_shard_tokens(section, tokenizer)
     own_raw, extra_raw, val_docs = split_texts(section)
-    key = corpus_key([*own_raw, "\x00extra:\x00", *extra_raw, "\x00held out:\x00", *val_docs])
+    key = split_key(own_raw, extra_raw, val_docs, section.dedup)
     cleaned: list[tuple[list[str], int]] = []
 
     def train_docs() -> tuple[list[str], int]:
         if not cleaned:
-            own, _ = drop_overlaps(own_raw, val_docs)
-            extra, _ = drop_overlaps(extra_raw, val_docs)
-            cleaned.append((own + extra, len(own)))
+            cleaned.append(train_side(own_raw, extra_raw, val_docs, section.dedup))
         return cleaned[0]
 
     if tokenizer is None:

@@ -72,7 +72,31 @@ def test_a_finished_sweep_resumes_without_training_and_refuses_without_resume(sw
     (["--params", "some"], "--params must be total or non-embedding"),
     (["--budgets", "1e3,2e3"], "a fit needs at least 5"),
     (["--holdout", "0.7"], "--holdout must be in"),
+    (["--max-epochs", "0"], "--max-epochs must be > 0"),
 ])
 def test_bad_sweeps_are_one_line_errors(tiny_recipe, tmp_path, capsys, run, args, message):
     code, _, err = run(["scaling", tiny_recipe, "--quick", "--out", tmp_path / "s"] + args, capsys)
     assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "s").exists()
+
+
+def test_runs_that_would_repeat_their_text_are_left_out(tiny_recipe):
+    from adl_cli.data.tokens import load_tokens
+    from adl_cli.methods.pretrain import load_pretrain_recipe
+    from adl_cli.methods.scaling_sweep import plan
+
+    available = len(load_tokens(load_pretrain_recipe(tiny_recipe).data).train)
+    shapes = [(1, 32), (1, 48), (1, 64)]
+    every, notes = plan(tiny_recipe, [], shapes, None, min_steps=1, max_epochs=None)
+    assert not notes
+    epochs = sorted(r.tokens / available for r in every)
+    cap = epochs[len(epochs) // 2]
+    kept, notes = plan(tiny_recipe, [], shapes, None, min_steps=1, max_epochs=cap)
+    assert [r.name for r in kept] == [r.name for r in every if r.tokens <= cap * available]
+    assert 0 < len(kept) < len(every) and len(notes) == len(every) - len(kept)
+    assert all("epochs of the" in n and "max_epochs" in n for n in notes)
+
+
+def test_the_cli_names_what_it_left_out(tiny_recipe, tmp_path, capsys, run):
+    code, text, err = run(["scaling", tiny_recipe, "--quick", "--max-epochs", "0.001", "--out", tmp_path / "s"], capsys)
+    assert code == 2 and "a fit needs at least 5" in err
+    assert "left out:" in text and "epochs of the" in text and "raise --max-epochs" in " ".join(text.split())

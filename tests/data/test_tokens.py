@@ -28,6 +28,22 @@ def test_builtin_corpora_are_offline_and_real():
     assert len(stdlib) > 100 and any("def " in d for d in stdlib[:20])
 
 
+def test_the_stdlib_test_suite_is_a_corpus_where_the_install_has_one(tmp_path, monkeypatch):
+    import sysconfig
+
+    try:
+        tests = load_documents("stdlib-tests")
+    except AdlError as e:  # an install without it (Debian's python3) says so
+        assert "no test suite" in str(e)
+    else:
+        assert len(tests) >= 100 and sum("import unittest" in d for d in tests) > 50
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "support.py").write_text("x = 1\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    with pytest.raises(AdlError, match="no test suite in .*python3.X-test"):
+        load_documents("stdlib-tests")
+
+
 def test_missing_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(AdlError, match="corpus not found"):
         load_documents(str(tmp_path / "nope.txt"))
@@ -36,7 +52,7 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
 
 
 def test_token_cache_and_split(small_corpus):
-    sec = DataSection(corpus=str(small_corpus), tokenizer="bytes", val_fraction=0.1)
+    sec = DataSection(corpus=str(small_corpus), tokenizer="bytes", val_fraction=0.1, dedup=False)  # every byte kept
     data = load_tokens(sec)
     assert data.tokenizer.kind == "bytes"
     n = data.n_tokens
@@ -93,6 +109,28 @@ def test_the_held_out_split_is_whole_documents_and_never_trained_on():
     train, dropped = drop_overlaps(["intro\n\nsome text " + quote + "\n\nafter", "clean doc"], ["held out: " + quote])
     assert dropped == 1 and train == ["intro\n\nafter", "clean doc"]
     assert shared_windows(train, ["held out: " + quote]) == (0, len(("held out: " + quote).encode()) - 63)
+
+
+def test_repeated_training_paragraphs_are_trained_on_once(tmp_path):
+    from adl_cli.data.corpus import dedup_paragraphs
+
+    long = "A paragraph long enough to count as content: sixty-four bytes or more of it."
+    short = '"""'
+    seen: set = set()
+    first, dropped = dedup_paragraphs([f"{long}\n\n{short}\n\nx", f"{short}\n\n  {long}  \n\ny"], seen=seen)
+    assert first == [f"{long}\n\n{short}\n\nx", f"{short}\n\ny"] and dropped == 1  # the first kept, short ones always
+    assert dedup_paragraphs([long], seen=seen) == ([], 1)  # the set carries across calls; an emptied document goes
+    assert dedup_paragraphs([long, long]) == ([long], 1)
+    # through load_tokens: the repeats leave the training stream, the held-out document is untouched
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} opens.\n\n{long}\n\nand closes {i}.")
+    (tmp_path / "z.txt").write_text("held out, and nothing of it is in training.")
+    with_dups, without = (load_tokens(DataSection(corpus=str(tmp_path), tokenizer="bytes", val_fraction=0.1, dedup=d)) for d in (False, True))
+    assert len(with_dups.train) - len(without.train) == 2 * (len(long.encode()) + 2)  # two repeats and their blank lines
+    assert np.array_equal(with_dups.val, without.val) and without.tokenizer.decode(without.train).count(long) == 1
+    (tmp_path / "2.txt").write_text((tmp_path / "0.txt").read_text() + "\n\n" + (tmp_path / "1.txt").read_text())  # held out, it quotes all of training
+    with pytest.raises(AdlError, match="no training text is left"):
+        load_tokens(DataSection(corpus=str(tmp_path), tokenizer="bytes", val_fraction=0.45))
 
 
 def test_the_main_job_never_trains_on_its_held_out_topics():
