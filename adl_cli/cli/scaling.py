@@ -48,7 +48,11 @@ def scaling(
         raise AdlError(f"{opt('max_epochs')} must be > 0, got {max_epochs}")
     json_path, plot = new_output(json_path, force, suffix=".json"), new_output(plot, force, suffix=".png")
     recipe = resolve_recipe(recipe)
-    name = load_pretrain_recipe(recipe, set_).name
+    loaded = load_pretrain_recipe(recipe, set_)
+    name = loaded.name
+    if loaded.data.corpus_repeat > 1:
+        console.print(f"[yellow]note:[/] data.corpus_repeat = {loaded.data.corpus_repeat} repeats the corpus's own text within each pass: "
+                      "the fit counts those repeats as new tokens (--set data.corpus_repeat=1 keeps D unique)", highlight=False)
     shapes = parse_sizes(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
     flops = parse_budgets(budgets) if budgets else (None if quick else parse_budgets(DEFAULT_BUDGETS))
     out = out or Path("runs") / f"scaling-{name}{'-quick' if quick else ''}"

@@ -198,16 +198,19 @@ def dedup_paragraphs(docs: list[str], *, seen: set | None = None, min_bytes: int
     return out, dropped
 
 
-def split_key(own: list[str], extra: list[str], val: list[str], dedup: bool) -> str:
+def split_key(own: list[str], extra: list[str], val: list[str], dedup: bool, repeat: int = 1) -> str:
     """The cache key of a training/held-out split: the tokenizer and token caches of one split
     (whoever builds them: training or ``adl data shard``) share it."""
-    return corpus_key([*own, "\x00extra:\x00", *extra, "\x00held out:\x00", *val] + (["\x00dedup\x00"] if dedup else []))
+    marks = (["\x00dedup\x00"] if dedup else []) + ([f"\x00repeat {repeat}\x00"] if repeat != 1 else [])
+    return corpus_key([*own, "\x00extra:\x00", *extra, "\x00held out:\x00", *val] + marks)
 
 
-def train_side(own: list[str], extra: list[str], val: list[str], dedup: bool) -> tuple[list[str], int]:
+def train_side(own: list[str], extra: list[str], val: list[str], dedup: bool, repeat: int = 1) -> tuple[list[str], int]:
     """(the documents training reads, how many of them are the corpus's own): every paragraph
     that quotes the held-out text left out (``drop_overlaps``), then, with ``dedup``, every
-    repeated paragraph (``dedup_paragraphs``, across the corpus and its extras)."""
+    repeated paragraph (``dedup_paragraphs``, across the corpus and its extras); the corpus's own
+    documents come ``repeat`` times (a mixture weight: the kind of text validated on, read more
+    often than the extras)."""
     own, _ = drop_overlaps(own, val)
     extra, _ = drop_overlaps(extra, val)
     if dedup:
@@ -217,7 +220,7 @@ def train_side(own: list[str], extra: list[str], val: list[str], dedup: bool) ->
     if not own + extra:
         raise AdlError("no training text is left once the paragraphs that quote the held-out split are left out: the corpus repeats "
                        "its held-out text; give it more documents, or a smaller data.val_fraction")
-    return own + extra, len(own)
+    return own * repeat + extra, len(own) * repeat
 
 
 def corpus_key(docs: list[str]) -> str:

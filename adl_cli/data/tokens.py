@@ -32,12 +32,15 @@ class DataSection:
     align: str = "random"  # random | document: training windows start anywhere, or only where a document starts
     tokenizer_text: str = "train"  # train | corpus: a bpe learns from all training text, or from the corpus's own training side only
     dedup: bool = True  # leave out repeats of training paragraphs (64 bytes or more): each is trained on once per epoch
+    corpus_repeat: int = 1  # the corpus's own training text comes this many times per pass over extra_train (a mixture weight)
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.align not in ("random", "document"):
             raise ValueError(f"data.align must be 'random' or 'document', got '{self.align}'")
+        if not isinstance(self.corpus_repeat, int) or self.corpus_repeat < 1:
+            raise ValueError(f"data.corpus_repeat must be a whole number >= 1, got {self.corpus_repeat}")
         if self.tokenizer_text not in ("train", "corpus"):
             raise ValueError(f"data.tokenizer_text must be 'train' or 'corpus', got '{self.tokenizer_text}'")
 
@@ -127,12 +130,12 @@ def load_tokens(section: DataSection, *, progress=None, tokenizer: Tokenizer | N
             raise AdlError("data.extra_train adds text to a corpus; token shards are already tokenized: write the extra text into the shards (adl data shard)")
         return load_shard_tokens(section, tokenizer)
     own_raw, extra_raw, val_docs = split_texts(section)
-    key = split_key(own_raw, extra_raw, val_docs, section.dedup)
+    key = split_key(own_raw, extra_raw, val_docs, section.dedup, section.corpus_repeat)
     cleaned: list[tuple[list[str], int]] = []
 
     def train_docs() -> tuple[list[str], int]:
         if not cleaned:
-            cleaned.append(train_side(own_raw, extra_raw, val_docs, section.dedup))
+            cleaned.append(train_side(own_raw, extra_raw, val_docs, section.dedup, section.corpus_repeat))
         return cleaned[0]
 
     if tokenizer is None:

@@ -35,10 +35,8 @@ DEFAULT_BUDGETS = "1.5e12,3e12,6e12,1.2e13"
 # by data or capacity, which is what L(N, D) describes: they are left out of the sweep.
 MIN_STEPS = 100
 # L(N, D) is a law of unique tokens: a run that reads its text twice learns less from the second
-# pass (Muennighoff et al. 2023), and the fit, blind to it, mispredicts the runs beyond (with the
-# tiny recipe's 3.5M tokens, the 1.2e13 budget's small models at 1.3-3.5 epochs came out 3-7% above
-# the law fitted below it). Runs over this many epochs are left out; more text is the cure
-# (data.extra_train = ["stdlib", "stdlib-tests"]).
+# pass (Muennighoff et al. 2023), which the law does not model. Runs over this many epochs are
+# left out; more text is the cure (data.extra_train = ["stdlib", "stdlib-tests"]).
 MAX_EPOCHS = 1.0
 # The --quick grid (the tests, a first look; about a minute): three small shapes, and budgets that
 # give the smallest 40, 80 and 160 optimizer steps of the recipe's batch.

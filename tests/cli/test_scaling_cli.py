@@ -100,3 +100,5 @@ def test_the_cli_names_what_it_left_out(tiny_recipe, tmp_path, capsys, run):
     code, text, err = run(["scaling", tiny_recipe, "--quick", "--max-epochs", "0.001", "--out", tmp_path / "s"], capsys)
     assert code == 2 and "a fit needs at least 5" in err
     assert "left out:" in text and "epochs of the" in text and "raise --max-epochs" in " ".join(text.split())
+    code, text, err = run(["scaling", tiny_recipe, "--quick", "--max-epochs", "0.001", "--out", tmp_path / "s", "--set", "data.corpus_repeat=2"], capsys)
+    assert code == 2 and "data.corpus_repeat = 2 repeats" in " ".join(text.split())

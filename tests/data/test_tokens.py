@@ -133,6 +133,18 @@ def test_repeated_training_paragraphs_are_trained_on_once(tmp_path):
         load_tokens(DataSection(corpus=str(tmp_path), tokenizer="bytes", val_fraction=0.45))
 
 
+def test_corpus_repeat_weights_the_corpus_against_its_extras(tmp_path):
+    (tmp_path / "extra.txt").write_text("extra text, read once per pass. " * 20)
+    base = dict(corpus="pydoc", tokenizer="bytes", extra_train=[str(tmp_path / "extra.txt")])
+    once, thrice = (load_tokens(DataSection(**base, corpus_repeat=k)) for k in (1, 3))
+    extra = len(once.train) - once.own_train
+    assert thrice.own_train == 3 * once.own_train and len(thrice.train) - thrice.own_train == extra
+    assert np.array_equal(thrice.corpus_train[: once.own_train], once.corpus_train)
+    assert np.array_equal(thrice.corpus_train[2 * once.own_train:], once.corpus_train) and np.array_equal(thrice.val, once.val)
+    with pytest.raises(ValueError, match="corpus_repeat must be a whole number"):
+        DataSection(corpus_repeat=0).validate()
+
+
 def test_the_main_job_never_trains_on_its_held_out_topics():
     """pydoc's last topics are held out; training reads the other topics and the standard library's
     source (without pydoc_data/topics.py, which holds pydoc's text word for word, and without the
