@@ -14,6 +14,8 @@ def generate(
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="Softmax temperature; 0 is greedy."),
     top_k: int = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens."),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling: the smallest set with this much mass."),
+    min_p: float = typer.Option(None, "--min-p", help="Min-p sampling: drop tokens less likely than this fraction of the top token's probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Divide (positive) or multiply (negative) the logits of tokens already in the text by this; 1 is off, above 1 discourages repeats."),
     seed: int = typer.Option(0, "--seed", help="Random seed, for reproducible samples."),
     num_samples: int = typer.Option(1, "--num-samples", help="Independent samples to draw."),
 ) -> None:
@@ -27,7 +29,7 @@ def generate(
     from adl_cli.methods.generate import generate as sample
     from adl_cli.runs import load_run
 
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens, min_p=min_p, repetition_penalty=repetition_penalty)
     if num_samples < 1:
         raise AdlError(f"--num-samples must be >= 1, got {num_samples}")
     run = load_run(run_dir)
@@ -42,7 +44,8 @@ def generate(
     g = torch.Generator().manual_seed(seed)
     for i in range(num_samples):
         idx = torch.tensor([ids], dtype=torch.long)
-        out = sample(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
+        out = sample(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=g, min_p=min_p,
+                     repetition_penalty=repetition_penalty)
         text = tok.decode(out[0, len(ids):].tolist())
         if num_samples > 1:
             console.print(f"[bold]--- sample {i + 1}[/]")

@@ -126,6 +126,8 @@ CASES = [
     ("range", ["pretrain", "recipes/pretrain/tiny.toml", "--set", "model.dropout=1.5"], "model.dropout"),
     ("range", ["generate", "{W}/run", "--top-p", "2"], "--top-p"),
     ("range", ["generate", "{W}/run", "--temperature", "-1"], "--temperature"),
+    ("range", ["generate", "{W}/run", "--min-p", "1.5"], "--min-p must be in [0, 1]"),
+    ("range", ["generate", "{W}/run", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     ("range", ["tokenizer", "train", "--vocab-size", "10", "--out", "{W}/y.tiktoken"], "--vocab-size"),
     ("range", ["data", "shard", "pydoc", "--shard-tokens", "0", "--out", "{W}/s4"], "--shard-tokens"),
     ("range", ["bench-attention", "--lengths", "-5"], "length"),

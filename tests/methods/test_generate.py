@@ -1,6 +1,7 @@
 import torch
 
-from adl_cli.methods.generate import filter_logits, generate
+from adl_cli.inference.sampling import filter_logits
+from adl_cli.methods.generate import generate
 from adl_cli.models.gpt import GPT, GPTConfig
 
 
@@ -53,3 +54,18 @@ def test_a_stop_token_ends_each_row_of_a_batch_on_its_own():
     assert out[0, : first + 1].tolist() == alone_a[0, : first + 1].tolist()
     assert set(out[0, first:].tolist()) == {stop}  # row a is done: only the stop token after it
     assert out[1].tolist() == alone_b[0].tolist()  # row b went on to the end
+
+
+def test_a_repetition_penalty_in_generation_equals_its_rule_on_a_full_recompute():
+    torch.manual_seed(2)
+    m = GPT(GPTConfig(vocab_size=12, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.tensor([[3, 3, 7, 1]])
+    out = generate(m, prompt, 12, temperature=0, repetition_penalty=1.8)
+    seq = prompt
+    for _ in range(12):
+        z = m(seq)[0][0, -1].clone()
+        for t in set(seq[0].tolist()):  # the rule, one seen id at a time
+            z[t] = z[t] / 1.8 if z[t] > 0 else z[t] * 1.8
+        seq = torch.cat((seq, z.argmax().view(1, 1)), 1)
+    assert torch.equal(out, seq)
+    assert not torch.equal(out, generate(m, prompt, 12, temperature=0))  # the penalty changed the text
