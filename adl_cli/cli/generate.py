@@ -18,6 +18,9 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Divide (positive) or multiply (negative) the logits of tokens already in the text by this; 1 is off, above 1 discourages repeats."),
     seed: int = typer.Option(0, "--seed", help="Random seed, for reproducible samples."),
     num_samples: int = typer.Option(1, "--num-samples", help="Independent samples to draw."),
+    draft: Path = typer.Option(None, "--draft", help="Speculative decoding: a smaller run with the same tokenizer drafts tokens that this run verifies (same output distribution; greedy output identical)."),
+    lookup: int = typer.Option(None, "--lookup", help="Prompt-lookup decoding: draft the tokens that followed the last N-gram's earlier occurrence in the text (no draft model)."),
+    lookahead: int = typer.Option(4, "--lookahead", help="Tokens drafted per verification pass with --draft or --lookup (which stop at the end of the context window, where plain sampling slides it)."),
 ) -> None:
     """Sample from a trained model: [bold]adl generate runs/tiny --prompt "The with statement"[/]"""
     import torch
@@ -32,6 +35,8 @@ def generate(
     check_sampling(temperature, top_k, top_p, max_new_tokens, min_p=min_p, repetition_penalty=repetition_penalty)
     if num_samples < 1:
         raise AdlError(f"--num-samples must be >= 1, got {num_samples}")
+    if draft is not None and lookup is not None:
+        raise AdlError("--draft and --lookup are two ways to draft tokens: give one")
     run = load_run(run_dir)
     model, tok = run.model, run.tokenizer
     if tok is None:
@@ -41,16 +46,39 @@ def generate(
     if len(ids) > block:
         console_err.print(f"[yellow]warning:[/] the prompt has {len(ids)} tokens, the context is {block}: keeping the last {block}", soft_wrap=True)
         ids = ids[-block:]
+    speculative = draft is not None or lookup is not None
+    draft_model = None
+    if draft is not None:
+        from adl_cli.data.shards import tokenizer_fingerprint
+
+        other = load_run(draft)
+        if other.tokenizer is None or tokenizer_fingerprint(other.tokenizer) != tokenizer_fingerprint(tok):
+            raise AdlError(f"--draft {draft} has another tokenizer than {run_dir}: a draft must share the target's token ids")
+        draft_model = other.model
     g = torch.Generator().manual_seed(seed)
     for i in range(num_samples):
         idx = torch.tensor([ids], dtype=torch.long)
-        out = sample(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=g, min_p=min_p,
-                     repetition_penalty=repetition_penalty)
+        if speculative:
+            from adl_cli.inference.sampling import SamplingParams
+            from adl_cli.inference.speculative import speculative_generate
+
+            params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+            out, stats = speculative_generate(model, idx, max_new_tokens, params=params, draft=draft_model, lookup_ngram=lookup,
+                                              lookahead=lookahead, generator=g)
+        else:
+            stats = None
+            out = sample(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=g, min_p=min_p,
+                         repetition_penalty=repetition_penalty)
         text = tok.decode(out[0, len(ids):].tolist())
         if num_samples > 1:
             console.print(f"[bold]--- sample {i + 1}[/]")
         console.print(prompt, style="bold", end="", highlight=False, markup=False)
         console.print(text, highlight=False, markup=False)
+        if stats is not None:
+            end = "; stopped at the end of the context" if stats.stopped_at_context else ""
+            console_err.print(f"[dim]{'speculative' if draft is not None else 'prompt lookup'}: {stats.accepted}/{stats.drafted} drafts "
+                              f"accepted ({stats.acceptance:.0%}), {stats.new_tokens} tokens in {stats.target_forwards} target passes "
+                              f"({stats.tokens_per_forward:.2f} a pass){end}[/]", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -35,6 +35,17 @@ class LayerCache(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative decoding rolls back rejected
+        drafts); the rows stay allocated and are overwritten by later writes."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length < self.length and not self.can_truncate:
+            raise ValueError(f"{type(self).__name__} cannot roll back: it keeps no rows for past positions")
+        self.length = length
+
+    can_truncate = True  # a ring (sliding window) or a recurrent state cannot go back
+
     def _write(self, dim: int, max_len: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Write each new tensor into its buffer's rows length.. along ``dim``; returns the new length."""
         t = pairs[0][1].shape[dim]
@@ -67,6 +78,8 @@ class RollingKVCache(LayerCache):
     A new chunk of T queries needs the previous W - 1 keys and its own T; ``append`` returns them
     in order (the ring read from its oldest row, then the chunk), which is O(W) per step whatever
     the length of the context."""
+
+    can_truncate = False
 
     def __init__(self, batch: int, heads: int, window: int, head_dim: int, *, dtype=torch.float32, device=None):
         super().__init__()
@@ -113,6 +126,8 @@ class LatentCache(LayerCache):
 class RecurrentState(LayerCache):
     """A fixed-size state (B, *shape) that a recurrent block reads and replaces every step."""
 
+    can_truncate = False
+
     def __init__(self, batch: int, *shape: int, dtype=torch.float32, device=None):
         super().__init__()
         self.register_buffer("state", torch.zeros(batch, *shape, dtype=dtype, device=device), persistent=False)
@@ -144,6 +159,14 @@ class DecodeState(nn.Module):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
+
+    @property
+    def can_truncate(self) -> bool:
+        return all(layer.can_truncate for layer in self.layers)
 
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]

@@ -48,6 +48,17 @@ def test_resume_generate_report(tiny_recipe, tmp_path, capsys, run):
     assert code == 0 and "keeping the last 32" in err
     code, text, _ = run(["report", out], capsys)
     assert code == 0 and "val loss" in text and "loss curve" in text
+    greedy = ["generate", out, "--prompt", "The ", "--max-new-tokens", "12", "--temperature", "0"]
+    code, plain, err = run(greedy, capsys)
+    assert code == 0, err
+    for extra, kind in ((["--draft", out], "speculative: "), (["--lookup", "2", "--lookahead", "3"], "prompt lookup: ")):
+        code, text, err = run(greedy + extra, capsys)
+        assert code == 0 and text == plain and kind in err and "target passes" in err, err  # greedy: the same text
+    one_line_error(*run(greedy + ["--draft", out, "--lookup", "2"], capsys)[::2], "give one")
+    one_line_error(*run(greedy + ["--lookup", "0"], capsys)[::2], "--lookup must be >= 1")
+    other = tmp_path / "bpe-run"
+    assert run(["pretrain", tiny_recipe, "--out", other, "--no-progress", "--set", "train.steps=2", "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300"], capsys)[0] == 0
+    one_line_error(*run(greedy + ["--draft", other], capsys)[::2], "another tokenizer")
 
 
 def one_line_error(code, err, *pieces):

@@ -60,6 +60,31 @@ def test_caches_are_preallocated_and_written_in_place():
             model(torch.randint(0, 50, (2, 17)), state=state)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "mla"])
+def test_a_rolled_back_state_decodes_as_if_the_rejected_tokens_never_came(attention):
+    model = model_for(attention, "rope")
+    seq = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(3))
+    wrong = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(seq)[0]
+        state = model.setup_cache(1, 16)
+        model(seq[:, :8], state=state)
+        model(wrong, state=state)  # drafts, rejected
+        state.truncate(8)
+        assert state.length == 8
+        rest = model(seq[:, 8:], state=state)[0]
+    torch.testing.assert_close(rest, full[:, 8:], atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        state.truncate(13)
+    rolling = model_for("sdpa", "rope-window").setup_cache(1, 16)
+    assert not rolling.can_truncate and state.can_truncate
+    rolling.truncate(0)  # nothing to forget: allowed
+    with torch.no_grad():
+        model_for("sdpa", "rope-window")(seq[:, :3], state=rolling)
+    with pytest.raises(ValueError, match="cannot roll back"):
+        rolling.truncate(1)
+
+
 def test_a_rolling_cache_keeps_only_the_window():
     c = RollingKVCache(1, 1, window=4, head_dim=2)
     keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 1, 10, 2)

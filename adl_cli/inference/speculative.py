@@ -1,0 +1,171 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023) and prompt-lookup decoding.
+
+A cheap proposer drafts k tokens; the target scores all of them in one forward pass over k + 1
+positions and keeps a prefix, so each target pass yields between 1 and k + 1 tokens:
+
+    for i = 1..k:  accept draft d_i with probability min(1, p_i(d_i) / q_i(d_i))
+                   else emit a token from norm(max(0, p_i - q_i)) and stop
+    all accepted:  emit a bonus token from p_{k+1}
+
+p_i and q_i are the target's and the proposer's next-token distributions after the sampling
+rules (adl_cli.inference.sampling); the emitted tokens are distributed exactly as sampling the
+target alone. Greedy (temperature 0) keeps drafts while they equal the target's argmax and
+then emits that argmax, so the output is the target's greedy output token for token.
+
+Proposers: a draft model (its own decode state; sharing the tokenizer), or prompt lookup
+(Saxena 2023): the tokens that followed the latest earlier occurrence of the context's last
+n-gram (n = ngram .. 1), with q a point mass on each draft. Rejected drafts are rolled back
+from both decode states (``DecodeState.truncate``). Batch 1; generation stops at the end of
+the context window (``SpecStats.stopped_at_context``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adl_cli.errors import AdlError, opt
+from adl_cli.inference.sampling import SamplingParams, process_logits
+
+
+@dataclass
+class SpecStats:
+    new_tokens: int = 0
+    target_forwards: int = 0  # decoding passes of the target (the prompt's prefill not counted)
+    drafted: int = 0
+    accepted: int = 0
+    stopped_at_context: bool = False
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+
+def acceptance_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> float:
+    """min(1, p(token) / q(token)) for next-token distributions p, q (V,)."""
+    qt = float(q[token])
+    return 1.0 if qt <= 0.0 else min(1.0, float(p[token]) / qt)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)): where a rejected draft's replacement comes from. (It has mass
+    whenever a rejection is possible: a draft is rejected only where q > p somewhere.)"""
+    r = (p - q).clamp(min=0)
+    total = r.sum()
+    return r / total if total > 0 else p
+
+
+def verify(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int], *, greedy: bool,
+           generator: torch.Generator | None = None) -> tuple[int, int]:
+    """(how many drafts are kept, the token emitted after them). p: (k + 1, V) target
+    distributions (greedy: any scores, argmax taken); q: (k, V) proposer distributions, or None
+    for point masses on the drafts (prompt lookup)."""
+    for i, d in enumerate(drafts):
+        if greedy:
+            best = int(p[i].argmax())
+            if d != best:
+                return i, best
+            continue
+        qi = q[i] if q is not None else torch.nn.functional.one_hot(torch.tensor(d), p.shape[-1]).to(p.dtype)
+        if float(torch.rand((), generator=generator)) < acceptance_probability(p[i], qi, d):
+            continue
+        return i, int(torch.multinomial(residual(p[i], qi), 1, generator=generator))
+    last = p[len(drafts)]
+    return len(drafts), int(last.argmax()) if greedy else int(torch.multinomial(last, 1, generator=generator))
+
+
+def lookup_drafts(seq: list[int], k: int, ngram: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of seq's last n-gram (the
+    longest n <= ngram that occurs earlier); [] when none does."""
+    for n in range(min(ngram, len(seq) - 1), 0, -1):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start:start + n] == tail:
+                return seq[start + n:start + n + k]
+    return []
+
+
+def _distributions(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    z = process_logits(logits, params)
+    return z if params.greedy else torch.softmax(z, dim=-1)
+
+
+@torch.no_grad()
+def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, params: SamplingParams = SamplingParams(temperature=0),
+                         draft=None, lookahead: int = 4, lookup_ngram: int | None = None, stop_token: int | None = None,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpecStats]:
+    """Extend idx (1, T) by up to max_new_tokens tokens with a draft model (``draft``) or prompt
+    lookup (``lookup_ngram``); returns (1, T + new) and the statistics."""
+    params.validate()
+    if (draft is None) == (lookup_ngram is None):
+        raise AdlError(f"speculative decoding takes a draft model or {opt('lookup')} (an n-gram length), one of them")
+    if idx.shape[0] != 1 or idx.shape[1] < 1:
+        raise AdlError("speculative decoding takes one non-empty prompt")
+    if lookahead < 1:
+        raise AdlError(f"{opt('lookahead')} must be >= 1, got {lookahead}")
+    if lookup_ngram is not None and lookup_ngram < 1:
+        raise AdlError(f"{opt('lookup')} must be >= 1, got {lookup_ngram}")
+    if params.repetition_penalty != 1.0:
+        raise AdlError(f"{opt('repetition_penalty')} is not supported with speculative decoding (each draft position has its own history)")
+    block = target.config.block_size
+    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
+        raise AdlError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the target's ({target.config.vocab_size})")
+    if idx.shape[1] > block:
+        raise AdlError(f"the prompt has {idx.shape[1]} tokens, more than the target's context of {block}")
+    models = [target] + ([draft] if draft is not None else [])
+    for m in models:
+        m.eval()
+    states = [m.setup_cache(1, min(block, m.config.block_size)) for m in models]
+    if not all(s.can_truncate for s in states):
+        raise AdlError("speculative decoding rolls back rejected drafts: a sliding-window or recurrent decode state cannot")
+    seq = idx[0].tolist()
+    stats = SpecStats()
+    if len(seq) > 1:  # every state holds seq[:-1]; seq[-1] is the next input
+        for m, s in zip(models, states):
+            m(idx[:, :-1], state=s)
+    limit = min(s.max_len for s in states)
+    while stats.new_tokens < max_new_tokens:
+        room = limit - len(seq)  # a pass feeds positions len(seq) - 1 .. len(seq) - 1 + k
+        if room < 0:
+            stats.stopped_at_context = True
+            break
+        k = min(lookahead, room, max_new_tokens - stats.new_tokens - 1)
+        q = None
+        if draft is not None:
+            drafts, qs = [], []
+            pending = seq[-1]
+            for _ in range(k):
+                dist = _distributions(draft(torch.tensor([[pending]]), state=states[1])[0][0, -1], params)
+                pending = int(dist.argmax()) if params.greedy else int(torch.multinomial(dist, 1, generator=generator))
+                drafts.append(pending)
+                qs.append(dist)
+            q = torch.stack(qs) if qs and not params.greedy else None
+        else:
+            drafts = lookup_drafts(seq, k, lookup_ngram) if k else []
+        feed = torch.tensor([[seq[-1], *drafts]])
+        p = _distributions(target(feed, state=states[0])[0][0], params)
+        stats.target_forwards += 1
+        kept, token = verify(p, q, drafts, greedy=params.greedy, generator=generator)
+        stats.drafted += len(drafts)
+        stats.accepted += kept
+        new = drafts[:kept] + [token]
+        base = len(seq)
+        states[0].truncate(base + kept)
+        if draft is not None:  # the draft read seq[-1] and drafts[:-1]; it must hold seq + kept drafts
+            if kept < len(drafts):
+                states[1].truncate(base + kept)
+            else:  # all kept (or none drafted): it has not read the last of them yet
+                draft(torch.tensor([[drafts[-1] if drafts else seq[-1]]]), state=states[1])
+        if stop_token is not None and stop_token in new:
+            new = new[: new.index(stop_token) + 1]
+        new = new[: max_new_tokens - stats.new_tokens]
+        seq += new
+        stats.new_tokens += len(new)
+        if stop_token is not None and new[-1] == stop_token:
+            break
+    return torch.tensor([seq], dtype=idx.dtype), stats
