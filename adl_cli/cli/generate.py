@@ -20,6 +20,7 @@ def generate(
     num_samples: int = typer.Option(1, "--num-samples", help="Independent samples to draw."),
     draft: Path = typer.Option(None, "--draft", help="Speculative decoding: a smaller run with the same tokenizer drafts tokens that this run verifies (same output distribution; greedy output identical)."),
     lookup: int = typer.Option(None, "--lookup", help="Prompt-lookup decoding: draft the tokens that followed the last N-gram's earlier occurrence in the text (no draft model)."),
+    quant: str = typer.Option(None, "--quant", help="Decode with weight-only int8 (per output channel) or int4 (groups of 32) weights, rounded to nearest."),
     lookahead: int = typer.Option(4, "--lookahead", help="Tokens drafted per verification pass with --draft or --lookup (which stop at the end of the context window, where plain sampling slides it)."),
 ) -> None:
     """Sample from a trained model: [bold]adl generate runs/tiny --prompt "The with statement"[/]"""
@@ -39,6 +40,10 @@ def generate(
         raise AdlError("--draft and --lookup are two ways to draft tokens: give one")
     run = load_run(run_dir)
     model, tok = run.model, run.tokenizer
+    if quant is not None:
+        from adl_cli.inference.quant import quantize_model
+
+        quantize_model(model, quant)
     if tok is None:
         raise AdlError(f"{run_dir} has no tokenizer.json: generate needs the run's tokenizer")
     ids = list(tok.encode(prompt)) if prompt else [tok.eot_id]

@@ -56,6 +56,10 @@ def test_resume_generate_report(tiny_recipe, tmp_path, capsys, run):
         assert code == 0 and text == plain and kind in err and "target passes" in err, err  # greedy: the same text
     one_line_error(*run(greedy + ["--draft", out, "--lookup", "2"], capsys)[::2], "give one")
     one_line_error(*run(greedy + ["--lookup", "0"], capsys)[::2], "--lookup must be >= 1")
+    for scheme in ("int8", "int4"):
+        code, text, err = run(greedy + ["--quant", scheme], capsys)
+        assert code == 0 and text.startswith("The "), err
+    one_line_error(*run(greedy + ["--quant", "int3"], capsys)[::2], "--quant must be one of int8, int4")
     other = tmp_path / "bpe-run"
     assert run(["pretrain", tiny_recipe, "--out", other, "--no-progress", "--set", "train.steps=2", "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300"], capsys)[0] == 0
     one_line_error(*run(greedy + ["--draft", other], capsys)[::2], "another tokenizer")

@@ -1,0 +1,86 @@
+"""Weight-only quantization for decoding: int8 per output channel, int4 per group, round to nearest.
+
+    int8:  s_j = max_i |W_ji| / 127            q = round(W / s_j) in [-127, 127]   (one scale a row)
+    int4:  s_jg = max_{i in g} |W_ji| / 7      q = round(W / s_jg) in [-7, 7]      (one scale per
+           group of ``group_size`` inputs; two weights a byte)
+
+Activations stay in floating point; y = x (q s)^T. Rounding moves each weight by at most half
+its scale, so every output is within sum_i |x_i| s_j(i) / 2 of the float layer's (the tests
+check this bound, not a tolerance from one host). int8 runs through torch's CPU kernel for
+int8 weights (``aten._weight_int8pack_mm``) where the input allows, else dequantizes; int4
+dequantizes on the fly (unpacks the nibbles) before the matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adl_cli.errors import AdlError, opt
+
+SCHEMES = ("int8", "int4")
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int = 32):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        w = linear.weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.bits, self.group_size = bits, group_size if bits == 4 else self.in_features
+        if bits == 4 and (self.in_features % group_size or self.in_features % 2):
+            raise ValueError(f"int4 needs the input width ({self.in_features}) to be a multiple of the group size {group_size}")
+        qmax = 127 if bits == 8 else 7
+        groups = w.view(self.out_features, -1, self.group_size)
+        scale = (groups.abs().amax(dim=-1) / qmax).clamp(min=torch.finfo(torch.float32).tiny)  # (out, n_groups)
+        q = torch.round(groups / scale[..., None]).clamp(-qmax, qmax).to(torch.int8).view(self.out_features, self.in_features)
+        if bits == 4:
+            nib = (q + 8).to(torch.uint8)  # 1..15
+            q = nib[:, 0::2] | (nib[:, 1::2] << 4)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.contiguous())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def int_weight(self) -> torch.Tensor:
+        """The integer weights (out, in) as int8."""
+        if self.bits == 8:
+            return self.qweight
+        low = (self.qweight & 0x0F).to(torch.int8) - 8
+        high = (self.qweight >> 4).to(torch.int8) - 8
+        return torch.stack((low, high), dim=-1).view(self.out_features, self.in_features)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        q = self.int_weight().view(self.out_features, -1, self.group_size).to(dtype)
+        return (q * self.scale.to(dtype)[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale[:, 0].to(x.dtype))
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, int{self.bits}" + (f", groups of {self.group_size}" if self.bits == 4 else "")
+
+
+def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 32) -> int:
+    """Replace the model's linear layers by QuantLinear in place (an output head that shares its
+    weight with the token embedding stays: the embedding needs the float table); returns how
+    many were replaced. Weight-only: for decoding, not training."""
+    if scheme not in SCHEMES:
+        raise AdlError(f"{opt('quant')} must be one of {', '.join(SCHEMES)}, got '{scheme}'")
+    bits = 8 if scheme == "int8" else 4
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear) and id(child.weight) not in shared]
+    if not targets:
+        raise AdlError(f"{opt('quant')} {scheme}: the model has no linear layers to quantize")
+    for parent, name, child in targets:
+        try:
+            setattr(parent, name, QuantLinear(child, bits, group_size))
+        except ValueError as e:
+            raise AdlError(f"{opt('quant')} {scheme} cannot quantize {type(parent).__name__}.{name}: {e}") from None
+    return len(targets)
