@@ -64,6 +64,7 @@ def test_the_acceptance_rule_reproduces_the_target_distribution_exactly():
             assert torch.allclose(out, p, atol=1e-12)
 
 
+@torch.no_grad()
 def test_sampled_speculative_decoding_keeps_the_targets_distribution():
     target, draft = _gpt(6, vocab=4, block=8, layers=1, width=8), _gpt(7, vocab=4, block=8, layers=1, width=8)
     with torch.no_grad():  # sharper, different distributions: the test can tell them apart
