@@ -33,7 +33,7 @@ def generate(
     from adl_cli.methods.generate import generate as sample
     from adl_cli.runs import load_run
 
-    check_sampling(temperature, top_k, top_p, max_new_tokens, min_p=min_p, repetition_penalty=repetition_penalty)
+    params = check_sampling(temperature, top_k, top_p, max_new_tokens, min_p=min_p, repetition_penalty=repetition_penalty)
     if num_samples < 1:
         raise AdlError(f"--num-samples must be >= 1, got {num_samples}")
     if draft is not None and lookup is not None:
@@ -64,10 +64,8 @@ def generate(
     for i in range(num_samples):
         idx = torch.tensor([ids], dtype=torch.long)
         if speculative:
-            from adl_cli.inference.sampling import SamplingParams
             from adl_cli.inference.speculative import speculative_generate
 
-            params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
             out, stats = speculative_generate(model, idx, max_new_tokens, params=params, draft=draft_model, lookup_ngram=lookup,
                                               lookahead=lookahead, generator=g)
         else:
