@@ -95,13 +95,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, *, history: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B,), their log-probabilities (B,)) for next-token logits (B, V). Greedy rows take
-    the argmax, whose log-probability is under the penalised, untempered softmax."""
+    the argmax, whose log-probability is under the penalised, untempered softmax. ``generator``:
+    one for the batch, or a list with one per row (each row's draw then ignores the others)."""
     z = process_logits(logits, params, history)
     logp = torch.log_softmax(z, dim=-1)
     if params.greedy:
         tokens = z.argmax(dim=-1)
+    elif isinstance(generator, (list, tuple)):
+        probs = logp.exp()
+        tokens = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(1)
     else:
         tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)

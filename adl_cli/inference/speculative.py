@@ -15,8 +15,9 @@ then emits that argmax, so the output is the target's greedy output token for to
 Proposers: a draft model (its own decode state; sharing the tokenizer), or prompt lookup
 (Saxena 2023): the tokens that followed the latest earlier occurrence of the context's last
 n-gram (n = ngram .. 1), with q a point mass on each draft. Rejected drafts are rolled back
-from both decode states (``DecodeState.truncate``). Batch 1; generation stops at the end of
-the context window (``SpecStats.stopped_at_context``).
+from both decode states (``DecodeState.truncate``). Batch 1. Past the context window it follows the
+engine's policy (adl_cli/inference/engine.py): a pass never reads past the window, and a full
+window keeps its last three quarters, so the greedy output is plain greedy decoding's throughout.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from adl_cli.errors import AdlError, opt
+from adl_cli.inference.engine import keep_room
 from adl_cli.inference.sampling import SamplingParams, process_logits
 
 
@@ -35,7 +37,7 @@ class SpecStats:
     target_forwards: int = 0  # decoding passes of the target (the prompt's prefill not counted)
     drafted: int = 0
     accepted: int = 0
-    stopped_at_context: bool = False
+    slides: int = 0  # times the context window was full and refilled from its last three quarters
 
     @property
     def acceptance(self) -> float:
@@ -115,25 +117,34 @@ def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, para
     block = target.config.block_size
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise AdlError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the target's ({target.config.vocab_size})")
+    if draft is not None and draft.config.block_size < block:
+        raise AdlError(f"the draft model's context ({draft.config.block_size}) is shorter than the target's ({block})")
     if idx.shape[1] > block:
         raise AdlError(f"the prompt has {idx.shape[1]} tokens, more than the target's context of {block}")
     models = [target] + ([draft] if draft is not None else [])
     for m in models:
         m.eval()
-    states = [m.setup_cache(1, min(block, m.config.block_size)) for m in models]
+    states = [m.setup_cache(1, block) for m in models]
     if not all(s.can_truncate for s in states):
         raise AdlError("speculative decoding rolls back rejected drafts: a sliding-window or recurrent decode state cannot")
     seq = idx[0].tolist()
     stats = SpecStats()
-    if len(seq) > 1:  # every state holds seq[:-1]; seq[-1] is the next input
+    start = 0  # the window's first token in seq (the context policy moves it)
+
+    def refill() -> None:  # every state holds seq[start:-1]; seq[-1] is the next input
         for m, s in zip(models, states):
-            m(idx[:, :-1], state=s)
-    limit = min(s.max_len for s in states)
+            s.reset()
+            if len(seq) - 1 > start:
+                m(torch.tensor([seq[start:-1]]), state=s)
+
+    refill()
     while stats.new_tokens < max_new_tokens:
-        room = limit - len(seq)  # a pass feeds positions len(seq) - 1 .. len(seq) - 1 + k
+        room = block - (len(seq) - start)  # a pass feeds window positions len(seq) - 1 - start .. + k
         if room < 0:
-            stats.stopped_at_context = True
-            break
+            start = len(seq) - keep_room(block)
+            stats.slides += 1
+            refill()
+            room = block - (len(seq) - start)
         k = min(lookahead, room, max_new_tokens - stats.new_tokens - 1)
         q = None
         if draft is not None:
@@ -154,7 +165,7 @@ def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, para
         stats.drafted += len(drafts)
         stats.accepted += kept
         new = drafts[:kept] + [token]
-        base = len(seq)
+        base = len(seq) - start
         states[0].truncate(base + kept)
         if draft is not None:  # the draft read seq[-1] and drafts[:-1]; it must hold seq + kept drafts
             if kept < len(drafts):

@@ -268,17 +268,23 @@ class GPT(nn.Module):
         packed documents, each attending within itself only."""
         B, T = idx.shape
         start = state.length if state is not None else 0
-        if start + T > self.config.block_size and self.config.position == "learned":
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context of {self.config.block_size}")
+        pad = state.pad if state is not None else None
+        longest = start + T - (0 if pad is None else int(pad.min()))  # the longest row's real length
+        if longest > self.config.block_size and self.config.position == "learned":
+            raise ValueError(f"sequence of {longest} tokens is longer than the context of {self.config.block_size}")
         tr = self.transformer
         pos = torch.arange(start, start + T, device=idx.device)
+        # Left-padded rows count their positions from their first real token: (B, T) positions.
+        row_pos = pos if pad is None else (pos[None, :] - pad[:, None]).clamp_min(0)
         x = tr.wte(idx)
-        pe = tr.pos.embed(pos)
+        pe = tr.pos.embed(row_pos)
         if pe is not None:
             x = x + pe
         x = tr.drop(x)
-        bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))
-        x = self._blocks(x, pos, bias, state, segment_ids)
+        bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))  # relative: shared positions serve
+        if pad is not None:
+            bias = padding_bias(pad, start, T, idx.device) + (0.0 if bias is None else bias)
+        x = self._blocks(x, row_pos, bias, state, segment_ids)
         return tr.ln_f(x), x  # (final hidden states, the last block's output: the multi-token heads' input)
 
     def _run_block(self, block, x, pos, bias, cache, segment_ids):
@@ -351,6 +357,14 @@ class GPT(nn.Module):
         cfg = self.config
         t = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * t * cfg.n_embd
+
+
+def padding_bias(pad: torch.Tensor, start: int, T: int, device=None) -> torch.Tensor:
+    """Additive score bias (B, 1, T, start + T) for left-padded rows: a real query sees real keys
+    only and a padding query padding keys only (it sees itself, so no row of the softmax is empty)."""
+    real = torch.arange(start + T, device=device)[None, :] >= pad[:, None].to(device)  # (B, Tk)
+    same = real[:, start:, None] == real[:, None, :]
+    return torch.zeros(same.shape, device=device).masked_fill_(~same, float("-inf"))[:, None]
 
 
 def upgrade_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,8 @@ Writing is in place (``index_copy_`` into the preallocated rows): no ``torch.cat
 the whole cache for every token. A cache returns views of what is filled, so the kernels see
 keys at positions 0 .. length-1 and the new queries at the end (their q_offset is
 length - T: mask.py). ``reset()`` empties the state for the next batch without reallocating.
+``pad`` (B,) marks left padding (a batch of prompts of different lengths: GPT._hidden turns it
+into per-row positions and a mask); ``reorder(index)`` selects or repeats batch rows.
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class DecodeState(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.max_len = max_len
+        # Left padding of a batch of prompts of different lengths: row b's first pad[b] positions
+        # are padding, which the model masks out and does not count in the row's positions.
+        self.pad: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -167,6 +172,15 @@ class DecodeState(nn.Module):
     @property
     def can_truncate(self) -> bool:
         return all(layer.can_truncate for layer in self.layers)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) the batch rows ``index``, in that order: N samples of one prompt share
+        its prefill, finished rows leave the batch. Every cache buffer is indexed along its batch dim."""
+        for layer in self.layers:
+            for name, buf in list(layer.named_buffers(recurse=False)):
+                setattr(layer, name, buf.index_select(0, index.to(buf.device)))
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, index.to(self.pad.device))
 
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]

@@ -143,9 +143,12 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim: cos/sin are (T, D/2)."""
+    """Rotate interleaved pairs of the last dim: cos/sin are (T, D/2), or (B, T, D/2) for per-row
+    positions (a left-padded batch), which meet x (B, H, T, D) across its heads."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dim() == 3 and x.dim() == 4:
+        cos, sin = cos[:, None], sin[:, None]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2)
 

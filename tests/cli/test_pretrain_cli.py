@@ -44,13 +44,24 @@ def test_resume_generate_report(tiny_recipe, tmp_path, capsys, run):
     assert code == 0, err and text.startswith("The ")
     code2, text2, _ = run(["generate", out, "--prompt", "The ", "--max-new-tokens", "20", "--seed", "1"], capsys)
     assert text2 == text  # seeded sampling is reproducible
-    code, text, err = run(["generate", out, "--prompt", "x" * 100, "--max-new-tokens", "3"], capsys)
-    assert code == 0 and "keeping the last 32" in err
+    one_line_error(*run(["generate", out, "--prompt", "x" * 100, "--max-new-tokens", "3"], capsys)[::2], "more than the model's context of 32")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The \nA longer prompt, padded less\nx\n")
+    code, text, err = run(["generate", out, "--prompt-file", prompts, "-n", "8", "-t", "0", "--ignore-eos", "--json", "--batch", "3"], capsys)
+    rows = json.loads(text)["completions"]
+    assert code == 0 and [r["prompt"] for r in rows] == prompts.read_text().splitlines()
+    for r in rows:  # the left-padded batch equals each prompt alone
+        alone = json.loads(run(["generate", out, "--prompt", r["prompt"], "-n", "8", "-t", "0", "--ignore-eos", "--json"], capsys)[1])
+        assert alone["completions"][0]["tokens"] == r["tokens"] and len(r["logprobs"]) == len(r["tokens"]) == 8
     code, text, _ = run(["report", out], capsys)
     assert code == 0 and "val loss" in text and "loss curve" in text
     greedy = ["generate", out, "--prompt", "The ", "--max-new-tokens", "12", "--temperature", "0"]
     code, plain, err = run(greedy, capsys)
     assert code == 0, err
+    assert run(greedy + ["--stream"], capsys)[1] == plain  # streamed piece by piece: the same text
+    stop = plain[len("The "):][2:4]
+    code, text, err = run(greedy + ["--stop", stop], capsys)
+    assert code == 0 and text == plain[: plain.index(stop, len("The ")) ] + "\n", (text, plain)
     for extra, kind in ((["--draft", out], "speculative: "), (["--lookup", "2", "--lookahead", "3"], "prompt lookup: ")):
         code, text, err = run(greedy + extra, capsys)
         assert code == 0 and text == plain and kind in err and "target passes" in err, err  # greedy: the same text

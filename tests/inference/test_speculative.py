@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adl_cli.errors import AdlError
+from adl_cli.inference.engine import generate_batch
 from adl_cli.inference.sampling import SamplingParams
 from adl_cli.inference.speculative import acceptance_probability, lookup_drafts, residual, speculative_generate, verify
 from adl_cli.methods.generate import generate
@@ -103,5 +104,15 @@ def test_bad_speculative_requests_are_clear_errors():
         speculative_generate(target, prompt, 4, lookup_ngram=2, params=SamplingParams(repetition_penalty=1.2))
     with pytest.raises(AdlError, match="cannot"):
         speculative_generate(_gpt(2, attention="window", attention_options={"window": 8}), prompt, 4, lookup_ngram=2)
-    out, stats = speculative_generate(target, torch.randint(0, 40, (1, 45)), 10, lookup_ngram=2)
-    assert stats.stopped_at_context and out.shape[1] == 49  # positions 0..47 read, one more token emitted
+    with pytest.raises(AdlError, match="context"):
+        speculative_generate(target, prompt, 4, draft=_gpt(1, block=16))
+
+
+@pytest.mark.parametrize("proposer", ["draft", "lookup"])
+def test_past_the_context_speculative_decoding_slides_as_plain_decoding_does(proposer):
+    target = _gpt(2)
+    prompt = torch.randint(0, 40, (1, 45), generator=torch.Generator().manual_seed(3))
+    kw = {"draft": _gpt(5, layers=1)} if proposer == "draft" else {"lookup_ngram": 2}
+    out, stats = speculative_generate(target, prompt, 40, lookahead=3, **kw)
+    plain = generate_batch(target, prompt.tolist(), 40)[0].tokens
+    assert stats.slides >= 2 and out[0, 45:].tolist() == plain
