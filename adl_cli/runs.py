@@ -91,6 +91,8 @@ def read_config(run_dir: Path):
     run_dir = _run_dir(run_dir)
     path = run_dir / CONFIG
     data = read_json(path)
+    if isinstance(data, dict) and ("architectures" in data or "model_type" in data):
+        raise AdlError(f"{run_dir} is a transformers folder, not an adl run: bring it in with `adl import hf-gpt2 {run_dir} --out RUN`")
     try:
         return config_from_dict(data)
     except AdlError as e:
