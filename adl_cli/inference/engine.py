@@ -60,7 +60,35 @@ def prefill(model, state, windows: Sequence[Sequence[int]]) -> tuple[torch.Tenso
     tokens = torch.tensor([[w[0]] * (width - len(w)) + list(w) for w in windows], device=device)
     state.reset()
     state.pad = pad if bool(pad.any()) else None
-    return model(tokens, state=state)[0][:, -1], pad
+    return last_logits(model, tokens, state), pad
+
+
+def last_logits(model, tokens: torch.Tensor, state) -> torch.Tensor:
+    """The next-token logits (B, V) after ``tokens``: the vocabulary projection of the last position only."""
+    return model.logits(model.hidden(tokens, state)[:, -1])
+
+
+_COMPILED: dict[int, tuple[object, Callable]] = {}
+
+
+def compiled_step(model) -> Callable:
+    """torch.compile of one static decoding step (``DecodeState.make_static``), made once per model."""
+    entry = _COMPILED.get(id(model))
+    if entry is None or entry[0] is not model:
+        entry = (model, torch.compile(lambda tokens, state: last_logits(model, tokens, state), dynamic=False))
+        _COMPILED.clear()  # one model at a time: no graphs (and weights) kept for models gone
+        _COMPILED[id(model)] = entry
+    return entry[1]
+
+
+def cache_length(prompts: Sequence[Sequence[int]], max_new_tokens: int, block: int) -> int:
+    """Positions the batch's decode state needs: the longest prompt plus the new tokens when no row
+    can reach the context; else the context plus spare columns for left padding (a row's positions
+    count from its first real token): the longest prompt's lead, or a quarter window, the larger."""
+    width = max(map(len, prompts))
+    if width + max_new_tokens <= block:
+        return width + max_new_tokens
+    return block + max(width - min(map(len, prompts)), block // 4)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], block: int) -> None:
@@ -112,11 +140,14 @@ def generate_batch(
     decode: Callable[[list[int]], str] | None = None,
     logprobs: bool = False,
     on_token: Callable[[int, int], None] | None = None,
+    compile: bool = False,
 ) -> list[Completion]:
     """Complete every prompt ``n`` times; returns len(prompts) * n completions, prompt-major.
 
     ``generator``: one for the whole batch or one per row (``row_generators``); ``stop`` needs
-    ``decode`` (ids -> text); ``on_token(row, id)`` is called for every new token of a running row."""
+    ``decode`` (ids -> text); ``on_token(row, id)`` is called for every new token of a running row.
+    ``compile``: decoding steps run through torch.compile over a static cache (full key/value
+    caches only); finished rows then stay in the batch (ignored) so that shapes never change."""
     params.validate()
     if max_new_tokens < 0:
         raise AdlError(f"{opt('max_new_tokens')} must be >= 0, got {max_new_tokens}")
@@ -137,19 +168,22 @@ def generate_batch(
     if isinstance(generator, Sequence) and len(generator) != len(rows):
         raise ValueError(f"{len(generator)} generators for {len(rows)} rows")
 
-    # Each row's positions count from its first real token, so its padding may take columns
-    # past the context: room for the longest prompt's lead, or a quarter window, whichever is more.
-    spare = max(max(map(len, prompts)) - min(map(len, prompts)), block // 4)
-    state = model.setup_cache(len(prompts), block + spare)
+    state = model.setup_cache(len(prompts), cache_length(prompts, max_new_tokens, block))
     logits, pad = prefill(model, state, prompts)
     if n > 1:
         share = torch.arange(len(prompts), device=device).repeat_interleave(n)
         state.reorder(share)
         pad, logits = pad[share], logits[share]
 
+    static = compile and state.can_be_static
+    step_fn = compiled_step(model) if static else None
+    checked = False  # whether a static step has run since the state was last made static
+    if static:
+        state.make_static()
     seqs = [list(r.prompt) for r in rows]  # every row's whole text so far (prompt + new tokens)
     starts = [0] * len(rows)  # where each row's window begins in seqs (moved by a slide)
-    active = list(range(len(rows)))  # the rows still running, in batch order
+    active = list(range(len(rows)))  # the batch's rows, in order (finished ones leave unless static)
+    done = [False] * len(rows)
     texts = [""] * len(rows)
     for step in range(max_new_tokens):
         history = None
@@ -157,10 +191,16 @@ def generate_batch(
             longest = max(len(seqs[r]) for r in active)
             history = torch.tensor([seqs[r] + [-1] * (longest - len(seqs[r])) for r in active], device=device)
         gens = generator if not isinstance(generator, Sequence) else [generator[r] for r in active]
-        nxt, _ = sample_next(logits, params, history=history, generator=gens)
+        if params.greedy and history is None:
+            nxt = logits.argmax(dim=-1)
+        else:
+            nxt = sample_next(logits, params, history=history, generator=gens)[0]
         lps = token_logprobs(logits, nxt).tolist() if logprobs else None
         keep = []
+        finished_before = [done[r] for r in active]
         for i, (r, t) in enumerate(zip(active, nxt.tolist())):
+            if finished_before[i]:
+                continue
             row = rows[r]
             row.tokens.append(t)
             seqs[r].append(t)
@@ -169,19 +209,24 @@ def generate_batch(
             if on_token is not None:
                 on_token(r, t)
             if eos_id is not None and t == eos_id:
-                row.finish = "eos"
+                row.finish, done[r] = "eos", True
                 continue
             if stops.stops:
                 before = len(texts[r])
                 texts[r] = decode(row.tokens)
                 hit = stops.find(texts[r], before)
                 if hit is not None:
-                    row.finish, row.stop = "stop", hit[1]
+                    row.finish, row.stop, done[r] = "stop", hit[1], True
                     texts[r] = texts[r][: hit[0]]
                     continue
             keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break
+        if static:  # every row stays (fixed shapes); a finished row's window does not move
+            keep = list(range(len(active)))
+            for i, r in enumerate(active):
+                if finished_before[i]:  # (a row that finished at this step has its token already)
+                    seqs[r].append(int(nxt[i]))
         if len(keep) < len(active):  # finished rows leave the batch
             index = torch.tensor(keep, device=device)
             state.reorder(index)
@@ -194,8 +239,18 @@ def generate_batch(
                 if int(filled[i]) >= block:
                     starts[r] = len(seqs[r]) - keep_room(block)
             logits, pad = prefill(model, state, [seqs[r][starts[r]:] for r in active])
+            if static:
+                state.make_static()
+                checked = False
+        elif static:
+            # The first step after make_static checks the compiled graph's guards; later steps feed
+            # the same shapes and objects, so only what tells cached graphs apart is checked.
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=checked):
+                logits = step_fn(nxt[:, None], state)
+            checked = True
+            state.advance()
         else:
-            logits = model(nxt[:, None], state=state)[0][:, -1]
+            logits = last_logits(model, nxt[:, None], state)
     for r, row in enumerate(rows):
         if decode is not None:
             if row.finish == "stop":

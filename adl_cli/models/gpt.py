@@ -267,6 +267,8 @@ class GPT(nn.Module):
         tokens continue the state's positions and are appended to it. ``segment_ids`` (B, T):
         packed documents, each attending within itself only."""
         B, T = idx.shape
+        if state is not None and state.static:
+            return self._static_step(idx, state)
         start = state.length if state is not None else 0
         pad = state.pad if state is not None else None
         longest = start + T - (0 if pad is None else int(pad.min()))  # the longest row's real length
@@ -286,6 +288,30 @@ class GPT(nn.Module):
             bias = padding_bias(pad, start, T, idx.device) + (0.0 if bias is None else bias)
         x = self._blocks(x, row_pos, bias, state, segment_ids)
         return tr.ln_f(x), x  # (final hidden states, the last block's output: the multi-token heads' input)
+
+    def _static_step(self, idx: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row written at ``state.position`` (a tensor): every shape and Python value
+        is the same at every step, so torch.compile traces it once. Keys past the position (not
+        written yet) and left padding are masked through the score bias."""
+        if idx.shape[1] != 1:
+            raise ValueError("a static decode state takes one token a step")
+        tr, pad, p = self.transformer, state.pad, state.position
+        keys = torch.arange(state.max_len, device=idx.device)
+        seen = (keys <= p)[None, :]
+        row_pos = p
+        if pad is not None:
+            seen = seen & (keys[None, :] >= pad[:, None])
+            row_pos = (p[None, :] - pad[:, None]).clamp_min(0)
+        bias = torch.zeros(seen.shape, device=idx.device).masked_fill(~seen, float("-inf"))[:, None, None, :]
+        alibi = tr.pos.bias(self.config.n_head, p, keys)
+        if alibi is not None:
+            bias = bias + alibi
+        x = tr.wte(idx)
+        pe = tr.pos.embed(row_pos)
+        if pe is not None:
+            x = x + pe
+        x = self._blocks(tr.drop(x), row_pos, bias, state, None)
+        return tr.ln_f(x), x
 
     def _run_block(self, block, x, pos, bias, cache, segment_ids):
         if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():

@@ -62,14 +62,23 @@ class LayerCache(nn.Module):
 
 
 class KVCache(LayerCache):
+    can_be_static = True
+
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, *, dtype=torch.float32, device=None, v_dim: int | None = None):
         super().__init__()
         self.max_len = max_len
         self.register_buffer("k", torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(batch, heads, max_len, v_dim or head_dim, dtype=dtype, device=device), persistent=False)
+        self.static_position: torch.Tensor | None = None  # set by DecodeState.make_static
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write T new keys/values (B, H, T, D) after the filled rows; the filled views back."""
+        """Write T new keys/values (B, H, T, D) after the filled rows; the filled views back. A
+        static state writes one position at the position tensor and returns the whole buffers
+        (fixed shapes, for torch.compile; the model masks the rows not written yet)."""
+        if self.static_position is not None:
+            self.k.index_copy_(2, self.static_position, k.to(self.k.dtype))
+            self.v.index_copy_(2, self.static_position, v.to(self.v.dtype))
+            return self.k, self.v
         end = self._write(2, self.max_len, [(self.k, k), (self.v, v)])
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -153,6 +162,31 @@ class DecodeState(nn.Module):
         # Left padding of a batch of prompts of different lengths: row b's first pad[b] positions
         # are padding, which the model masks out and does not count in the row's positions.
         self.pad: torch.Tensor | None = None
+        # Static decoding (make_static): steps of one token written at ``position``, a tensor, so
+        # that a compiled step sees the same shapes and Python values every time.
+        self.static = False
+        device = layers[0].k.device if layers and hasattr(layers[0], "k") else None
+        self.register_buffer("position", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+
+    @property
+    def can_be_static(self) -> bool:
+        return bool(len(self.layers)) and all(getattr(layer, "can_be_static", False) for layer in self.layers)
+
+    def make_static(self) -> None:
+        """Decode from here on one token a step at the position tensor (the caches' full buffers
+        are attended to, the model masks what is not written yet); ``advance`` after each step."""
+        if not self.can_be_static:
+            raise ValueError("only a state of full key/value caches decodes statically")
+        self.position.fill_(self.length)
+        for layer in self.layers:
+            layer.static_position = self.position
+        self.static = True
+
+    def advance(self) -> None:
+        """After a static step: one more position is filled."""
+        self.position += 1
+        for layer in self.layers:
+            vars(layer)["length"] += 1  # (a plain int in the module's dict; nn.Module.__setattr__ is slow per step)
 
     @property
     def length(self) -> int:
@@ -161,6 +195,9 @@ class DecodeState(nn.Module):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+            if self.static:
+                layer.static_position = None
+        self.static = False
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

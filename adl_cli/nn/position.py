@@ -130,7 +130,7 @@ class SinusoidalPosition(PositionEncoding):
         self.register_buffer("table", table, persistent=False)
 
     def embed(self, pos):
-        if pos.numel() == 0 or int(pos.max()) < self.table.shape[0]:
+        if torch.compiler.is_compiling() or pos.numel() == 0 or int(pos.max()) < self.table.shape[0]:
             return self.table[pos]
         return sinusoid_table(pos, self.n_embd, self.base).to(self.table.device, self.table.dtype)
 

@@ -19,9 +19,14 @@ def sdpa_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, 
     n_head, tq, tk = q.shape[1], q.shape[2], k.shape[2]
     if k.shape[1] != n_head:
         k, v = expand_kv(k, n_head), expand_kv(v, n_head)
-    plain = bias is None and window is None and segment_ids is None and q_offset in (None, tk - tq)
+    end_aligned = q_offset in (None, tk - tq)
+    plain = bias is None and window is None and segment_ids is None and end_aligned
     if plain and (not causal or tq == tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if causal and tq == 1 and window is None and segment_ids is None and end_aligned:
+        # One new query after a cache sees every key: no causal mask to build (a decoding step).
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     mask = attention_mask(tq, tk, causal=causal, window=window, q_offset=q_offset, segment_ids=segment_ids, device=q.device)
     if bias is not None:
         additive = bias.to(q.dtype)
