@@ -168,7 +168,10 @@ def generate_batch(
     if isinstance(generator, Sequence) and len(generator) != len(rows):
         raise ValueError(f"{len(generator)} generators for {len(rows)} rows")
 
-    state = model.setup_cache(len(prompts), cache_length(prompts, max_new_tokens, block))
+    length = cache_length(prompts, max_new_tokens, block)
+    if compile:  # a compiled step is traced per cache shape: lengths in steps of 128 share graphs
+        length = min(-(-length // 128) * 128, cache_length(prompts, block + 1, block))
+    state = model.setup_cache(len(prompts), length)
     logits, pad = prefill(model, state, prompts)
     if n > 1:
         share = torch.arange(len(prompts), device=device).repeat_interleave(n)

@@ -9,7 +9,10 @@ its scale, so every output is within sum_i |x_i| s_j(i) / 2 of the float layer's
 check this bound, not a tolerance from one host). int8 runs through torch's CPU kernel for
 int8 weights (``aten._weight_int8pack_mm``) with bf16 activations, which adds bf16's rounding
 of the input, the scales and the output (relative 2^-8 each at most); elsewhere it dequantizes.
-int4 dequantizes on the fly (unpacks the nibbles) before the matmul.
+int4 (group sizes 32 to 256) runs through torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``,
+its packed layout, rows padded to a multiple of 16) with bf16 activations and scales, the same
+bf16 rounding as int8's; other group sizes, or weights on another device, are kept two a byte and
+dequantized on the fly.
 """
 
 from __future__ import annotations
@@ -37,7 +40,18 @@ class QuantLinear(nn.Module):
         groups = w.view(self.out_features, -1, self.group_size)
         scale = (groups.abs().amax(dim=-1) / qmax).clamp(min=torch.finfo(torch.float32).tiny)  # (out, n_groups)
         q = torch.round(groups / scale[..., None]).clamp(-qmax, qmax).to(torch.int8).view(self.out_features, self.in_features)
-        if bits == 4:
+        # int4 on a CPU: torch's int4 kernel layout (rows padded to a multiple of 16; scales and
+        # zero points (in / group, rows, 2), zero points 0: w = (u - 8) s with u = q + 8 in 1..15)
+        self.int4_kernel = bits == 4 and w.device.type == "cpu" and group_size in (32, 64, 128, 256)
+        if self.int4_kernel:
+            rows = -(-self.out_features // 16) * 16
+            u = torch.full((rows, self.in_features), 8, dtype=torch.int32)
+            u[: self.out_features] = q.to(torch.int32) + 8
+            q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+            sz = torch.zeros(self.in_features // group_size, rows, 2)
+            sz[:, : self.out_features, 0] = scale.t()
+            self.register_buffer("kernel_scale", sz.to(torch.bfloat16).contiguous())
+        elif bits == 4:
             nib = (q + 8).to(torch.uint8)  # 1..15
             q = nib[:, 0::2] | (nib[:, 1::2] << 4)
         self.register_buffer("qweight", q)
@@ -46,10 +60,20 @@ class QuantLinear(nn.Module):
             self.register_buffer("kernel_scale", scale[:, 0].to(torch.bfloat16).contiguous())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def _int4_kernel_weight(self) -> torch.Tensor:
+        """(u - 8) s read back through the kernel from an identity input (exact in fp32)."""
+        sz = torch.zeros(self.kernel_scale.shape)
+        sz[:, : self.out_features, 0] = self.scale.t()
+        eye = torch.eye(self.in_features)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, sz)[:, : self.out_features].t()
+
     def int_weight(self) -> torch.Tensor:
         """The integer weights (out, in) as int8."""
         if self.bits == 8:
             return self.qweight
+        if self.int4_kernel:
+            scale = self.scale.repeat_interleave(self.group_size, dim=1)
+            return torch.round(self._int4_kernel_weight() / scale).to(torch.int8)
         low = (self.qweight & 0x0F).to(torch.int8) - 8
         high = (self.qweight >> 4).to(torch.int8) - 8
         return torch.stack((low, high), dim=-1).view(self.out_features, self.in_features)
@@ -64,6 +88,12 @@ class QuantLinear(nn.Module):
             # 2-core AMX host; 0.3x with fp32 ones): the activations and the output round to bf16
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.kernel_scale)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.int4_kernel and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            # torch's int4 kernel, with bf16 activations and scales (2x fp32's matmul at 768 x 3072 here)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight,
+                                                           self.group_size, self.kernel_scale)
+            y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

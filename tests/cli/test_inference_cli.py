@@ -105,3 +105,26 @@ def test_chat_from_a_script_and_from_a_terminal(trained, run, capsys, monkeypatc
     os.write(fd, b"/exit\r")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, seen
+
+
+def test_bench_inference_compares_adl_with_transformers_on_the_same_weights(trained, run, capsys, tmp_path):
+    pytest.importorskip("transformers")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code, out, err = run(["bench-inference", trained, "--batch", "1,2", "--prompt-len", "8", "--new-tokens", "6", "--rounds", "1",
+                          "--only", "no-cache,cache,int8,lookup,transformers", "--json", out_json, "--plot", out_png], capsys)
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    rows = {(r["contender"], r["batch"]): r for r in report["rows"]}
+    assert set(rows) == {("no-cache", 1), ("cache", 1), ("int8", 1), ("lookup", 1), ("transformers", 1), ("cache", 2), ("int8", 2),
+                         ("transformers", 2)}
+    # the tiny run is GPT-2-shaped: the peer decodes the run's own weights, greedy token for token as adl does
+    assert report["peer_weights"].startswith("the run's own weights")
+    for key in (("transformers", 1), ("transformers", 2), ("no-cache", 1), ("lookup", 1)):
+        assert rows[key]["same_tokens"] == 1.0, key
+    assert rows[("transformers", 1)]["vs_peer"] == 1.0 and all(r["decode_tok_s"] > 0 for r in rows.values())
+    assert 0 < rows[("cache", 1)]["bound_share"] and rows[("int8", 1)]["memory_mb"] < rows[("cache", 1)]["memory_mb"]
+    assert "×peer" in out and out_png.stat().st_size > 0
+    code, _, err = run(["bench-inference", trained, "--json", out_json], capsys)
+    assert code == 2 and "exists" in err  # nothing already written is replaced without --force
+    code, _, err = run(["bench-inference", trained, "--only", "cahce"], capsys)
+    assert code == 2 and "did you mean 'cache'" in err

@@ -14,7 +14,7 @@ from adl_cli.models.gpt import GPT, GPTConfig
 @pytest.mark.parametrize("bits, group", [(8, 32), (4, 32), (4, 16)])
 def test_rounding_moves_each_weight_at_most_half_a_scale_and_outputs_stay_in_bound(bits, group):
     torch.manual_seed(0)
-    lin = nn.Linear(64, 48)
+    lin = nn.Linear(64, 40)  # 40 rows: the int4 kernel's layout pads them to 48
     lin.weight.data[3, :16] *= 20  # an outlier row / group: its own scale
     q = QuantLinear(lin, bits, group)
     w = lin.weight.detach()
@@ -27,13 +27,14 @@ def test_rounding_moves_each_weight_at_most_half_a_scale_and_outputs_stay_in_bou
     wq = q.dequantized()
     # weight rounding (half a scale each), then for int8's bf16 kernel: the input, the scales and the
     # output rounded to bf16 (2^-8 relative each at most, so 3 x 2^-8 of sum |x||w| covers them); fp32 sums
-    kernel = 3 * 2.0 ** -8 if bits == 8 else 1e-5
+    kernel = 3 * 2.0 ** -8 if bits == 8 or q.int4_kernel else 1e-5
+    assert q.int4_kernel == (bits == 4 and group == 32)  # torch's int4 kernel takes groups of 32 to 256
     bound = (x.abs() @ (scale / 2).T) * (1 + 1e-5) + kernel * (x.abs() @ wq.abs().T) + 1e-5 * (x.abs() @ w.abs().T) + 1e-6
     assert torch.all((y - ref).abs() <= bound)
     exact = nn.functional.linear(x, wq, lin.bias)  # the kernel computes the dequantized layer, up to its bf16 rounding
     assert torch.all((y - exact).abs() <= kernel * (x.abs() @ wq.abs().T + lin.bias.abs()) + 1e-5)
     stored = q.qweight.numel() * q.qweight.element_size()
-    assert stored == 64 * 48 * bits // 8
+    assert stored == 64 * (40 if bits == 8 or not q.int4_kernel else 48) * bits // 8
 
 
 def test_a_quantized_gpt_decodes_close_to_the_float_one():
