@@ -33,8 +33,8 @@ import torch
 
 from adl_cli.errors import AdlError, opt
 
-CONTENDERS = ("no-cache", "cache", "compiled", "int8", "int4", "speculative", "lookup", "transformers")
-BATCH_ONE = ("no-cache", "int4", "speculative", "lookup")  # measured at batch 1 only (slow, or one prompt at a time)
+CONTENDERS = ("no-cache", "cache", "compiled", "int8", "int4", "speculative", "lookup", "transformers", "torchao-int8")
+BATCH_ONE = ("no-cache", "int4", "speculative", "lookup", "torchao-int8")  # measured at batch 1 only (slow, or one prompt at a time)
 
 
 @dataclass
@@ -98,13 +98,26 @@ def parse_contenders(text: str | None) -> list[str]:
     return names
 
 
-def weight_bytes(model) -> int:
+def _storage(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data (a tensor subclass, e.g. torchao's, holds several)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return [x for name in t.__tensor_flatten__()[0] for x in _storage(getattr(t, name))]
+    return [t]
+
+
+def _unique_bytes(tensors, skip: set[int] = frozenset()) -> int:
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+    for t in tensors:
+        for x in _storage(t):
+            if x.data_ptr() in seen or x.data_ptr() in skip:
+                continue
+            seen.add(x.data_ptr())
+            total += x.numel() * x.element_size()
     return total
+
+
+def weight_bytes(model) -> int:
+    return _unique_bytes(list(model.parameters()) + list(model.buffers()))
 
 
 def step_weight_bytes(model) -> int:
@@ -113,15 +126,8 @@ def step_weight_bytes(model) -> int:
     from torch import nn
 
     tables = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Linear)}
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        ptr = t.data_ptr()
-        if ptr in seen or (ptr in tables and ptr not in heads):
-            continue
-        seen.add(ptr)
-        total += t.numel() * t.element_size()
-    return total
+    heads = {x.data_ptr() for m in model.modules() if isinstance(m, nn.Linear) for x in _storage(m.weight)}
+    return _unique_bytes(list(model.parameters()) + list(model.buffers()), skip=tables - heads)
 
 
 def state_bytes_per_position(model, batch: int) -> float:
@@ -172,8 +178,8 @@ def transformers_model(model):
     return hf.eval().to(next(model.parameters()).device)
 
 
-def decoders(model, *, twin=None, draft=None, lookup: int = 3, lookahead: int = 4, peer=None) -> dict[str, Callable]:
-    """Name -> decode(prompts (B, P) tensor, n) -> new tokens (B, n) as lists."""
+def decoders(model, names, *, twin=None, draft=None, lookup: int = 3, lookahead: int = 4, peer=None) -> dict[str, Callable]:
+    """Name -> decode(prompts (B, P) tensor, n) -> new tokens (B, n) as lists, for the contenders ``names``."""
     from adl_cli.inference.engine import generate_batch
     from adl_cli.inference.quant import quantize_model
     from adl_cli.inference.sampling import SamplingParams
@@ -205,10 +211,21 @@ def decoders(model, *, twin=None, draft=None, lookup: int = 3, lookahead: int = 
 
     out: dict[str, Callable] = {"no-cache": no_cache, "cache": engine(model), "compiled": engine(model, compile=True)}
     for scheme in ("int8", "int4"):
-        q = copy.deepcopy(model)
-        quantize_model(q, scheme)
-        out[scheme] = engine(q)
-        out[f"{scheme}:model"] = q
+        if scheme in names:
+            q = copy.deepcopy(model)
+            quantize_model(q, scheme)
+            out[scheme] = engine(q)
+            out[f"{scheme}:model"] = q
+    if "torchao-int8" in names:
+        try:  # the peer of weight-only int8: torchao's, where it is installed
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            pass
+        else:
+            t = copy.deepcopy(model)
+            quantize_(t, Int8WeightOnlyConfig())
+            out["torchao-int8"] = engine(t)
+            out["torchao-int8:model"] = t
     if draft is not None:
         out["speculative"] = speculative({"draft": draft})
     out["lookup"] = speculative({"lookup_ngram": lookup})
@@ -260,7 +277,9 @@ def bench_inference(run_dir, *, batches=(1,), prompt_len: int = 32, new_tokens: 
             twin = GPT(twin_config(cfg)).to(dev).eval()
             peer = transformers_model(twin)
             peer_weights = f"a GPT-2 twin of the run's shape with random weights ({why})"
-    fns = decoders(model, twin=twin, draft=draft, lookup=lookup, lookahead=lookahead, peer=peer)
+    fns = decoders(model, names, twin=twin, draft=draft, lookup=lookup, lookahead=lookahead, peer=peer)
+    if "torchao-int8" in names and "torchao-int8" not in fns:
+        notes.append("torchao is not installed (pip install torchao): its int8 weight-only row left out")
     order = [c for c in names if c in fns] + (["cache (twin)"] if twin is not None else [])
     threads = torch.get_num_threads()
     report = InferenceReport(str(run_dir), f"{cfg.n_layer} x {cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size}, context {cfg.block_size}",
@@ -274,7 +293,7 @@ def bench_inference(run_dir, *, batches=(1,), prompt_len: int = 32, new_tokens: 
             fns["compiled"](prompts, n)
             report.compile_s = max(report.compile_s or 0.0, time.perf_counter() - t)
         for c in here:
-            fns[c](prompts, n)  # warm-up (a compiled step's graph is made for this cache length)
+            fns[c](prompts, n if c == "compiled" else 2)  # warm-up (a compiled step's graph is made for its cache length)
         outputs, t1, tn = {}, {c: [] for c in here}, {c: [] for c in here}
         for r in range(rounds):
             for c in (here if r % 2 == 0 else list(reversed(here))):
@@ -319,7 +338,8 @@ def _prompts(run, batch: int, length: int, vocab: int, dev) -> torch.Tensor:
 def _row(c, b, prompts, n, t1, tn, outputs, fns, model, twin, dev, report) -> Row:
     P = prompts.shape[1]
     decode_s = max(tn - t1, 1e-9)
-    weights_of = {"int8": fns.get("int8:model"), "int4": fns.get("int4:model"), "transformers": twin or model, "cache (twin)": twin}
+    weights_of = {"int8": fns.get("int8:model"), "int4": fns.get("int4:model"), "torchao-int8": fns.get("torchao-int8:model"),
+                  "transformers": twin or model, "cache (twin)": twin}
     m = weights_of.get(c) or model
     reference = outputs.get("cache (twin)" if twin is not None and c in ("transformers", "cache (twin)") else "cache")
     same = None
@@ -339,7 +359,7 @@ def _row(c, b, prompts, n, t1, tn, outputs, fns, model, twin, dev, report) -> Ro
     if bound:
         share = decode / bound
     memory = (weight_bytes(m) + per_pos * (P + n)) / 1e6
-    note = {"speculative": "draft run, batch 1", "lookup": "prompt n-grams, batch 1", "compiled": "torch.compile, static cache",
+    note = {"torchao-int8": "torchao's Int8WeightOnlyConfig", "speculative": "draft run, batch 1", "lookup": "prompt n-grams, batch 1", "compiled": "torch.compile, static cache",
             "cache (twin)": "adl on the peer's weights"}.get(c, "")
     return Row(c, b, b * P / max(t1, 1e-9), decode, decode_s / (n - 1) * 1e3, memory, step_bytes, bound, share, None, same,
                "twin" if c in ("transformers", "cache (twin)") and twin is not None else "run", note)

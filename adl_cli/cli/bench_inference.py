@@ -11,10 +11,10 @@ from adl_cli.cli.common import new_output, plot_option
 
 def bench_inference(
     run_dir: Path = typer.Argument(..., help="A run folder (adl pretrain, adl import).", show_default=False),
-    batch: str = typer.Option("1,4,16", "--batch", help="Batch sizes, comma-separated (no-cache, int4, speculative and lookup run at batch 1 only)."),
+    batch: str = typer.Option("1,4,16", "--batch", help="Batch sizes, comma-separated (no-cache, int4, speculative, lookup and torchao-int8 run at batch 1 only)."),
     prompt_len: int = typer.Option(32, "--prompt-len", help="Prompt tokens (windows of the run's held-out text)."),
     new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated per row, greedy, no early stop (capped so that prompt + new fit the context)."),
-    only: str = typer.Option(None, "--only", help="Contenders to run, comma-separated: no-cache, cache, compiled, int8, int4, speculative, lookup, transformers (default: all).", show_default=False),
+    only: str = typer.Option(None, "--only", help="Contenders to run, comma-separated: no-cache, cache, compiled, int8, int4, speculative, lookup, transformers, torchao-int8 (default: all; torchao's where it is installed).", show_default=False),
     draft: Path = typer.Option(None, "--draft", help="A draft run (same tokenizer) for the speculative row.", show_default=False),
     lookup: int = typer.Option(3, "--lookup", help="Longest n-gram prompt lookup matches."),
     lookahead: int = typer.Option(4, "--lookahead", help="Tokens drafted per verification pass (speculative and lookup rows)."),
@@ -54,8 +54,9 @@ def bench_inference(
         from adl_cli.engine.plots import series_figure
 
         series = {}
-        for r in report.rows:
-            series.setdefault(r.contender, []).append((r.batch, r.decode_tok_s))
+        for r in report.rows:  # the peer drawn as the baseline
+            label = "baseline: transformers generate" if r.contender == "transformers" else r.contender
+            series.setdefault(label, []).append((r.batch, r.decode_tok_s))
         series_figure(plot_path, series, title=f"decode tokens/s by batch ({run_dir}, {report.device}, {report.threads} threads)",
                       xlabel="batch", ylabel="decode tokens / s", logx=True, logy=True)
         console.print(f"[dim]figure: {plot_path}[/]", highlight=False)
@@ -79,10 +80,11 @@ def render(report, console) -> None:
                       _num(r.vs_peer, ".2f"), "-" if r.bound_share is None else f"{r.bound_share:.0%}", _num(r.memory_mb, ",.1f"),
                       "-" if r.same_tokens is None else f"{r.same_tokens:.0%}")
     console.print(table)
-    lines = ["prefill, decode: tokens/s; ms/tok: per decoding step",
-             f"×peer: decode speed over transformers' generate at the same batch, on {report.peer_weights}",
-             "bound: share of the memory-read bound (bytes a step / read bandwidth on a buffer that size)",
-             "MB: weights + decode state; same: greedy tokens equal to adl's cached decoding of the same weights"]
+    lines = ["prefill, decode: tokens/s; ms/tok: per decoding step"]
+    if report.peer_weights != "none":
+        lines.append(f"×peer: decode speed over transformers' generate at the same batch, on {report.peer_weights}")
+    lines += ["bound: share of the memory-read bound (bytes a step / read bandwidth on a buffer that size)",
+              "MB: weights + decode state; same: greedy tokens equal to adl's cached decoding of the same weights"]
     if report.bandwidth_gb_s:
         gbs, mbs = list(report.bandwidth_gb_s.values()), [float(k) for k in report.bandwidth_gb_s]
         lines.append(f"read bandwidth measured: {min(gbs):.0f} to {max(gbs):.0f} GB/s on buffers of {min(mbs):g} to {max(mbs):g} MB")

@@ -25,6 +25,7 @@ def generate(
     draft: Path = typer.Option(None, "--draft", help="Speculative decoding: a smaller run with the same tokenizer drafts tokens that this run verifies (same output distribution; greedy output identical).", show_default=False),
     lookup: int = typer.Option(None, "--lookup", help="Prompt-lookup decoding: draft the tokens that followed the last N-gram's earlier occurrence in the text (no draft model).", show_default=False),
     lookahead: int = typer.Option(4, "--lookahead", help="Tokens drafted per verification pass with --draft or --lookup (one prompt at a time)."),
+    compile: bool = typer.Option(False, "--compile", help="Decode through torch.compile over static caches (with --draft: the draft's steps and the target's verification passes); compiling takes seconds, it pays on long generations (adl bench-inference measures it)."),
     quant: str = typer.Option(None, "--quant", help="Decode with weight-only int8 (per output channel) or int4 (groups of 32) weights, rounded to nearest.", show_default=False),
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Print tokens as they come (default: on for one prompt and one sample in a terminal).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: each completion's text, token ids, log-probabilities and finish reason."),
@@ -87,7 +88,7 @@ def generate(
             for j in range(num_samples):
                 g = torch.Generator().manual_seed(seed + p_i * num_samples + j)
                 out, stats = speculative_generate(model, torch.tensor([ids]), max_new_tokens, params=params, draft=draft_model,
-                                                  lookup_ngram=lookup, lookahead=lookahead, generator=g, stop_token=eos)
+                                                  lookup_ngram=lookup, lookahead=lookahead, generator=g, stop_token=eos, compile=compile)
                 done.append(_finish_speculative(Completion(list(ids), out[0, len(ids):].tolist()), max_new_tokens, eos, stops, tok.decode))
                 spec_stats.append(stats)
         if stream:
@@ -111,7 +112,7 @@ def generate(
             group = prompts[b:b + per_call]
             gens = row_generators(seed + b * num_samples, len(group) * num_samples)
             done += generate_batch(model, group, max_new_tokens, params, n=num_samples, generator=gens, eos_id=eos, stop=stops,
-                                   decode=tok.decode, logprobs=as_json, on_token=on_token)
+                                   decode=tok.decode, logprobs=as_json, on_token=on_token, compile=compile)
         if stream:
             console.print(shown.finish(done[0].text), highlight=False, markup=False)
     wall = time.perf_counter() - start

@@ -68,16 +68,22 @@ def last_logits(model, tokens: torch.Tensor, state) -> torch.Tensor:
     return model.logits(model.hidden(tokens, state)[:, -1])
 
 
-_COMPILED: dict[int, tuple[object, Callable]] = {}
+_COMPILED: dict[tuple[int, bool], tuple[object, Callable]] = {}  # a few models' graphs (target and draft), oldest dropped
 
 
-def compiled_step(model) -> Callable:
-    """torch.compile of one static decoding step (``DecodeState.make_static``), made once per model."""
-    entry = _COMPILED.get(id(model))
+def compiled_step(model, *, every_position: bool = False) -> Callable:
+    """torch.compile of a static decoding step (``DecodeState.make_static``): (tokens, state) ->
+    the last position's logits (B, V), or every position's (B, T, V); made once per model."""
+    key = (id(model), every_position)
+    entry = _COMPILED.get(key)
     if entry is None or entry[0] is not model:
-        entry = (model, torch.compile(lambda tokens, state: last_logits(model, tokens, state), dynamic=False))
-        _COMPILED.clear()  # one model at a time: no graphs (and weights) kept for models gone
-        _COMPILED[id(model)] = entry
+        if every_position:
+            fn = torch.compile(lambda tokens, state: model.logits(model.hidden(tokens, state)), dynamic=False)
+        else:
+            fn = torch.compile(lambda tokens, state: last_logits(model, tokens, state), dynamic=False)
+        while len(_COMPILED) >= 4:
+            del _COMPILED[next(iter(_COMPILED))]
+        entry = _COMPILED[key] = (model, fn)
     return entry[1]
 
 

@@ -100,9 +100,11 @@ def _distributions(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 @torch.no_grad()
 def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, params: SamplingParams = SamplingParams(temperature=0),
                          draft=None, lookahead: int = 4, lookup_ngram: int | None = None, stop_token: int | None = None,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpecStats]:
+                         generator: torch.Generator | None = None, compile: bool = False) -> tuple[torch.Tensor, SpecStats]:
     """Extend idx (1, T) by up to max_new_tokens tokens with a draft model (``draft``) or prompt
-    lookup (``lookup_ngram``); returns (1, T + new) and the statistics."""
+    lookup (``lookup_ngram``); returns (1, T + new) and the statistics. ``compile``: the draft's
+    steps and the target's verification passes of lookahead + 1 tokens run through torch.compile
+    over static caches (other passes, near the end, run eagerly)."""
     params.validate()
     if (draft is None) == (lookup_ngram is None):
         raise AdlError(f"speculative decoding takes a draft model or {opt('lookup')} (an n-gram length), one of them")
@@ -131,11 +133,39 @@ def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, para
     stats = SpecStats()
     start = 0  # the window's first token in seq (the context policy moves it)
 
+    compile = compile and all(s.can_be_static for s in states)
+    if compile:
+        from adl_cli.inference.engine import compiled_step
+
+        verify_fn = compiled_step(target, every_position=True)
+        draft_fn = compiled_step(draft) if draft is not None else None
+
     def refill() -> None:  # every state holds seq[start:-1]; seq[-1] is the next input
         for m, s in zip(models, states):
             s.reset()
             if len(seq) - 1 > start:
                 m(torch.tensor([seq[start:-1]]), state=s)
+            if compile:
+                s.make_static()
+
+    def draft_step(token: int) -> torch.Tensor:  # the draft reads one token: its next-token logits (V,)
+        if not compile:
+            return draft(torch.tensor([[token]]), state=states[1])[0][0, -1]
+        out = draft_fn(torch.tensor([[token]]), states[1])[0]
+        states[1].advance()
+        return out
+
+    def target_pass(feed: list[int]) -> torch.Tensor:  # the target reads the fed tokens: logits (T, V)
+        if not compile or len(feed) != lookahead + 1:
+            if compile:  # a pass of another length runs eagerly on the dynamic path, then static again
+                states[0].make_dynamic()
+                out = target(torch.tensor([feed]), state=states[0])[0][0]
+                states[0].make_static()
+                return out
+            return target(torch.tensor([feed]), state=states[0])[0][0]
+        out = verify_fn(torch.tensor([feed]), states[0])[0]
+        states[0].advance(len(feed))
+        return out
 
     refill()
     while stats.new_tokens < max_new_tokens:
@@ -151,15 +181,14 @@ def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, para
             drafts, qs = [], []
             pending = seq[-1]
             for _ in range(k):
-                dist = _distributions(draft(torch.tensor([[pending]]), state=states[1])[0][0, -1], params)
+                dist = _distributions(draft_step(pending), params)
                 pending = int(dist.argmax()) if params.greedy else int(torch.multinomial(dist, 1, generator=generator))
                 drafts.append(pending)
                 qs.append(dist)
             q = torch.stack(qs) if qs and not params.greedy else None
         else:
             drafts = lookup_drafts(seq, k, lookup_ngram) if k else []
-        feed = torch.tensor([[seq[-1], *drafts]])
-        p = _distributions(target(feed, state=states[0])[0][0], params)
+        p = _distributions(target_pass([seq[-1], *drafts]), params)
         stats.target_forwards += 1
         kept, token = verify(p, q, drafts, greedy=params.greedy, generator=generator)
         stats.drafted += len(drafts)
@@ -171,7 +200,7 @@ def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, para
             if kept < len(drafts):
                 states[1].truncate(base + kept)
             else:  # all kept (or none drafted): it has not read the last of them yet
-                draft(torch.tensor([[drafts[-1] if drafts else seq[-1]]]), state=states[1])
+                draft_step(drafts[-1] if drafts else seq[-1])
         if stop_token is not None and stop_token in new:
             new = new[: new.index(stop_token) + 1]
         new = new[: max_new_tokens - stats.new_tokens]

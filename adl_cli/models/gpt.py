@@ -290,20 +290,20 @@ class GPT(nn.Module):
         return tr.ln_f(x), x  # (final hidden states, the last block's output: the multi-token heads' input)
 
     def _static_step(self, idx: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row written at ``state.position`` (a tensor): every shape and Python value
-        is the same at every step, so torch.compile traces it once. Keys past the position (not
-        written yet) and left padding are masked through the score bias."""
-        if idx.shape[1] != 1:
-            raise ValueError("a static decode state takes one token a step")
-        tr, pad, p = self.transformer, state.pad, state.position
+        """T tokens per row written from ``state.position`` (a tensor) on: every shape and Python
+        value is the same from one step to the next, so torch.compile traces it once. Keys past
+        each query's position (not written yet) and left padding are masked through the score bias."""
+        tr, pad, T = self.transformer, state.pad, idx.shape[1]
         keys = torch.arange(state.max_len, device=idx.device)
-        seen = (keys <= p)[None, :]
-        row_pos = p
+        q_pos = state.position + torch.arange(T, device=idx.device)  # (T,)
+        seen = keys[None, :] <= q_pos[:, None]  # (T, max_len)
+        row_pos = q_pos
         if pad is not None:
-            seen = seen & (keys[None, :] >= pad[:, None])
-            row_pos = (p[None, :] - pad[:, None]).clamp_min(0)
-        bias = torch.zeros(seen.shape, device=idx.device).masked_fill(~seen, float("-inf"))[:, None, None, :]
-        alibi = tr.pos.bias(self.config.n_head, p, keys)
+            seen = seen[None] & (keys[None, None, :] >= pad[:, None, None])  # (B, T, max_len)
+            row_pos = (q_pos[None, :] - pad[:, None]).clamp_min(0)
+        bias = torch.zeros(seen.shape, device=idx.device).masked_fill(~seen, float("-inf"))
+        bias = bias[:, None] if pad is not None else bias[None, None]  # (B | 1, 1, T, max_len)
+        alibi = tr.pos.bias(self.config.n_head, q_pos, keys)
         if alibi is not None:
             bias = bias + alibi
         x = tr.wte(idx)

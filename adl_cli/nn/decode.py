@@ -76,8 +76,9 @@ class KVCache(LayerCache):
         static state writes one position at the position tensor and returns the whole buffers
         (fixed shapes, for torch.compile; the model masks the rows not written yet)."""
         if self.static_position is not None:
-            self.k.index_copy_(2, self.static_position, k.to(self.k.dtype))
-            self.v.index_copy_(2, self.static_position, v.to(self.v.dtype))
+            rows = self.static_position + torch.arange(k.shape[2], device=self.k.device)
+            self.k.index_copy_(2, rows, k.to(self.k.dtype))
+            self.v.index_copy_(2, rows, v.to(self.v.dtype))
             return self.k, self.v
         end = self._write(2, self.max_len, [(self.k, k), (self.v, v)])
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -173,8 +174,8 @@ class DecodeState(nn.Module):
         return bool(len(self.layers)) and all(getattr(layer, "can_be_static", False) for layer in self.layers)
 
     def make_static(self) -> None:
-        """Decode from here on one token a step at the position tensor (the caches' full buffers
-        are attended to, the model masks what is not written yet); ``advance`` after each step."""
+        """Decode from here on at the position tensor (the caches' full buffers are attended to, the
+        model masks what is not written yet); ``advance(n)`` after each step of n tokens."""
         if not self.can_be_static:
             raise ValueError("only a state of full key/value caches decodes statically")
         self.position.fill_(self.length)
@@ -182,22 +183,27 @@ class DecodeState(nn.Module):
             layer.static_position = self.position
         self.static = True
 
-    def advance(self) -> None:
-        """After a static step: one more position is filled."""
-        self.position += 1
+    def advance(self, n: int = 1) -> None:
+        """After a static step of n tokens: n more positions are filled."""
+        self.position += n
         for layer in self.layers:
-            vars(layer)["length"] += 1  # (a plain int in the module's dict; nn.Module.__setattr__ is slow per step)
+            vars(layer)["length"] += n  # (a plain int in the module's dict; nn.Module.__setattr__ is slow per step)
 
     @property
     def length(self) -> int:
         return self.layers[0].length if len(self.layers) else 0
 
-    def reset(self) -> None:
+    def make_dynamic(self) -> None:
+        """Back to caches that grow with what is written (a prefill, a pass of another length)."""
         for layer in self.layers:
-            layer.reset()
             if self.static:
                 layer.static_position = None
         self.static = False
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.make_dynamic()
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -205,6 +211,8 @@ class DecodeState(nn.Module):
     def truncate(self, length: int) -> None:
         for layer in self.layers:
             layer.truncate(length)
+        if self.static:
+            self.position.fill_(length)
 
     @property
     def can_truncate(self) -> bool:

@@ -119,7 +119,14 @@ def test_static_decoding_steps_equal_the_dynamic_cache_with_padding(position):
             b = last_logits(m, nxt, static)  # full buffers, unwritten rows and padding masked
             static.advance()
             torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
-    assert static.length == dynamic.length == 17
+        chunk = torch.tensor([[3, 4, 5], [6, 7, 8]])  # several tokens a step (speculative verification)
+        a, b = m(chunk, state=dynamic)[0], m(chunk, state=static)[0]
+        static.advance(3)
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+        static.truncate(15)  # a rolled-back draft moves the position tensor too
+        dynamic.truncate(15)
+        torch.testing.assert_close(last_logits(m, chunk[:, :1], static), last_logits(m, chunk[:, :1], dynamic), atol=2e-5, rtol=1e-5)
+    assert int(static.position) == 15
 
 
 def test_compiled_decoding_gives_the_eager_tokens():
@@ -127,3 +134,10 @@ def test_compiled_decoding_gives_the_eager_tokens():
     eager = generate_batch(m, PROMPTS[:2], 12, SamplingParams(temperature=0.0))
     compiled = generate_batch(m, PROMPTS[:2], 12, SamplingParams(temperature=0.0), compile=True)
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    from adl_cli.inference.speculative import speculative_generate
+
+    draft = _gpt(position="rope", seed=3)
+    prompt = torch.tensor([PROMPTS[3]])
+    plain = generate_batch(m, prompt.tolist(), 30)[0].tokens  # past the 24-token context: slides too
+    out, stats = speculative_generate(m, prompt, 30, draft=draft, lookahead=3, compile=True)
+    assert out[0, prompt.shape[1]:].tolist() == plain and stats.slides >= 1
