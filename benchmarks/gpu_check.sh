@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for adl's pretraining path (written for one H100/H200; any CUDA GPU works).
+# One-shot GPU check for adl's pretraining and decoding paths (written for one H100/H200; any CUDA GPU works).
 # Run from the repository root:   bash benchmarks/gpu_check.sh        (about 8-10 minutes on an H200)
 #
 #   1. environment: GPU, torch, CUDA
@@ -12,6 +12,8 @@
 #      FineWeb shards and tiktoken's gpt2 file are not on the machine)
 #  4b. attention: adl's Triton flash kernel vs naive on CUDA (fwd + grads, fp32 and bf16), then
 #      `adl bench-attention` in bf16 against SDPA's flash backend
+#  4c. inference: the engine's padded batch against each prompt alone on the GPU, then
+#      `adl bench-inference --device cuda` on a GPT-2-124M-shaped run against transformers
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
 #
@@ -78,6 +80,27 @@ assert worst <= 1
 EOF
 timeout 240 $PY -m adl_cli bench-attention --impl naive,sdpa,flash,window --seq 1024,2048,4096,8192 --dtype bfloat16 \
   --heads 16 --head-dim 64 --batch 4 --repeats 5 --json "$OUTDIR/attention-bf16.json" 2>&1 | tail -60
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 4c. inference on CUDA: a padded batch equals each prompt alone, then adl bench-inference at the 124M shape"
+timeout 120 $PY - <<'EOF' || status=1
+import torch
+from adl_cli.inference.engine import generate_batch, row_generators
+from adl_cli.inference.sampling import SamplingParams
+from adl_cli.models.gpt import GPT, GPTConfig
+torch.manual_seed(0)
+m = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, position="rope")).cuda().eval()
+prompts = [[1, 2, 3], list(range(4, 30)), [7]]
+p = SamplingParams(temperature=1.0, top_k=50)
+batch = generate_batch(m, prompts, 80, p, generator=row_generators(3, 3))
+alone = [generate_batch(m, [q], 80, p, generator=row_generators(3 + i, 1))[0] for i, q in enumerate(prompts)]
+same = [a.tokens == b.tokens for a, b in zip(batch, alone)]
+print("padded batch == alone (sampled, past the context):", same)
+assert all(same)
+EOF
+timeout 60 $PY benchmarks/gpt2_124m.py --out "$OUTDIR/gpt2-124m-random" > "$OUTDIR/gpt2-124m.log" 2>&1 || { status=1; tail -5 "$OUTDIR/gpt2-124m.log"; }
+timeout 300 $PY -m adl_cli bench-inference "$OUTDIR/gpt2-124m-random" --device cuda --batch 1,16 --new-tokens 128 \
+  --only cache,compiled,int8,transformers --json "$OUTDIR/inference-124m.json" 2>&1 | grep -v "round" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 5. summary"

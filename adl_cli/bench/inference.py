@@ -44,7 +44,7 @@ class Row:
     prefill_tok_s: float | None
     decode_tok_s: float | None
     ms_per_token: float | None
-    memory_mb: float | None  # weights + decode state (CPU: computed), or the measured peak (CUDA)
+    memory_mb: float | None  # weights + decode state, computed (CPU); the allocator's measured peak (CUDA)
     bytes_per_step: int | None
     bound_tok_s: float | None
     bound_share: float | None
@@ -294,7 +294,7 @@ def bench_inference(run_dir, *, batches=(1,), prompt_len: int = 32, new_tokens: 
             report.compile_s = max(report.compile_s or 0.0, time.perf_counter() - t)
         for c in here:
             fns[c](prompts, n if c == "compiled" else 2)  # warm-up (a compiled step's graph is made for its cache length)
-        outputs, t1, tn = {}, {c: [] for c in here}, {c: [] for c in here}
+        outputs, t1, tn, peaks = {}, {c: [] for c in here}, {c: [] for c in here}, {}
         for r in range(rounds):
             for c in (here if r % 2 == 0 else list(reversed(here))):
                 log(f"batch {b}, round {r + 1}/{rounds}: {c}")
@@ -303,12 +303,19 @@ def bench_inference(run_dir, *, batches=(1,), prompt_len: int = 32, new_tokens: 
                 fns[c](prompts, 1)
                 _sync(dev)
                 t1[c].append(time.perf_counter() - t)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
                 t = time.perf_counter()
                 outputs[c] = fns[c](prompts, n)
                 _sync(dev)
                 tn[c].append(time.perf_counter() - t)
+                if dev.type == "cuda":
+                    peaks[c] = max(peaks.get(c, 0), torch.cuda.max_memory_allocated(dev))
         for c in here:
-            report.rows.append(_row(c, b, prompts, n, statistics.median(t1[c]), statistics.median(tn[c]), outputs, fns, model, twin, dev, report))
+            row = _row(c, b, prompts, n, statistics.median(t1[c]), statistics.median(tn[c]), outputs, fns, model, twin, dev, report)
+            if c in peaks:  # on a GPU: the measured peak of the device's allocator (everything held, transformers' too)
+                row.memory_mb = peaks[c] / 1e6
+            report.rows.append(row)
     peer_rows = {r.batch: r for r in report.rows if r.contender == "transformers"}
     for r in report.rows:
         p = peer_rows.get(r.batch)

@@ -105,10 +105,17 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, *, history: torch.
         tokens = z.argmax(dim=-1)
     elif isinstance(generator, (list, tuple)):
         probs = logp.exp()
-        tokens = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(1)
+        tokens = torch.cat([_draw(probs[i:i + 1], g) for i, g in enumerate(generator)]).squeeze(1)
     else:
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        tokens = _draw(logp.exp(), generator).squeeze(1)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row; a generator on another device (a CPU one for a model on a GPU) draws there."""
+    if generator is not None and generator.device.type != probs.device.type:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
