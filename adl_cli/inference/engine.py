@@ -231,7 +231,7 @@ def generate_batch(
             keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break
-        if static:  # every row stays (fixed shapes); a finished row's window does not move
+        if static:  # every row stays (fixed shapes): a finished row decodes on, its tokens not returned
             keep = list(range(len(active)))
             for i, r in enumerate(active):
                 if finished_before[i]:  # (a row that finished at this step has its token already)
