@@ -259,9 +259,9 @@ def bench_inference(run_dir, *, batches=(1,), prompt_len: int = 32, new_tokens: 
             names.remove("speculative")
             notes.append("no --draft run: speculative decoding left out")
         else:
-            draft = load_run(draft_dir, device=dev).model.float().eval()
-            if draft.config.vocab_size != cfg.vocab_size:
-                raise AdlError(f"--draft {draft_dir} has another vocabulary ({draft.config.vocab_size}) than the run ({cfg.vocab_size})")
+            from adl_cli.methods.generate import load_draft
+
+            draft = load_draft(draft_dir, run, device=dev).float().eval()
     peer = twin = None
     peer_weights = "none"
     if "transformers" in names:

@@ -29,19 +29,12 @@ def chat(
     from adl_cli.console import console, console_err
     from adl_cli.errors import AdlError
     from adl_cli.inference.chat import NOTE, ChatSession
-    from adl_cli.methods.generate import check_sampling
-    from adl_cli.runs import load_run
+    from adl_cli.methods.generate import check_sampling, load_decoding_run
 
     params = check_sampling(temperature, top_k, top_p, max_new_tokens, min_p=min_p, repetition_penalty=repetition_penalty)
     if max_new_tokens < 1:
         raise AdlError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    run = load_run(run_dir)
-    if run.tokenizer is None:
-        raise AdlError(f"{run_dir} has no tokenizer.json: chat needs the run's tokenizer")
-    if quant is not None:
-        from adl_cli.inference.quant import quantize_model
-
-        quantize_model(run.model, quant)
+    run = load_decoding_run(run_dir, quant=quant, command="chat")
     session = ChatSession(run.model, run.tokenizer, params, max_new_tokens, seed)
     interactive = sys.stdin.isatty()
     console_err.print(f"[dim]{NOTE.format(run=run_dir)}\n{HELP}[/]", highlight=False)

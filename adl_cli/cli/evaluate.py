@@ -25,15 +25,11 @@ def evaluate(
     from adl_cli.console import console
     from adl_cli.errors import AdlError
     from adl_cli.methods.evaluate import evaluate_tokens, evaluation_tokens
-    from adl_cli.runs import load_run
+    from adl_cli.methods.generate import load_decoding_run
 
     if max_tokens is not None and max_tokens < 2:
         raise AdlError(f"--max-tokens must be >= 2, got {max_tokens}")
-    run = load_run(run_dir)
-    if quant is not None:
-        from adl_cli.inference.quant import quantize_model
-
-        quantize_model(run.model, quant)
+    run = load_decoding_run(run_dir, quant=quant, command="eval")
     tokens, what = evaluation_tokens(run, data, split)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]

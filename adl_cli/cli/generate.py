@@ -43,8 +43,7 @@ def generate(
     from adl_cli.console import console, console_err
     from adl_cli.errors import AdlError
     from adl_cli.inference.engine import Completion, TextStream, generate_batch, row_generators
-    from adl_cli.methods.generate import check_sampling
-    from adl_cli.runs import load_run
+    from adl_cli.methods.generate import check_sampling, load_decoding_run, load_draft
 
     params = check_sampling(temperature, top_k, top_p, max_new_tokens, min_p=min_p, repetition_penalty=repetition_penalty)
     if num_samples < 1:
@@ -60,19 +59,13 @@ def generate(
     texts = [prompt] if prompt is not None else [""]
     if prompt_file is not None:
         texts = read_prompt_file(prompt_file)
-    run = load_run(run_dir)
+    run = load_decoding_run(run_dir, quant=quant)
     model, tok = run.model, run.tokenizer
-    if tok is None:
-        raise AdlError(f"{run_dir} has no tokenizer.json: generate needs the run's tokenizer")
-    if quant is not None:
-        from adl_cli.inference.quant import quantize_model
-
-        quantize_model(model, quant)
     prompts = [list(tok.encode(t)) if t else [tok.eot_id] for t in texts]
     eos = None if ignore_eos else tok.eot_id
     stops = list(stop or [])
     speculative = draft is not None or lookup is not None
-    draft_model = _draft_model(draft, run_dir, tok) if draft is not None else None
+    draft_model = load_draft(draft, run) if draft is not None else None
     if stream is None:
         stream = len(prompts) == 1 and num_samples == 1 and not as_json and sys.stdout.isatty()
     if stream and (len(prompts) > 1 or num_samples > 1 or as_json):
@@ -160,17 +153,6 @@ def read_prompt_file(path: Path) -> list[str]:
         if not line.strip():
             raise AdlError(f"--prompt-file {path}: line {i + 1} is blank (one prompt a line)")
     return lines
-
-
-def _draft_model(draft: Path, run_dir: Path, tok):
-    from adl_cli.data.shards import tokenizer_fingerprint
-    from adl_cli.errors import AdlError
-    from adl_cli.runs import load_run
-
-    other = load_run(draft)
-    if other.tokenizer is None or tokenizer_fingerprint(other.tokenizer) != tokenizer_fingerprint(tok):
-        raise AdlError(f"--draft {draft} has another tokenizer than {run_dir}: a draft must share the target's token ids")
-    return other.model
 
 
 def _finish_speculative(c, max_new_tokens: int, eos, stops: list[str], decode):

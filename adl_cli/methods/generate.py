@@ -46,3 +46,32 @@ def generate(
     fill = 0 if stop_token is None else stop_token
     new = torch.tensor([c.tokens + [fill] * (width - len(c.tokens)) for c in done], dtype=idx.dtype, device=idx.device)
     return torch.cat((idx, new.view(len(done), width)), dim=1)
+
+
+def load_decoding_run(run_dir, *, quant: str | None = None, command: str = "generate", device="cpu"):
+    """A run ready to decode: its tokenizer present (a clear error naming ``command`` if not) and,
+    with ``quant``, its linear layers quantized (adl_cli/inference/quant.py)."""
+    from adl_cli.runs import load_run
+
+    run = load_run(run_dir, device=device)
+    if run.tokenizer is None:
+        raise AdlError(f"{run_dir} has no tokenizer.json: {command} needs the run's tokenizer")
+    if quant is not None:
+        from adl_cli.inference.quant import quantize_model
+
+        quantize_model(run.model, quant)
+    return run
+
+
+def load_draft(draft_dir, target, *, device="cpu"):
+    """The model of a draft run for speculative decoding: it must share the target run's token ids."""
+    from adl_cli.data.shards import tokenizer_fingerprint
+    from adl_cli.runs import load_run
+
+    draft = load_run(draft_dir, device=device)
+    if target.tokenizer is not None:
+        if draft.tokenizer is None or tokenizer_fingerprint(draft.tokenizer) != tokenizer_fingerprint(target.tokenizer):
+            raise AdlError(f"{opt('draft')} {draft_dir} has another tokenizer than {target.path}: a draft must share the target's token ids")
+    elif draft.config.vocab_size != target.config.vocab_size:
+        raise AdlError(f"{opt('draft')} {draft_dir} has another vocabulary ({draft.config.vocab_size}) than {target.path} ({target.config.vocab_size})")
+    return draft.model

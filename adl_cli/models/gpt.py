@@ -278,11 +278,7 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         # Left-padded rows count their positions from their first real token: (B, T) positions.
         row_pos = pos if pad is None else (pos[None, :] - pad[:, None]).clamp_min(0)
-        x = tr.wte(idx)
-        pe = tr.pos.embed(row_pos)
-        if pe is not None:
-            x = x + pe
-        x = tr.drop(x)
+        x = self._embed(idx, row_pos)
         bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))  # relative: shared positions serve
         if pad is not None:
             bias = padding_bias(pad, start, T, idx.device) + (0.0 if bias is None else bias)
@@ -306,12 +302,15 @@ class GPT(nn.Module):
         alibi = tr.pos.bias(self.config.n_head, q_pos, keys)
         if alibi is not None:
             bias = bias + alibi
-        x = tr.wte(idx)
-        pe = tr.pos.embed(row_pos)
-        if pe is not None:
-            x = x + pe
-        x = self._blocks(tr.drop(x), row_pos, bias, state, None)
+        x = self._blocks(self._embed(idx, row_pos), row_pos, bias, state, None)
         return tr.ln_f(x), x
+
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus the position encoding's (positions (T,) or per row (B, T)), dropout."""
+        tr = self.transformer
+        x = tr.wte(idx)
+        pe = tr.pos.embed(pos)
+        return tr.drop(x if pe is None else x + pe)
 
     def _run_block(self, block, x, pos, bias, cache, segment_ids):
         if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
