@@ -14,9 +14,7 @@ the average length; a compiled step reads its whole static cache) over the read 
 buffer of that many bytes with the same threads (a small buffer sits in cache: the bound is then
 the cache's). The table gives the share of that bound each contender reaches.
 
-adl decodes as its commands do: float weights in the decoding layout (adl_cli/inference/layout.py),
-quantized ones through torch's CPU kernels. The peer, transformers' GPT2LMHeadModel, runs on the
-run's weights converted as ``adl export hf``
+The peer, transformers' GPT2LMHeadModel, runs on the run's weights converted as ``adl export hf``
 converts them; a run that is not GPT-2-shaped (U-net skips, untied head, other norms or
 positions) is compared through a GPT-2 twin of its shape (same layers, width, heads, vocabulary
 and context, random weights) that adl also decodes, so every ratio is on the same weights.
@@ -183,7 +181,6 @@ def transformers_model(model):
 def decoders(model, names, *, twin=None, draft=None, lookup: int = 3, lookahead: int = 4, peer=None) -> dict[str, Callable]:
     """Name -> decode(prompts (B, P) tensor, n) -> new tokens (B, n) as lists, for the contenders ``names``."""
     from adl_cli.inference.engine import generate_batch
-    from adl_cli.inference.layout import decode_layout
     from adl_cli.inference.quant import quantize_model
     from adl_cli.inference.sampling import SamplingParams
     from adl_cli.inference.speculative import speculative_generate
@@ -236,10 +233,6 @@ def decoders(model, names, *, twin=None, draft=None, lookup: int = 3, lookahead:
         out["transformers"] = hf_generate
         if twin is not None:
             out["cache (twin)"] = engine(twin)
-            decode_layout(twin)
-    decode_layout(model)  # adl decodes with its inference layout (after the quantized copies and the peer were made)
-    if draft is not None:
-        decode_layout(draft)
     return out
 
 

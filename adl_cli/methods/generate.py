@@ -49,10 +49,8 @@ def generate(
 
 
 def load_decoding_run(run_dir, *, quant: str | None = None, command: str = "generate", device="cpu"):
-    """A run ready to decode: its tokenizer present (a clear error naming ``command`` if not), with
-    ``quant`` its linear layers quantized (adl_cli/inference/quant.py), the float ones stored in the
-    decoding layout (adl_cli/inference/layout.py)."""
-    from adl_cli.inference.layout import decode_layout
+    """A run ready to decode: its tokenizer present (a clear error naming ``command`` if not) and,
+    with ``quant``, its linear layers quantized (adl_cli/inference/quant.py)."""
     from adl_cli.runs import load_run
 
     run = load_run(run_dir, device=device)
@@ -62,7 +60,6 @@ def load_decoding_run(run_dir, *, quant: str | None = None, command: str = "gene
         from adl_cli.inference.quant import quantize_model
 
         quantize_model(run.model, quant)
-    decode_layout(run.model)
     return run
 
 
