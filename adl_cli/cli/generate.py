@@ -27,7 +27,7 @@ def generate(
     lookahead: int = typer.Option(4, "--lookahead", help="Tokens drafted per verification pass with --draft or --lookup (one prompt at a time)."),
     compile: bool = typer.Option(False, "--compile", help="Decode through torch.compile over static caches (with --draft: the draft's steps and the target's verification passes); compiling takes seconds, it pays on long generations (adl bench-inference measures it)."),
     quant: str = typer.Option(None, "--quant", help="Decode with weight-only int8 (per output channel) or int4 (groups of 32) weights, rounded to nearest.", show_default=False),
-    stream: bool = typer.Option(None, "--stream/--no-stream", help="Print tokens as they come (default: on for one prompt and one sample in a terminal).", show_default=False),
+    stream: bool = typer.Option(None, "--stream/--no-stream", help="Print tokens as they come (default: on for one prompt and one sample in a terminal; with --draft or --lookup the text comes whole at the end).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: each completion's text, token ids, log-probabilities and finish reason."),
 ) -> None:
     """Sample from a trained model: [bold]adl generate runs/tiny --prompt "The with statement"[/]
@@ -82,7 +82,7 @@ def generate(
                 g = torch.Generator().manual_seed(seed + p_i * num_samples + j)
                 out, stats = speculative_generate(model, torch.tensor([ids]), max_new_tokens, params=params, draft=draft_model,
                                                   lookup_ngram=lookup, lookahead=lookahead, generator=g, stop_token=eos, compile=compile)
-                done.append(_finish_speculative(Completion(list(ids), out[0, len(ids):].tolist()), max_new_tokens, eos, stops, tok.decode))
+                done.append(_finish_speculative(Completion(list(ids), out[0, len(ids):].tolist()), eos, stops, tok.decode))
                 spec_stats.append(stats)
         if stream:
             console.print(texts[0], style="bold", end="", highlight=False, markup=False)
@@ -155,7 +155,7 @@ def read_prompt_file(path: Path) -> list[str]:
     return lines
 
 
-def _finish_speculative(c, max_new_tokens: int, eos, stops: list[str], decode):
+def _finish_speculative(c, eos, stops: list[str], decode):
     """A speculative completion's finish reason and text (stop strings cut after generation)."""
     from adl_cli.inference.engine import StopStrings
 

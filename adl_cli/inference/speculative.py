@@ -156,15 +156,15 @@ def speculative_generate(target, idx: torch.Tensor, max_new_tokens: int, *, para
         return out
 
     def target_pass(feed: list[int]) -> torch.Tensor:  # the target reads the fed tokens: logits (T, V)
-        if not compile or len(feed) != lookahead + 1:
-            if compile:  # a pass of another length runs eagerly on the dynamic path, then static again
-                states[0].make_dynamic()
-                out = target(torch.tensor([feed]), state=states[0])[0][0]
-                states[0].make_static()
-                return out
-            return target(torch.tensor([feed]), state=states[0])[0][0]
-        out = verify_fn(torch.tensor([feed]), states[0])[0]
-        states[0].advance(len(feed))
+        if compile and len(feed) == lookahead + 1:
+            out = verify_fn(torch.tensor([feed]), states[0])[0]
+            states[0].advance(len(feed))
+            return out
+        if compile:  # a pass of another length runs eagerly on the dynamic path, then static again
+            states[0].make_dynamic()
+        out = target(torch.tensor([feed]), state=states[0])[0][0]
+        if compile:
+            states[0].make_static()
         return out
 
     refill()
