@@ -191,23 +191,43 @@ def file_digest(path: Path) -> str:
 # ----------------------------------------------------------------------------- init.from
 
 
-def init_from(path: str | Path, cfg, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Run]:
+def init_from(path: str | Path, cfg, *, device: str | torch.device = "cpu", new_tokens: tuple[int, int] | None = None) -> tuple[nn.Module, Run]:
     """A model of ``cfg`` holding the weights of the run at ``path`` (``init.from``).
 
     The run's family must be the recipe's; a shape difference is an AdlError that names the
-    config keys that differ."""
+    config keys that differ. ``new_tokens = (old, new)``: the tokenizer grew from ``old`` to
+    ``new`` ids (special tokens added); the vocabulary tables (embedding, head) get rows
+    ``old:new`` set to the mean of rows ``:old``, growing when ``cfg.vocab_size`` is larger."""
     run = load_run(path, device)
     if run.config.family != cfg.family:
         raise AdlError(f"init.from {path}: the run is a '{run.config.family}' model, the recipe's [model] is '{cfg.family}'")
     model = build_model(cfg)
+    tensors = model_tensors(run.model)
+    if new_tokens is not None:
+        tensors = _grow_vocab(tensors, model.state_dict(), run.config.vocab_size, *new_tokens)
     try:
-        assign_state(model, model_tensors(run.model), f"init.from {path}:")
+        assign_state(model, tensors, f"init.from {path}:")
     except AdlError as e:
         old, new = run.config.to_dict(), cfg.to_dict()
         diff = [f"{k} {old.get(k)!r} (run) vs {new.get(k)!r} (recipe)" for k in new if old.get(k) != new.get(k) and k not in ("dropout",)]
         hint = f"; the recipe's [model] differs in {', '.join(diff[:4])}" if diff else ""
         raise AdlError(f"{e}{hint}") from None
     return model.to(device), run
+
+
+def _grow_vocab(tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], old_rows: int, old: int, new: int) -> dict[str, torch.Tensor]:
+    """Vocabulary tables (first dimension ``old_rows``) with rows ``old:new`` the mean of rows
+    ``:old``; a table that must grow takes its extra rows from the fresh model first."""
+    out = {}
+    for name, t in tensors.items():
+        target = fresh.get(name)
+        if t.ndim == 2 and t.shape[0] == old_rows and target is not None and target.shape[0] >= new and target.shape[1:] == t.shape[1:]:
+            grown = target.detach().clone().to(t.dtype)
+            grown[:old_rows] = t
+            grown[old:new] = t[:old].float().mean(0).to(t.dtype)
+            t = grown
+        out[name] = t
+    return out
 
 
 # ----------------------------------------------------------------------------- adapters

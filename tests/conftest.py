@@ -131,3 +131,50 @@ def rope_run(tmp_path_factory, small_corpus):
         mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)  # skip the roof measurement
         run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)
     return root / "run"
+
+
+BPE_RECIPE = """
+name = "bpe-base"
+sample_prompt = "The "
+sample_tokens = 2
+
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 64
+vocab_multiple = 8
+
+[data]
+corpus = "{corpus}"
+tokenizer = "bpe"
+vocab_size = 320
+val_fraction = 0.1
+
+[train]
+steps = 4
+batch_size = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup = 1
+eval_every = 0
+eval_batches = 1
+checkpoint_every = 0
+log_every = 2
+seed = 5
+"""
+
+
+@pytest.fixture(scope="session")
+def bpe_run(tmp_path_factory, small_corpus):
+    """A 2-layer GPT with a 320-id BPE (numbers in multi-digit pieces), block 64, trained 4 steps:
+    the base of the SFT tests (they must not change its files)."""
+    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+    root = tmp_path_factory.mktemp("bpe")
+    recipe = root / "bpe.toml"
+    recipe.write_text(BPE_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)
+        run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)
+    return root / "run"

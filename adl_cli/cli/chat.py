@@ -10,7 +10,7 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops 
 
 
 def chat(
-    run_dir: Path = typer.Argument(..., help="A run folder (adl pretrain, adl import).", show_default=False),
+    run_dir: Path = typer.Argument(..., help="A run folder (adl sft gives one a chat template; adl pretrain or adl import ones continue plain text).", show_default=False),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="The longest answer, in tokens."),
     temperature: float = typer.Option(0.7, "--temperature", "-t", help="Softmax temperature; 0 is greedy."),
     top_k: int = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens.", show_default=False),
@@ -37,7 +37,8 @@ def chat(
     run = load_decoding_run(run_dir, quant=quant, command="chat")
     session = ChatSession(run.model, run.tokenizer, params, max_new_tokens, seed)
     interactive = sys.stdin.isatty()
-    console_err.print(f"[dim]{NOTE.format(run=run_dir)}\n{HELP}[/]", highlight=False)
+    note = f"{NOTE.format(run=run_dir)}\n" if session.template is None else ""
+    console_err.print(f"[dim]{note}{HELP}[/]", highlight=False)
 
     def show(piece: str) -> None:
         console.print(piece, end="", highlight=False, markup=False)

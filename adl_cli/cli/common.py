@@ -21,14 +21,15 @@ def default_out(recipe_path: Path, name: str) -> Path:
     return Path("runs") / name
 
 
-def resolve_recipe(recipe: Path) -> Path:
-    """A recipe path as given, or the shipped recipe of that name (`adl pretrain tiny`)."""
+def resolve_recipe(recipe: Path, command: str = "pretrain") -> Path:
+    """A recipe path as given, or the shipped recipe of that name (`adl pretrain tiny`), the
+    command's own first (`adl sft tiny` is recipes/sft/tiny.toml)."""
     recipe = Path(recipe)
     if recipe.exists() or recipe.suffix or len(recipe.parts) > 1:
         return recipe
     from adl_cli.cli.recipes import find_recipe
 
-    return find_recipe(str(recipe))
+    return find_recipe(str(recipe), prefer=command)
 
 
 

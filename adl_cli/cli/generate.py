@@ -19,7 +19,8 @@ def generate(
     min_p: float = typer.Option(None, "--min-p", help="Min-p sampling: drop tokens less likely than this fraction of the top token's probability.", show_default=False),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Divide (positive) or multiply (negative) the logits of tokens already in the text by this; 1 is off, above 1 discourages repeats."),
     stop: list[str] = typer.Option(None, "--stop", help="End a row when its text contains this string (not shown); repeat for several.", show_default=False),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Go on past <|endoftext|> (by default a row ends there)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Go on past <|endoftext|> (and a chat template's end; by default a row ends there)."),
+    chat: bool = typer.Option(False, "--chat", help="Ask each prompt as a user message through the run's chat template (a run from adl sft); the reply ends at the template's end token."),
     seed: int = typer.Option(0, "--seed", help="Random seed; sample r of the run draws from seed + r, whatever else is batched."),
     num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt (they share the prompt's prefill)."),
     draft: Path = typer.Option(None, "--draft", help="Speculative decoding: a smaller run with the same tokenizer drafts tokens that this run verifies (same output distribution; greedy output identical).", show_default=False),
@@ -61,8 +62,21 @@ def generate(
         texts = read_prompt_file(prompt_file)
     run = load_decoding_run(run_dir, quant=quant)
     model, tok = run.model, run.tokenizer
-    prompts = [list(tok.encode(t)) if t else [tok.eot_id] for t in texts]
     eos = None if ignore_eos else tok.eot_id
+    spec_eos = eos  # speculative decoding stops at one id
+    if chat:
+        from adl_cli.data.chat import ChatTemplate
+
+        template = ChatTemplate.of(tok)
+        if template is None:
+            raise AdlError(f"{run_dir} has no chat template (--chat needs a run fine-tuned by adl sft)")
+        if not any(texts):
+            raise AdlError("--chat asks a question: give --prompt or --prompt-file")
+        prompts = [template.prompt([{"role": "user", "content": t}]) for t in texts]
+        if not ignore_eos:
+            eos, spec_eos = sorted(template.stop_ids), template.end_id
+    else:
+        prompts = [list(tok.encode(t)) if t else [tok.eot_id] for t in texts]
     stops = list(stop or [])
     speculative = draft is not None or lookup is not None
     draft_model = load_draft(draft, run) if draft is not None else None
@@ -81,8 +95,8 @@ def generate(
             for j in range(num_samples):
                 g = torch.Generator().manual_seed(seed + p_i * num_samples + j)
                 out, stats = speculative_generate(model, torch.tensor([ids]), max_new_tokens, params=params, draft=draft_model,
-                                                  lookup_ngram=lookup, lookahead=lookahead, generator=g, stop_token=eos, compile=compile)
-                done.append(_finish_speculative(Completion(list(ids), out[0, len(ids):].tolist()), eos, stops, tok.decode))
+                                                  lookup_ngram=lookup, lookahead=lookahead, generator=g, stop_token=spec_eos, compile=compile)
+                done.append(_finish_speculative(Completion(list(ids), out[0, len(ids):].tolist()), spec_eos, stops, tok.decode))
                 spec_stats.append(stats)
         if stream:
             console.print(texts[0], style="bold", end="", highlight=False, markup=False)

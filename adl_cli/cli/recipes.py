@@ -24,10 +24,14 @@ def all_recipes() -> dict[str, Path]:
     return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.toml"))}
 
 
-def find_recipe(name: str) -> Path:
+def find_recipe(name: str, prefer: str = "pretrain") -> Path:
+    """A shipped recipe by its path under recipes/ (``sft/tiny``) or its name; a name several
+    commands share (``tiny``) is the ``prefer`` command's (pretrain unless a command says)."""
     table = all_recipes()
     if name in table:
         return table[name]
+    if f"{prefer}/{name}" in table:
+        return table[f"{prefer}/{name}"]
     by_stem = [k for k in table if k.split("/")[-1] == name]
     if len(by_stem) == 1:
         return table[by_stem[0]]

@@ -9,6 +9,11 @@
 
 A run folder stores ``tokenizer.json`` (kind, pattern, specials) and, for BPE, the ranks
 file ``tokenizer.tiktoken``, so generation reproduces training's ids.
+
+Special tokens beyond ``<|endoftext|>`` (a chat template's markers, ``with_specials``) get the
+ids after the last one; ``encode`` never produces them from text (it encodes ordinary text
+only), so a user's message cannot forge a marker. ``with_single_digits`` changes the
+pre-tokenisation pattern so every digit is its own piece (arithmetic aligns digit by digit).
 """
 
 from __future__ import annotations
@@ -24,18 +29,74 @@ from adl_cli.errors import AdlError
 EOT = "<|endoftext|>"
 
 
+def single_digit_pattern(pattern: str) -> str:
+    """A pre-tokenisation pattern whose numbers split into one piece per digit: GPT-2's
+    `` ?\\p{N}+`` alternative becomes ``\\p{N}`` (the space before a number is its own piece)."""
+    out = pattern.replace(r" ?\p{N}+", r"\p{N}")
+    if out == pattern and r"\p{N}" not in pattern:
+        raise ValueError("the tokenizer's pattern has no number alternative to split into digits")
+    return out
+
+
 class Tokenizer:
     """encode/decode plus the metadata a run folder needs."""
 
-    def __init__(self, kind: str, encoding=None, ranks_path: Path | None = None, pattern: str | None = None):
+    def __init__(self, kind: str, encoding=None, ranks_path: Path | None = None, pattern: str | None = None,
+                 specials: dict[str, int] | None = None, chat: dict | None = None):
         self.kind = kind
         self.encoding = encoding
         self.ranks_path = ranks_path
         self.pattern = pattern
+        self.specials = dict(specials or {})  # special tokens beyond <|endoftext|>: text -> id
+        self.chat = chat  # a chat template's description (adl_cli.data.chat), stored beside the tokenizer
+        if self.specials and encoding is not None:
+            self.encoding = _with_special_tokens(encoding, self.specials, pattern)
+        elif pattern and encoding is not None and pattern != encoding._pat_str:
+            self.encoding = _with_special_tokens(encoding, {}, pattern)
 
     @property
     def vocab_size(self) -> int:
-        return 257 if self.encoding is None else self.encoding.n_vocab
+        if self.encoding is None:
+            return 257 + len(self.specials)
+        return self.encoding.n_vocab
+
+    def special_id(self, text: str) -> int:
+        """The id of a special token (``<|endoftext|>`` or one added with ``with_specials``)."""
+        if text == EOT:
+            return self.eot_id
+        if text not in self.specials:
+            raise KeyError(text)
+        return self.specials[text]
+
+    def with_specials(self, names: list[str]) -> Tokenizer:
+        """This tokenizer with special tokens ``names`` appended (ids vocab_size, vocab_size + 1, ...);
+        names it already has keep their ids."""
+        specials = dict(self.specials)
+        taken = {EOT, *specials}
+        nxt = self.vocab_size
+        for name in names:
+            if not name or not name.strip():
+                raise ValueError("a special token cannot be empty or blank")
+            if name in taken:
+                continue
+            specials[name] = nxt
+            taken.add(name)
+            nxt += 1
+        return Tokenizer(self.kind, self._base_encoding(), self.ranks_path, self.pattern, specials, self.chat)
+
+    def with_single_digits(self) -> Tokenizer:
+        """This tokenizer with numbers pre-split into single digits (bytes already are)."""
+        if self.encoding is None:
+            return self
+        pattern = single_digit_pattern(self.pattern or self.encoding._pat_str)
+        return Tokenizer(self.kind, self._base_encoding(), self.ranks_path, pattern, self.specials, self.chat)
+
+    @property
+    def single_digits(self) -> bool:
+        return self.encoding is None or r" ?\p{N}+" not in (self.pattern or self.encoding._pat_str)
+
+    def _base_encoding(self):
+        return self.encoding
 
     @property
     def eot_id(self) -> int:
@@ -49,18 +110,23 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         if self.encoding is None:
             return [self.encode(t) for t in texts]
+        if sum(map(len, texts)) < 2000 * len(texts):  # short texts: tiktoken's thread pool costs more than it saves
+            return [np.asarray(self.encoding.encode_ordinary(t), dtype=np.int64) for t in texts]
         return [np.asarray(ids, dtype=np.int64) for ids in self.encoding.encode_ordinary_batch(texts)]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.encoding is None:
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+            if not self.specials:
+                return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+            names = {v: k.encode() for k, v in self.specials.items()}
+            return b"".join(bytes([i]) if i < 256 else names.get(i, b"") for i in ids).decode("utf-8", errors="replace")
         return self.encoding.decode([i for i in ids if i < self.encoding.n_vocab], errors="replace")
 
     @property
     def special_ids(self) -> set[int]:
         if self.encoding is None:
-            return {256}
+            return {256, *self.specials.values()}
         return {self.encoding.encode_single_token(t) for t in self.encoding.special_tokens_set}
 
     def token_bytes(self, ids) -> int:
@@ -87,6 +153,12 @@ class Tokenizer:
                 atomic_copy(self.ranks_path, target)
             meta["ranks"] = "tokenizer.tiktoken"
             meta["pattern"] = self.pattern
+        elif self.kind == "gpt2" and self.pattern:
+            meta["pattern"] = self.pattern
+        if self.specials:
+            meta["specials"] = self.specials
+        if self.chat:
+            meta["chat"] = self.chat
         atomic_write_text(run_dir / "tokenizer.json", json.dumps(meta, indent=1))
 
     @classmethod
@@ -101,12 +173,21 @@ class Tokenizer:
             raise AdlError(f"cannot read {path}: {e}") from None
         kind = meta.get("kind")
         if kind == "bytes":
-            return cls("bytes")
-        if kind == "gpt2":
-            return gpt2_tokenizer()
-        if kind in ("bpe", "file"):
-            return from_ranks_file(run_dir / meta.get("ranks", "tokenizer.tiktoken"), kind=kind, pattern=meta.get("pattern"))
-        raise AdlError(f"{path}: unknown tokenizer kind {kind!r}")
+            tok = cls("bytes")
+        elif kind == "gpt2":
+            tok = gpt2_tokenizer()
+        elif kind in ("bpe", "file"):
+            tok = from_ranks_file(run_dir / meta.get("ranks", "tokenizer.tiktoken"), kind=kind, pattern=meta.get("pattern"))
+        else:
+            raise AdlError(f"{path}: unknown tokenizer kind {kind!r}")
+        specials = meta.get("specials") or {}
+        if not isinstance(specials, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in specials.items()):
+            raise AdlError(f"{path}: 'specials' must map token text to an id")
+        if specials or meta.get("chat") or (kind == "gpt2" and meta.get("pattern")):
+            tok = cls(tok.kind, tok.encoding, tok.ranks_path, meta.get("pattern") or tok.pattern, specials, meta.get("chat"))
+            if specials and sorted(specials.values()) != list(range(tok.vocab_size - len(specials), tok.vocab_size)):
+                raise AdlError(f"{path}: the special tokens' ids {sorted(specials.values())} do not follow the base vocabulary")
+        return tok
 
 
 def from_ranks_file(path: Path, *, kind: str = "file", pattern: str | None = None) -> Tokenizer:
@@ -122,6 +203,15 @@ def from_ranks_file(path: Path, *, kind: str = "file", pattern: str | None = Non
     pattern = pattern or bpe.GPT2_PATTERN
     enc = bpe.make_encoding(path.stem, ranks, pattern=pattern)
     return Tokenizer(kind, enc, ranks_path=path, pattern=pattern)
+
+
+def _with_special_tokens(encoding, specials: dict[str, int], pattern: str | None):
+    """A tiktoken Encoding like ``encoding`` with more special tokens (and another pattern)."""
+    import tiktoken
+
+    base = {k: v for k, v in encoding._special_tokens.items()}
+    return tiktoken.Encoding(encoding.name, pat_str=pattern or encoding._pat_str, mergeable_ranks=encoding._mergeable_ranks,
+                             special_tokens={**base, **specials})
 
 
 class _NotCached(Exception):

@@ -41,6 +41,13 @@ class Completion:
     stop: str | None = None
 
 
+def eos_ids(eos_id: int | Sequence[int] | None) -> frozenset[int]:
+    """The ids that end a row: none, one, or several."""
+    if eos_id is None:
+        return frozenset()
+    return frozenset([int(eos_id)] if isinstance(eos_id, int) else (int(i) for i in eos_id))
+
+
 def row_generators(seed: int, count: int, device=None) -> list[torch.Generator]:
     """Generator r is seeded with seed + r: row r's draws are the same whatever else is batched."""
     return [torch.Generator(device=device or "cpu").manual_seed(seed + r) for r in range(count)]
@@ -141,7 +148,7 @@ def generate_batch(
     *,
     n: int = 1,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     stop: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     logprobs: bool = False,
@@ -151,7 +158,8 @@ def generate_batch(
     """Complete every prompt ``n`` times; returns len(prompts) * n completions, prompt-major.
 
     ``generator``: one for the whole batch or one per row (``row_generators``); ``stop`` needs
-    ``decode`` (ids -> text); ``on_token(row, id)`` is called for every new token of a running row.
+    ``decode`` (ids -> text); ``eos_id``: one id or several (a chat model ends a reply with its
+    template's end); ``on_token(row, id)`` is called for every new token of a running row.
     ``compile``: decoding steps run through torch.compile over a static cache (full key/value
     caches only); finished rows then stay in the batch (ignored) so that shapes never change."""
     params.validate()
@@ -160,6 +168,7 @@ def generate_batch(
     if n < 1:
         raise AdlError(f"{opt('num_samples')} must be >= 1, got {n}")
     stops = StopStrings(stop)
+    eos = eos_ids(eos_id)
     if stops.stops and decode is None:
         raise ValueError("stop strings need a decode function")
     block = model.config.block_size
@@ -217,7 +226,7 @@ def generate_batch(
                 row.logprobs.append(lps[i])
             if on_token is not None:
                 on_token(r, t)
-            if eos_id is not None and t == eos_id:
+            if t in eos:
                 row.finish, done[r] = "eos", True
                 continue
             if stops.stops:
@@ -300,13 +309,13 @@ class TextStream:
     """Text of one row as its tokens come: ``push`` returns what may be shown now (nothing while
     the bytes of a character are incomplete or the end may begin a stop string)."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), eos_id: int | None = None):
-        self.decode, self.stops, self.eos_id = decode, StopStrings(stop), eos_id
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), eos_id: int | Sequence[int] | None = None):
+        self.decode, self.stops, self.eos = decode, StopStrings(stop), eos_ids(eos_id)
         self.ids: list[int] = []
         self.shown = 0
 
     def push(self, token: int) -> str:
-        if token == self.eos_id:
+        if token in self.eos:
             return ""
         self.ids.append(token)
         text = self.decode(self.ids)

@@ -193,7 +193,7 @@ def _write_hf_tokenizer(run_dir: Path, out: Path, hf_cfg: dict) -> bool:
     tok = Tokenizer.load(run_dir)
     if tok.kind == "bytes":
         ranks = {bytes([b]): b for b in range(256)}
-    elif tok.ranks_path is not None and tok.pattern in (None, bpe.GPT2_PATTERN):
+    elif tok.ranks_path is not None:
         ranks = bpe.load_ranks(tok.ranks_path)
     else:
         return False
@@ -201,6 +201,8 @@ def _write_hf_tokenizer(run_dir: Path, out: Path, hf_cfg: dict) -> bool:
         vocab, merges = hf_gpt2.vocab_and_merges(ranks, eot_id=tok.eot_id)
     except ValueError:
         return False
+    if tok.specials or tok.chat or tok.pattern not in (None, bpe.GPT2_PATTERN):
+        return _write_fast_tokenizer(tok, vocab, merges, out, hf_cfg)
     eot = "<|endoftext|>"
     atomic_write_text(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
@@ -211,6 +213,39 @@ def _write_hf_tokenizer(run_dir: Path, out: Path, hf_cfg: dict) -> bool:
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return True
 
+
+
+def _write_fast_tokenizer(tok: Tokenizer, vocab: dict[str, int], merges, out: Path, hf_cfg: dict) -> bool:
+    """A tokenizers-library ``tokenizer.json`` (for a pattern other than GPT-2's, or special tokens
+    beyond <|endoftext|>) and a ``tokenizer_config.json`` with the chat template as Jinja, so that
+    ``AutoTokenizer.from_pretrained(out)`` encodes and renders conversations as adl does (one
+    difference: a message that spells a marker, e.g. ``<|end|>``, is read as the marker there,
+    as transformers reads every added token in text; adl encodes message text as text)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as FastTokenizer
+
+    from adl_cli.data import bpe
+    from adl_cli.data.chat import ChatTemplate
+
+    eot = "<|endoftext|>"
+    vocab = {**vocab, **tok.specials}
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=list(merges), fuse_unk=False))
+    fast.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tok.pattern or bpe.GPT2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    fast.decoder = decoders.ByteLevel()
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [eot, *tok.specials]])
+    fast.save(str(out / "tokenizer.json"))
+    template = ChatTemplate.of(tok)
+    special = {"bos_token": eot, "eos_token": template.markers["end"] if template else eot, "unk_token": eot, "pad_token": eot}
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": hf_cfg.get("n_positions", 1024),
+              "clean_up_tokenization_spaces": False, **special}
+    if template is not None:
+        config["chat_template"] = template.jinja()
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    return True
 
 
 def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult:
@@ -236,8 +271,10 @@ def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
-    if hf_cfg.get("eos_token_id") is not None:  # generate() stops at <|endoftext|>
-        gen = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"]}
+    if hf_cfg.get("eos_token_id") is not None:  # generate() stops at <|endoftext|> (and a chat template's end)
+        chat_end = (tok_meta.get("chat") or {}).get("markers", {}).get("end")
+        eos_ids = hf_cfg["eos_token_id"] if chat_end is None else [tok_meta["specials"][chat_end], hf_cfg["eos_token_id"]]
+        gen = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": eos_ids}
         atomic_write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     notes: list[str] = []
     desc = "none"

@@ -73,19 +73,19 @@ RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.c
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "data", "train", "init"):
+        if isinstance(v, dict) and k in ("model", "data", "train", "init", "template"):
             out.update(_flat(v, f"{k}."))
         else:
             out[prefix + k] = v
     return out
 
 
-def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force: bool, main: bool = True) -> tuple[PretrainRecipe | None, list[str]]:
+def prepare_run_folder(out: Path, recipe, *, resume: bool, force: bool, main: bool = True, load=None) -> tuple[Any, list[str]]:
     """Refuse to replace or mix into an existing run unless asked; returns (the run's old recipe, changed keys).
 
     Without --resume a folder that holds a run is refused (or, with --force, its run files are
     removed first). With --resume, any change to the recipe other than RESUMABLE_KEYS is refused
-    unless --force."""
+    unless --force. ``load`` reads the run's own recipe (default: a pretraining recipe)."""
     import shutil
 
     from adl_cli.recipe import recipe_dict
@@ -106,7 +106,7 @@ def prepare_run_folder(out: Path, recipe: PretrainRecipe, *, resume: bool, force
     if not old_path.exists():
         return None, []
     try:
-        old = load_pretrain_recipe(old_path)
+        old = (load or load_pretrain_recipe)(old_path)
     except AdlError as e:
         raise AdlError(f"{opt('resume')}: cannot read the run's own recipe ({e})") from None
     a, b = _flat(recipe_dict(old)), _flat(recipe_dict(recipe))

@@ -41,6 +41,7 @@ from torch import nn
 from adl_cli.errors import closest
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.nn.attention import ATTENTION, ATTENTION_BLOCKS, check_options
+from adl_cli.nn.attention.mask import segment_positions
 from adl_cli.nn.losses import fused_linear_cross_entropy
 from adl_cli.nn.norms import NORMS
 from adl_cli.nn.position import POSITIONS
@@ -265,7 +266,7 @@ class GPT(nn.Module):
     def _hidden(self, idx: torch.Tensor, state=None, segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Final-norm hidden states (B, T, C), the last block's output). ``state`` (``setup_cache``) decodes: the
         tokens continue the state's positions and are appended to it. ``segment_ids`` (B, T):
-        packed documents, each attending within itself only."""
+        packed documents, each attending within itself only, positions restarting at its start."""
         B, T = idx.shape
         if state is not None and state.static:
             return self._static_step(idx, state)
@@ -278,6 +279,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         # Left-padded rows count their positions from their first real token: (B, T) positions.
         row_pos = pos if pad is None else (pos[None, :] - pad[:, None]).clamp_min(0)
+        if segment_ids is not None:  # packed documents: positions restart at each document's start
+            if state is not None:
+                raise ValueError("segment_ids (packed documents) are for whole sequences, not for decoding with a cache")
+            row_pos = segment_positions(segment_ids)
         x = self._embed(idx, row_pos)
         bias = tr.pos.bias(self.config.n_head, pos, torch.arange(start + T, device=idx.device))  # relative: shared positions serve
         if pad is not None:
@@ -362,11 +367,14 @@ class GPT(nn.Module):
         T = targets.shape[1]
         pos = torch.arange(T, device=targets.device)
         bias = self.transformer.pos.bias(self.config.n_head, pos, pos)
+        block_pos = pos if segment_ids is None else segment_positions(segment_ids)
         aux = []
         for d, head in enumerate(self.mtp, start=1):
             shifted = torch.full_like(targets, -100)
             shifted[:, : T - d] = targets[:, d:]
-            h = self.transformer.ln_f(self._run_block(head, trunk, pos, bias, None, segment_ids))
+            if segment_ids is not None:  # a packed document's token t + 1 + d may be the next document's
+                shifted[:, : T - d].masked_fill_(segment_ids[:, d:] != segment_ids[:, : T - d], -100)
+            h = self.transformer.ln_f(self._run_block(head, trunk, block_pos, bias, None, segment_ids))
             aux.append(self.token_loss(h, shifted))
         mtp = torch.stack(aux).mean()
         self.aux_metrics = {"next_token_loss": loss.detach(), "mtp_loss": mtp.detach()}

@@ -52,3 +52,14 @@ def attention_mask(tq: int, tk: int, *, causal: bool, window: int | None = None,
             raise ValueError("segment_ids (packed documents) apply to self-attention over the whole sequence (Tq == Tk)")
         seg_q = seg_k = segment_ids
     return allowed_pairs(q_pos, k_pos, causal=causal, window=window, q_seg=seg_q, k_seg=seg_k)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where each packed document starts: (B, T) from (B, T) segment ids
+    (a document is a run of equal ids)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
