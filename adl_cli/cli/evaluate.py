@@ -15,9 +15,12 @@ def evaluate(
     max_tokens: int = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text (a quick look).", show_default=False),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 autocast (as training evaluates on a bf16 host)."),
     quant: str = typer.Option(None, "--quant", help="Score with weight-only int8 or int4 weights (what quantization costs in bits per byte).", show_default=False),
+    task: list[str] = typer.Option(None, "--task", help="Instead of text: exact match of greedy answers on a built-in task's held-out problems (adl sft tasks lists them); repeatable.", show_default=False),
+    examples: int = typer.Option(1000, "--examples", help="With --task: held-out problems per task."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
-    """Loss, perplexity and bits per byte on a text: [bold]adl eval runs/tiny[/] (its held-out split)"""
+    """Loss, perplexity and bits per byte on a text: [bold]adl eval runs/tiny[/] (its held-out split);
+    exact match on tasks: [bold]adl eval runs/addition --task addition[/]"""
     import json
 
     from rich.table import Table
@@ -30,6 +33,10 @@ def evaluate(
     if max_tokens is not None and max_tokens < 2:
         raise AdlError(f"--max-tokens must be >= 2, got {max_tokens}")
     run = load_decoding_run(run_dir, quant=quant, command="eval")
+    if task:
+        if data is not None:
+            raise AdlError("--task scores answers to problems and --data scores text: give one")
+        return _task_report(run, run_dir, task, examples, quant, as_json)
     tokens, what = evaluation_tokens(run, data, split)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
@@ -47,6 +54,43 @@ def evaluate(
             ("time", f"{result.seconds:.2f} s ({result.tokens_per_s:,.0f} tokens/s)")]
     for k, v in rows:
         table.add_row(k, v)
+    console.print(table)
+
+
+def _task_report(run, run_dir: Path, names: list[str], examples: int, quant, as_json: bool) -> None:
+    """Exact match per task on held-out problems of the run's own split (an SFT run's data.seed,
+    scratchpad and operand digits; 0, none and 3 for other runs)."""
+    import json
+    import time
+
+    from rich.table import Table
+
+    from adl_cli.console import console
+    from adl_cli.data.tasks import TASKS, make_task, split_problems
+    from adl_cli.errors import AdlError
+    from adl_cli.methods.exact_match import exact_match
+    from adl_cli.methods.sft import task_settings
+
+    if examples < 1:
+        raise AdlError(f"--examples must be >= 1, got {examples}")
+    for name in names:
+        TASKS.get(name)
+    seed, options = task_settings(run_dir)
+    rows = []
+    for name in names:
+        t = make_task(name, **options)
+        problems = split_problems(t, examples, held_out=True, seed=seed)
+        start = time.perf_counter()
+        score = exact_match(run.model, run.tokenizer, t, problems, keep_samples=3)
+        rows.append({**score.to_dict(), "seconds": round(time.perf_counter() - start, 2)})
+    if as_json:
+        print(json.dumps({"run": str(run_dir), "quant": quant, "split_seed": seed, **options, "tasks": rows}))
+        return
+    table = Table("task", "n", "exact match", "95% CI", "stopped", "time", title=f"adl eval {run_dir}: held-out problems (split seed {seed})",
+                  title_justify="left")
+    for r in rows:
+        table.add_row(r["task"], str(r["n"]), f"{r['accuracy']:.1%}", f"{r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}",
+                      f"{r['stopped'] / max(1, r['n']):.0%}", f"{r['seconds']:.1f} s")
     console.print(table)
 
 

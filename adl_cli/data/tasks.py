@@ -69,11 +69,12 @@ class Task:
         return int.from_bytes(h, "little") % 1000 < HELD_OUT_PER_MILLE
 
 
-def split_problems(task: Task, n: int, *, held_out: bool, seed: int) -> list[Problem]:
+def split_problems(task: Task, n: int, *, held_out: bool, seed: int, stream: str = "") -> list[Problem]:
     """``n`` problems of one side of the split: the held-out side distinct (an evaluation set),
     the training side drawn with repeats allowed (as a stream of fresh problems is). A small
-    task whose side has fewer distinct problems than asked keeps what it has."""
-    rng = random.Random(f"{seed}:{task.name}:{'held' if held_out else 'train'}")
+    task whose side has fewer distinct problems than asked keeps what it has. ``stream`` names
+    another draw from the same side (the held-out loss's problems beside the exact match's)."""
+    rng = random.Random(f"{seed}:{task.name}:{'held' if held_out else 'train'}{':' + stream if stream else ''}")
     out: list[Problem] = []
     seen: set[str] = set()
     tries = 0

@@ -107,7 +107,7 @@ def build_dataset(recipe: SFTRecipe, tokenizer, template: ChatTemplate, block: i
     sources: list[str] = []
     for name, task in tasks.items():
         train = split_problems(task, d.train_examples, held_out=False, seed=d.seed)
-        val = split_problems(task, d.val_examples, held_out=True, seed=d.seed + 1)
+        val = split_problems(task, d.val_examples, held_out=True, seed=d.seed, stream="loss")
         train_convs += [p.messages() for p in train]
         val_convs += [p.messages() for p in val]
         sources += [name] * len(train)
@@ -149,6 +149,19 @@ def start_tokenizer(base_tok, recipe: SFTRecipe):
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def task_settings(run_dir: Path) -> tuple[int, dict]:
+    """(split seed, task options) a run was fine-tuned with (its recipe.toml), so evaluating it
+    later asks the same held-out problems; defaults for a run that is not an SFT run."""
+    path = Path(run_dir) / "recipe.toml"
+    try:
+        recipe = load_recipe(path, SFTRecipe) if path.exists() else None
+    except AdlError:
+        recipe = None  # a pretraining recipe
+    if recipe is None:
+        return 0, {"scratchpad": False, "operand_digits": 3}
+    return recipe.data.seed, {"scratchpad": recipe.data.scratchpad, "operand_digits": recipe.data.operand_digits}
 
 
 def heldout_loss(model, rows, batch_size: int) -> float:

@@ -172,3 +172,21 @@ def test_bad_input_is_one_clear_line(sft_run, bpe_run, run, capsys, tmp_path, ch
     code, out, err = run(["sft", path, "--out", tmp_path / "out", "--no-progress"], capsys)
     assert code == 2, (out, err)
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_scores_tasks_on_the_runs_own_held_out_problems(sft_run, run, capsys):
+    from adl_cli.data.tasks import make_task, split_problems
+
+    folder, _ = sft_run
+    code, out, err = run(["eval", folder, "--task", "addition", "--task", "reverse", "--examples", "5", "--json"], capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["split_seed"] == 0 and got["operand_digits"] == 2  # the recipe's, so the problems are held out from its training
+    assert [t["task"] for t in got["tasks"]] == ["addition", "reverse"] and all(t["n"] == 5 for t in got["tasks"])
+    asked = [s["question"] for s in got["tasks"][0]["samples"]]
+    want = [p.question for p in split_problems(make_task("addition", operand_digits=2), 5, held_out=True, seed=0)]
+    assert asked == want[:len(asked)]
+    code, out, err = run(["eval", folder, "--task", "additon"], capsys)
+    assert code == 2 and "unknown task 'additon'" in err
+    code, out, err = run(["eval", folder, "--task", "addition", "--data", "README.md"], capsys)
+    assert code == 2 and "give one" in err

@@ -78,3 +78,13 @@ def test_last_integer_reads_the_final_number():
     assert last_integer("3+4=7 carry 0; so 12 + 30 = 42") == "42"
     assert last_integer("007") == "7"
     assert last_integer("none") is None
+
+
+def test_the_held_out_loss_problems_are_held_out_too():
+    task = make_task("addition")
+    train = {p.question for p in split_problems(task, 3000, held_out=False, seed=5)}
+    loss_side = split_problems(task, 300, held_out=True, seed=5, stream="loss")
+    evaluation = split_problems(task, 300, held_out=True, seed=5)
+    assert not train & {p.question for p in loss_side}
+    assert [p.question for p in loss_side] != [p.question for p in evaluation]
+    assert all(task.held_out(p, 5) for p in loss_side)
