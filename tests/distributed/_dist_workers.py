@@ -166,3 +166,18 @@ def launch(fn, args: tuple, nprocs: int = 2, timeout: float = 120.0) -> None:
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def sft_scenario(rank: int, world: int, port: int, recipe: str, out: str) -> None:
+    """`adl sft`'s method on ``world`` processes (DDP over gloo), fp32, no base evaluation."""
+    _env(rank, world, port)
+    import torch.distributed as dist
+
+    from adl_cli.methods.sft import load_sft_recipe, run_sft
+
+    no_peak_measurement()
+    try:
+        run_sft(load_sft_recipe(recipe), Path(out), progress=False, log=lambda *a, **k: None, evaluate_base=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
