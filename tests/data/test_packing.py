@@ -39,7 +39,7 @@ def _token_losses(model, x, y, seg=None):
 
 
 @pytest.mark.parametrize("position", ["learned", "rope", "alibi"])
-@pytest.mark.parametrize("attention", ["sdpa", "naive"])
+@pytest.mark.parametrize("attention", ["sdpa", "naive", "flash"])
 def test_packed_losses_equal_each_example_alone(position, attention):
     model = _model(position, attention)
     examples = _examples()

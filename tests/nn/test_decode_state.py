@@ -117,7 +117,7 @@ def test_kernels_honour_the_query_offset(kernel):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["naive", "sdpa"])
+@pytest.mark.parametrize("kernel", ["naive", "sdpa", "flash"])
 def test_segment_masks_equal_separate_sequences(kernel):
     """Three documents packed into one row attend as if each were alone, and so does the model."""
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ attention: each group of H // Hkv query heads shares one key/value head).
 causal masking is aligned to the end: query i sits at absolute position Tk - Tq + i,
 so a decoding step with a KV cache (Tq < Tk) masks correctly; ``q_offset`` places the
 queries elsewhere, and ``segment_ids`` (B, T) keep packed documents apart. Kernels that
-take these two declare them as parameters (naive, sdpa; flash and window take q_offset);
+take these two declare them as parameters (naive, sdpa, flash, window);
 the mask itself is built in one place, ``mask.py``. ``bias`` is an additive
 score bias broadcastable to (B, H, Tq, Tk) (ALiBi); ``window`` keeps only keys at most
 ``window - 1`` positions behind the query (sliding-window attention).

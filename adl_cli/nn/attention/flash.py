@@ -17,7 +17,9 @@ Only O and L are kept for the backward, which recomputes each score tile::
     dQ_i += scale dS K_j;   dK_j += scale dS^T Q_i
 
 Memory is O(T * block) instead of O(T^2). Tiles that the causal or sliding-window mask
-removes entirely are never computed. Grouped-query heads are folded into the rows of a
+removes entirely are never computed; with ``segment_ids`` (packed documents, ids
+non-decreasing along each row as packing writes them) neither are tiles whose keys all
+belong to earlier documents than every query's in every row (the varlen saving). Grouped-query heads are folded into the rows of a
 query tile ((time, group) order), so a key/value head is read once for all its query
 heads. On CUDA tensors the forward (and backward) run as Triton kernels
 (``flash_triton``) when triton is importable and no score bias is given.
@@ -73,10 +75,15 @@ def _check(q, k, v, window):
 class _Plan:
     """Which key range each query block visits, and the masks of partially allowed tiles."""
 
-    def __init__(self, tq, tk, causal, window, block_q, block_k, device, q_offset=None):
+    def __init__(self, tq, tk, causal, window, block_q, block_k, device, q_offset=None, segment_ids=None):
         if block_q < 1 or block_k < 1:
             raise ValueError(f"block_q and block_k must be >= 1, got {block_q}, {block_k}")
         self.tq, self.tk = tq, tk
+        self.seg = segment_ids
+        if segment_ids is not None:
+            if tq != tk or segment_ids.shape[-1] != tq:
+                raise ValueError("segment_ids (packed documents) apply to self-attention over the whole sequence (Tq == Tk)")
+            self.sorted = bool((segment_ids[:, 1:] >= segment_ids[:, :-1]).all()) if tq > 1 else True
         self.off = tk - tq if q_offset is None else int(q_offset)  # query i sits at absolute position i + off
         self.causal, self.window = causal, window
         self.block_q, self.block_k, self.device = block_q, block_k, device
@@ -107,6 +114,21 @@ class _Plan:
             end = min(hi, (start // bk + 1) * bk)
             yield start, end
             start = end
+
+    def skip(self, q0, q1, k0, k1) -> bool:
+        """True when no query of the tile shares a document with any of its keys, in any row."""
+        if self.seg is None or not self.sorted:
+            return False
+        return bool((self.seg[:, k0:k1].amax(dim=1) < self.seg[:, q0:q1].amin(dim=1)).all())
+
+    def seg_mask(self, q0, q1, k0, k1):
+        """Boolean (B, 1, nq, 1, nk) of pairs in different documents, or None (none such)."""
+        if self.seg is None:
+            return None
+        other = self.seg[:, q0:q1, None] != self.seg[:, None, k0:k1]
+        if not other.any():
+            return None
+        return other[:, None, :, None, :]
 
     def mask(self, q0, q1, k0, k1):
         """Boolean (q1-q0, 1, k1-k0) of allowed pairs, or None when the tile is fully allowed."""
@@ -139,11 +161,15 @@ def _bias_tile(bias_rows, q0, q1, k0, k1, G):
     return t.permute(0, 1, 3, 2, 4).reshape(B * Hkv, (q1 - q0) * G, k1 - k0)
 
 
-def _apply(S, mask, G):
-    """S: (N, nq*G, nk); mask (nq, 1, nk) of removed pairs."""
+def _apply(S, mask, G, seg=None):
+    """S: (N, nq*G, nk); mask (nq, 1, nk) of removed pairs; seg (B, 1, nq, 1, nk) of pairs in
+    different documents (N = B * Hkv)."""
+    N, R, nk = S.shape
     if mask is not None:
-        N, R, nk = S.shape
         S.view(N, R // G, G, nk).masked_fill_(mask, float("-inf"))
+    if seg is not None:
+        B = seg.shape[0]
+        S.view(B, N // B, R // G, G, nk).masked_fill_(seg, float("-inf"))
     return S
 
 
@@ -159,18 +185,21 @@ def _forward_rows(qs, k, v, G, plan, bias_rows=None):
         qi = qs[:, r0:r1]
         m = l = acc = None
         for k0, k1 in plan.k_chunks(q0, q1):
+            if plan.skip(q0, q1, k0, k1):
+                continue
             S = torch.bmm(qi, kt[:, :, k0:k1])
             if bias_rows is not None:
                 S += _bias_tile(bias_rows, q0, q1, k0, k1, G)
             mask = plan.mask(q0, q1, k0, k1)
-            _apply(S, mask, G)
+            seg = plan.seg_mask(q0, q1, k0, k1)
+            _apply(S, mask, G, seg)
             rowmax = S.amax(dim=-1)
             if m is None:
                 m_new = rowmax
             else:
                 m_new = torch.maximum(m, rowmax)
             # rows with nothing allowed yet keep m = -inf; subtract 0 there so exp gives 0, not nan
-            m_safe = m_new.masked_fill(m_new == neg_inf, 0.0) if (mask is not None or bias_rows is not None) else m_new
+            m_safe = m_new.masked_fill(m_new == neg_inf, 0.0) if (mask is not None or seg is not None or bias_rows is not None) else m_new
             P = S.sub_(m_safe.unsqueeze(-1)).exp_()
             if m is None:
                 l = P.sum(dim=-1)
@@ -213,10 +242,12 @@ def _backward_rows(qs, k, v, do, lse, delta, G, plan, scale, bias_rows=None, dbi
         li, di = lse_safe[:, r0:r1], delta[:, r0:r1]
         dqi = None
         for k0, k1 in plan.k_chunks(q0, q1):
+            if plan.skip(q0, q1, k0, k1):
+                continue
             S = torch.bmm(qi, kt[:, :, k0:k1])
             if bias_rows is not None:
                 S += _bias_tile(bias_rows, q0, q1, k0, k1, G)
-            _apply(S, plan.mask(q0, q1, k0, k1), G)
+            _apply(S, plan.mask(q0, q1, k0, k1), G, plan.seg_mask(q0, q1, k0, k1))
             P = S.sub_(li).exp_()
             dv[:, k0:k1].baddbmm_(P.transpose(1, 2), doi)
             dS = torch.bmm(doi, vt[:, :, k0:k1]).sub_(di).mul_(P)
@@ -235,13 +266,13 @@ def _backward_rows(qs, k, v, do, lse, delta, G, plan, scale, bias_rows=None, dbi
     return dq, dk, dv
 
 
-def _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset=None):
+def _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset=None, segment_ids=None):
     _check(q, k, v, window)
     B, H, Tq, D = q.shape
     n_kv, Tk = k.shape[1], k.shape[2]
     G = H // n_kv
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    plan = _Plan(Tq, Tk, causal, window, block_q, block_k, q.device, q_offset)
+    plan = _Plan(Tq, Tk, causal, window, block_q, block_k, q.device, q_offset, segment_ids)
     bias_rows = None
     if bias is not None:
         bias_rows = bias.to(torch.float32 if q.dtype != torch.float64 else q.dtype).expand(B, H, Tq, Tk).unflatten(1, (n_kv, G))
@@ -254,8 +285,8 @@ def _work_dtype(x):
 
 class _FlashFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, causal, scale, window, block_q, block_k, q_offset):
-        B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset)
+    def forward(ctx, q, k, v, bias, causal, scale, window, block_q, block_k, q_offset, segment_ids):
+        B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset, segment_ids)
         q32, k32, v32 = _work_dtype(q), _work_dtype(k), _work_dtype(v)
         qs = _to_rows(q32, n_kv) * scale
         k3 = k32.reshape(B * n_kv, Tk, -1)
@@ -263,30 +294,31 @@ class _FlashFunction(torch.autograd.Function):
         out3, lse3 = _forward_rows(qs, k3, v3, G, plan, bias_rows)
         out = _from_rows(out3, B, H, Tq)
         lse = _from_rows(lse3, B, H, Tq)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_backward(q, k, v, bias, out, lse, segment_ids)
         ctx.cfg = (causal, scale, window, block_q, block_k, q_offset)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse, segment_ids = ctx.saved_tensors
         causal, scale, window, block_q, block_k, q_offset = ctx.cfg
         dq, dk, dv, dbias = flash_backward(
             q, k, v, out, lse, dout, dlse, causal=causal, scale=scale, bias=bias, window=window,
             block_q=block_q, block_k=block_k, need_dbias=bias is not None and ctx.needs_input_grad[3], q_offset=q_offset,
+            segment_ids=segment_ids,
         )
-        return dq, dk, dv, dbias, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
 def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=True, scale=None, bias=None, window=None,
-                   block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, need_dbias=False, delta=None, q_offset=None):
+                   block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, need_dbias=False, delta=None, q_offset=None, segment_ids=None):
     """Gradients (dq, dk, dv, dbias) of attention given the saved output and log-sum-exp.
 
     ``lse`` may be the log-sum-exp over more keys than ``k`` holds (ring attention): the
     gradient is then the contribution of these keys. ``delta`` (B, H, Tq) overrides
     rowsum(dout * out) - dlse.
     """
-    B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset)
+    B, H, Tq, Tk, n_kv, G, scale, plan, bias_rows = _prepare(q, k, v, causal, scale, bias, window, block_q, block_k, q_offset, segment_ids)
     q32, k32, v32 = _work_dtype(q), _work_dtype(k), _work_dtype(v)
     wd = q32.dtype
     dout = dout.to(wd) if dout is not None else torch.zeros_like(q32)
@@ -328,27 +360,29 @@ def _use_triton(q, v, bias, backend):
 
 
 def flash_attention_with_lse(q, k, v, *, causal=True, scale=None, bias=None, window=None,
-                             block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, backend="auto", q_offset=None):
+                             block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, backend="auto", q_offset=None, segment_ids=None):
     """(out (B, H, Tq, D), lse (B, H, Tq)); lse = logsumexp of the scaled, masked scores.
 
     Both outputs are differentiable, so partial results over key blocks can be merged by
     their log-sum-exp under autograd (ring and tree attention). ``q_offset``: the position of
-    the first query among the keys (default Tk - Tq, end-aligned; see mask.py).
+    the first query among the keys (default Tk - Tq, end-aligned; see mask.py). ``segment_ids``
+    (B, T): packed documents attend within themselves (the tiled path, on every device).
     """
     if q_offset is not None and int(q_offset) == k.shape[2] - q.shape[2]:
         q_offset = None
-    if q_offset is None and _use_triton(q, v, bias, backend):
+    if q_offset is None and segment_ids is None and _use_triton(q, v, bias, backend):
         from adl_cli.nn.attention import flash_triton
 
         if bias is not None:
             raise ValueError("bias is not supported by the triton flash kernel; use backend='torch'")
         return flash_triton.triton_attention_with_lse(q, k, v, causal=causal, scale=scale, window=window)
-    return _FlashFunction.apply(q, k, v, bias, causal, scale, window, int(block_q), int(block_k), q_offset)
+    return _FlashFunction.apply(q, k, v, bias, causal, scale, window, int(block_q), int(block_k), q_offset, segment_ids)
 
 
 @ATTENTION.register("flash")
-def flash_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None,
+def flash_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None, segment_ids=None,
                     block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, backend="auto"):
     return flash_attention_with_lse(
-        q, k, v, causal=causal, scale=scale, bias=bias, window=window, block_q=block_q, block_k=block_k, backend=backend, q_offset=q_offset
+        q, k, v, causal=causal, scale=scale, bias=bias, window=window, block_q=block_q, block_k=block_k, backend=backend,
+        q_offset=q_offset, segment_ids=segment_ids,
     )[0]

@@ -18,7 +18,7 @@ from adl_cli.nn.attention.flash import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, flash_a
 
 
 @ATTENTION.register("window")
-def window_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None,
+def window_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None, q_offset=None, segment_ids=None,
                      block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, backend="auto"):
     if window is None:
         raise ValueError("window attention needs window=W (keys at most W - 1 positions behind the query)")
@@ -26,7 +26,7 @@ def window_attention(q, k, v, *, causal=True, scale=None, bias=None, window=None
         raise ValueError(f"window must be >= 1, got {window}")
     return flash_attention_with_lse(
         q, k, v, causal=causal, scale=scale, bias=bias, window=int(window),
-        block_q=block_q, block_k=block_k, backend=backend, q_offset=q_offset,
+        block_q=block_q, block_k=block_k, backend=backend, q_offset=q_offset, segment_ids=segment_ids,
     )[0]
 
 
