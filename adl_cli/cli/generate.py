@@ -78,6 +78,7 @@ def generate(
     else:
         prompts = [list(tok.encode(t)) if t else [tok.eot_id] for t in texts]
     stops = list(stop or [])
+    sep = "\n" if chat else ""  # a chat reply goes under its question; a continuation follows its prompt
     speculative = draft is not None or lookup is not None
     draft_model = load_draft(draft, run) if draft is not None else None
     if stream is None:
@@ -99,13 +100,13 @@ def generate(
                 done.append(_finish_speculative(Completion(list(ids), out[0, len(ids):].tolist()), spec_eos, stops, tok.decode))
                 spec_stats.append(stats)
         if stream:
-            console.print(texts[0], style="bold", end="", highlight=False, markup=False)
+            console.print(texts[0], style="bold", end=sep, highlight=False, markup=False)
             console.print(done[0].text, highlight=False, markup=False)
     else:
         on_token = None
         if stream:
             shown = TextStream(tok.decode, stops, eos)
-            console.print(texts[0], style="bold", end="", highlight=False, markup=False)
+            console.print(texts[0], style="bold", end=sep, highlight=False, markup=False)
 
             def on_token(row: int, token: int) -> None:
                 piece = shown.push(token)
@@ -141,7 +142,7 @@ def generate(
                 parts = [f"prompt {i // num_samples + 1}"] if len(prompts) > 1 else []
                 parts += [f"sample {i % num_samples + 1}"] if num_samples > 1 else []
                 console.print(f"[bold]--- {', '.join(parts)}[/]")
-            console.print(texts[i // num_samples], style="bold", end="", highlight=False, markup=False)
+            console.print(texts[i // num_samples], style="bold", end=sep, highlight=False, markup=False)
             console.print(c.text, highlight=False, markup=False)
     for s in spec_stats:
         slid = f"; the context window slid {s.slides} times" if s.slides else ""

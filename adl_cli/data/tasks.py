@@ -49,9 +49,18 @@ class Task:
     numeric = False  # the final answer is the last integer of the reply
     max_answer_tokens = 32  # generation budget when evaluating
 
-    def __init__(self, *, scratchpad: bool = False, operand_digits: int = 3):
+    def __init__(self, *, scratchpad: bool = False, operand_digits: int = 3, short_operands: float = 0.0):
         self.scratchpad = scratchpad
         self.operand_digits = operand_digits
+        self.short_operands = short_operands  # arithmetic: share of problems whose operands have 1..k digits, drawn uniformly
+
+    def operand(self, rng: random.Random, digits: int) -> int:
+        """Uniform below 10^digits; with probability short_operands, first a length of 1..digits
+        digits uniformly, then a number of that length (small numbers are otherwise rare)."""
+        if self.short_operands and rng.random() < self.short_operands:
+            k = rng.randint(1, digits)
+            return rng.randrange(10 ** (k - 1) if k > 1 else 0, 10 ** k)
+        return rng.randrange(10 ** digits)
 
     def draw(self, rng: random.Random) -> Problem:
         raise NotImplementedError
@@ -91,10 +100,6 @@ def split_problems(task: Task, n: int, *, held_out: bool, seed: int, stream: str
     return out
 
 
-def _operand(rng: random.Random, digits: int) -> int:
-    return rng.randrange(10 ** digits)
-
-
 @TASKS.register("addition")
 class Addition(Task):
     name = "addition"
@@ -103,7 +108,7 @@ class Addition(Task):
     max_answer_tokens = 64
 
     def draw(self, rng):
-        a, b = _operand(rng, self.operand_digits), _operand(rng, self.operand_digits)
+        a, b = self.operand(rng, self.operand_digits), self.operand(rng, self.operand_digits)
         total = a + b
         answer = str(total)
         if self.scratchpad:
@@ -131,7 +136,7 @@ class Multiplication(Task):
 
     def draw(self, rng):
         d = min(self.operand_digits, 2)
-        a, b = _operand(rng, d), _operand(rng, d)
+        a, b = self.operand(rng, d), self.operand(rng, d)
         answer = str(a * b)
         if self.scratchpad:
             parts = [(a * int(digit) * 10 ** k) for k, digit in enumerate(reversed(str(b)))]

@@ -50,6 +50,7 @@ class SFTData:
     val_fraction: float = 0.05  # of each JSONL file's examples held out (after a seeded shuffle)
     scratchpad: bool = False  # arithmetic answers show their steps before the result
     operand_digits: int = 3  # addition operands below 10^k (multiplication: at most 2 digits)
+    short_operands: float = 0.25  # share of training problems with operands of 1..k digits (held-out problems stay uniform)
     seed: int = 0  # problems, the held-out split and the packing order
     digits: Literal["single", "bpe"] = "single"  # numbers pre-split into digits, or the base tokenizer's pieces
     truncation: Literal["drop", "left"] = "drop"  # an example longer than the context: dropped, or its prompt cut from the left
@@ -66,6 +67,8 @@ class SFTData:
                 raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if not 1 <= self.operand_digits <= 9:
             raise ValueError(f"data.operand_digits must be 1 to 9, got {self.operand_digits}")
+        if not 0.0 <= self.short_operands <= 1.0:
+            raise ValueError(f"data.short_operands must be in [0, 1], got {self.short_operands}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -106,7 +109,8 @@ def build_dataset(recipe: SFTRecipe, tokenizer, template: ChatTemplate, block: i
     train_convs, val_convs = [], []
     sources: list[str] = []
     for name, task in tasks.items():
-        train = split_problems(task, d.train_examples, held_out=False, seed=d.seed)
+        trainer_task = make_task(name, scratchpad=d.scratchpad, operand_digits=d.operand_digits, short_operands=d.short_operands)
+        train = split_problems(trainer_task, d.train_examples, held_out=False, seed=d.seed)
         val = split_problems(task, d.val_examples, held_out=True, seed=d.seed, stream="loss")
         train_convs += [p.messages() for p in train]
         val_convs += [p.messages() for p in val]

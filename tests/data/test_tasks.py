@@ -88,3 +88,15 @@ def test_the_held_out_loss_problems_are_held_out_too():
     assert not train & {p.question for p in loss_side}
     assert [p.question for p in loss_side] != [p.question for p in evaluation]
     assert all(task.held_out(p, 5) for p in loss_side)
+
+
+def test_short_operands_put_small_numbers_into_training_only_where_asked():
+    uniform = make_task("addition", operand_digits=3)
+    mixed = make_task("addition", operand_digits=3, short_operands=0.5)
+    ops = lambda t: [int(x) for p in split_problems(t, 2000, held_out=False, seed=0) for x in re.findall(r"\d+", p.question)]  # noqa: E731
+    small = lambda xs: sum(x < 10 for x in xs) / len(xs)  # noqa: E731
+    assert small(ops(uniform)) == pytest.approx(0.01, abs=0.01)
+    assert small(ops(mixed)) == pytest.approx(0.5 / 3 + 0.5 * 0.01, abs=0.03)  # a third of the short draws have one digit
+    assert max(ops(mixed)) <= 999
+    held = split_problems(mixed, 50, held_out=True, seed=0)
+    assert not {p.question for p in held} & {p.question for p in split_problems(mixed, 3000, held_out=False, seed=0)}
