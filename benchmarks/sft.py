@@ -44,6 +44,21 @@ def prepare(base: Path, work: Path):
     tok, template = start_tokenizer(run.tokenizer, SFTRecipe(template=TemplateSection()))
     cfg = run.config.with_vocab(tok.vocab_size) if tok.vocab_size > run.config.vocab_size else run.config
     model, _ = init_from(base, cfg, new_tokens=(run.tokenizer.vocab_size, tok.vocab_size))
+    from adl_cli.models.hf_gpt2 import check_exportable
+
+    try:
+        check_exportable(model.config)
+    except Exception:  # the main job unties its head and adds U-net skips: a GPT-2 twin of its shape takes its other weights
+        from adl_cli.bench.inference import twin_config
+        from adl_cli.models.gpt import GPT
+
+        twin = GPT(twin_config(model.config))
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head") and k in twin.state_dict()
+                 and twin.state_dict()[k].shape == v.shape}
+        twin.load_state_dict(state, strict=False)
+        print(f"note: {base} is not GPT-2-shaped; both sides fine-tune a GPT-2 twin of its shape holding its weights "
+              f"but the untied head and the U-net skip weights ({len(state)} of {len(twin.state_dict())} tensors)")
+        model = twin
     start = work / "start"
     start.mkdir(parents=True)
     save_run(start, model, tok)
@@ -76,6 +91,7 @@ val_examples = 0
 eval_examples = 0
 eval_examples_during = 0
 pack = {str(pack).lower()}
+short_operands = 0.0
 [train]
 steps = {steps}
 batch_size = {batch}
@@ -155,6 +171,9 @@ def main() -> None:
         for rnd in range(args.rounds):
             for name, who, pack in (contenders if rnd % 2 == 0 else contenders[::-1]):
                 tag = f"{who}-{'p' if pack else 'u'}-{rnd}"
+                from accelerate.state import AcceleratorState
+
+                AcceleratorState._reset_state(True)  # each contender sets up its own accelerator (trl's asks for bf16)
                 try:
                     if who == "adl":
                         per, info = adl_steps(start, work, args.examples, args.steps, args.batch, pack, tag)

@@ -34,8 +34,12 @@ def sft(
         console.print(f"[bold]adl sft[/] {path} -> {out}", highlight=False)
     outcome = run_sft(rec, out, resume=resume, force=force, progress=progress, log=console.print, evaluate_base=base)
     if outcome.main and outcome.summary:
+        from adl_cli.engine.plots import loss_figure
+        from adl_cli.engine.report import read_metrics
+
         print_summary(outcome.summary)
-        console.print(f"[dim]run folder: {out} (report.md, summary.json, metrics.jsonl, model.safetensors, tokenizer.json with the chat template); "
+        loss_figure(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"adl sft {out.name}")
+        console.print(f"[dim]run folder: {out} (report.md, loss.png, summary.json, metrics.jsonl, model.safetensors, tokenizer.json with the chat template); "
                       f"talk to it: adl chat {out}[/]", highlight=False)
 
 

@@ -317,6 +317,7 @@ def summarize(recipe, model, data: SFTDataset, result: TrainResult, batches: Row
         "device": result.device,
         "world_size": result.world_size,
         "packed": recipe.data.pack,
+        "truncation": recipe.data.truncation,
         "single_digits": tok.single_digits,
         "data": data.counts,
         "rows_shape": list(rows.inputs.shape),
@@ -325,10 +326,14 @@ def summarize(recipe, model, data: SFTDataset, result: TrainResult, batches: Row
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
+    c = summary["data"]
     lines = [f"# SFT run {summary['name']}", "",
              f"From `{summary['init']}`: {summary['steps']} steps, {summary['trained_tokens']:,} trained tokens "
              f"({summary['tokens_seen']:,} read, prompts included) in {summary['train_wall_s']:.0f} s on {summary['device']} ({summary['precision']}); "
              f"numbers as {'single digits' if summary['single_digits'] else 'BPE pieces'}; {'packed' if summary['packed'] else 'unpacked'} rows.",
+             "", f"Data: {c['train_examples']:,} training examples ({c['train_tokens']:,} tokens, {c['trained_tokens']:,} trained), "
+             f"{c['val_examples']:,} held out for the loss; {c['dropped']} dropped and {c['truncated']} truncated at the context "
+             f"(data.truncation = {summary.get('truncation', 'drop')!r}).",
              "", f"Held-out loss {summary['val_loss']:.3f} nats per trained token; train loss {summary['train_loss']:.3f}." if summary["val_loss"] is not None else "",
              "", "| task | n | base exact match (95% CI) | SFT exact match (95% CI) | SFT stopped by itself |", "|---|---|---|---|---|"]
     for name, t in summary["tasks"].items():

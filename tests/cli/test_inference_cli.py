@@ -97,7 +97,17 @@ def test_chat_from_a_script_and_from_a_terminal(trained, run, capsys, monkeypatc
         assert seen.count(piece) >= count, seen
 
     until(b"you>", 1)
-    os.kill(pid, signal.SIGINT)
+    # Ctrl-C at the prompt. A signal that lands after the prompt is printed but before the line
+    # editor waits for keys is only seen at the next key (a race a person at a keyboard never
+    # hits, a test on a loaded machine does): press it again until the prompt comes back.
+    for _ in range(20):
+        os.kill(pid, signal.SIGINT)
+        deadline = time.time() + 3
+        while seen.count(b"you>") < 2 and time.time() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                seen += os.read(fd, 4096)
+        if seen.count(b"you>") >= 2:
+            break
     until(b"you>", 2)
     os.write(fd, b"The \r")
     until(b"you>", 3)
