@@ -122,11 +122,16 @@ seed = 3
 def rope_run(tmp_path_factory, small_corpus):
     """A 1-layer RoPE GPT on bytes of the small corpus, trained 8 steps at 16 tokens
     (shared by the context-extension tests; they must not change its files)."""
+    return _pretrained(tmp_path_factory, "ctx", ROPE_RECIPE, small_corpus)
+
+
+def _pretrained(tmp_path_factory, name: str, recipe_text: str, corpus) -> object:
+    """Train a recipe (its text, with {corpus}) into a fresh folder's run/, quietly."""
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
-    root = tmp_path_factory.mktemp("ctx")
-    recipe = root / "ctx.toml"
-    recipe.write_text(ROPE_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
+    root = tmp_path_factory.mktemp(name)
+    recipe = root / f"{name}.toml"
+    recipe.write_text(recipe_text.format(corpus=corpus.as_posix()), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)  # skip the roof measurement
         run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)
@@ -169,12 +174,4 @@ seed = 5
 def bpe_run(tmp_path_factory, small_corpus):
     """A 2-layer GPT with a 320-id BPE (numbers in multi-digit pieces), block 64, trained 4 steps:
     the base of the SFT tests (they must not change its files)."""
-    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
-
-    root = tmp_path_factory.mktemp("bpe")
-    recipe = root / "bpe.toml"
-    recipe.write_text(BPE_RECIPE.format(corpus=small_corpus.as_posix()), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)
-        run_pretrain(load_pretrain_recipe(recipe), root / "run", progress=False, log=lambda *a: None)
-    return root / "run"
+    return _pretrained(tmp_path_factory, "bpe", BPE_RECIPE, small_corpus)

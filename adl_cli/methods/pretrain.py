@@ -142,6 +142,40 @@ def resume_grad_accum(ck_state: dict, recipe: PretrainRecipe, world: int, accum:
 
 
 @dataclass
+class RunStart:
+    """What every training method settles first: the accelerator (main process, world size), the
+    log (silent on the other ranks), the checkpoint to resume and the run folder's old recipe."""
+
+    acc: Any
+    main: bool
+    world: int
+    log: Any
+    checkpoint: Path | None
+    ck_state: dict | None
+    old_recipe: Any
+    changed: list[str]
+
+
+def start_run(recipe, out: Path, *, resume: bool, resume_from: Path | None = None, force: bool = False, accelerator=None, log=print,
+              load=None) -> RunStart:
+    """The accelerator, the checkpoint to resume, and the run folder made safe to write
+    (``prepare_run_folder``); every process calls it."""
+    acc = accelerator or make_accelerator(recipe.train.log_with, out)
+    main, world = acc.is_main_process, acc.num_processes
+    if not main:
+        log = _quiet
+    checkpoint = _resume_checkpoint(out, resume_from) if resume else None
+    ck_state = _read_state(checkpoint) if checkpoint is not None else None
+    if ck_state is not None:
+        log(f"resuming from step {ck_state.get('step')} ({checkpoint})")
+    old_recipe, changed = prepare_run_folder(out, recipe, resume=resume, force=force, main=main, load=load)
+    acc.wait_for_everyone()
+    if changed:
+        log("[yellow]note:[/] resuming with changed settings: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    return RunStart(acc, main, world, log, checkpoint, ck_state, old_recipe, changed)
+
+
+@dataclass
 class PretrainOutcome:
     run_dir: Path
     result: TrainResult
@@ -158,19 +192,10 @@ def run_pretrain(
     prints (``log``) and writes files; the others return an outcome with ``main=False``."""
     out = Path(out)
     t0 = time.perf_counter()
-    acc = accelerator or make_accelerator(recipe.train.log_with, out)
-    main, world = acc.is_main_process, acc.num_processes
-    if not main:
-        log = _quiet
     resume = resume or resume_from is not None
-    checkpoint = _resume_checkpoint(out, resume_from) if resume else None
-    ck_state = _read_state(checkpoint) if checkpoint is not None else None
-    if ck_state is not None:
-        log(f"resuming from step {ck_state.get('step')} ({checkpoint})")
-    old_recipe, changed = prepare_run_folder(out, recipe, resume=resume, force=force, main=main)
-    acc.wait_for_everyone()
-    if changed:
-        log("[yellow]note:[/] resuming with changed settings: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    start = start_run(recipe, out, resume=resume, resume_from=resume_from, force=force, accelerator=accelerator, log=log)
+    acc, main, world, log = start.acc, start.main, start.world, start.log
+    checkpoint, ck_state, old_recipe, changed = start.checkpoint, start.ck_state, start.old_recipe, start.changed
     log(f"data: corpus [bold]{recipe.data.corpus}[/], tokenizer {recipe.data.tokenizer}")
     tokenizer, base, vocab = _start_point(recipe, out, resume, log)
     with acc.main_process_first():  # one process tokenizes (and trains a BPE) into the cache; the others read it

@@ -14,7 +14,6 @@ the base run too), with Wilson 95% intervals.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -28,11 +27,11 @@ from adl_cli.data.chat import ChatTemplate, TemplateSection, read_jsonl
 from adl_cli.data.packing import IGNORE, RowBatches, encode_conversations, pack, unpacked
 from adl_cli.data.tasks import TASKS, make_task, split_problems
 from adl_cli.engine.checkpoint import atomic_write_text
-from adl_cli.engine.distributed import make_accelerator, resolve_grad_accum
+from adl_cli.engine.distributed import resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
-from adl_cli.errors import AdlError, opt
+from adl_cli.errors import AdlError
 from adl_cli.methods.exact_match import exact_match
-from adl_cli.methods.pretrain import InitSection, _quiet, _read_state, _resume_checkpoint, prepare_run_folder
+from adl_cli.methods.pretrain import InitSection, start_run
 from adl_cli.recipe import dump_recipe, load_recipe
 from adl_cli.runs import init_from, load_run, parent_entry, read_config, save_run, write_config, write_lineage
 
@@ -206,16 +205,8 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
             accelerator=None, log=print, evaluate_base: bool = True) -> SFTOutcome:
     out = Path(out)
     t0 = time.perf_counter()
-    acc = accelerator or make_accelerator(recipe.train.log_with, out)
-    main, world = acc.is_main_process, acc.num_processes
-    if not main:
-        log = _quiet
-    checkpoint = _resume_checkpoint(out, None) if resume else None
-    ck_state = _read_state(checkpoint) if checkpoint is not None else None
-    if ck_state is not None:
-        log(f"resuming from step {ck_state.get('step')} ({checkpoint})")
-    prepare_run_folder(out, recipe, resume=resume, force=force, main=main, load=load_sft_recipe)
-    acc.wait_for_everyone()
+    start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_sft_recipe)
+    acc, main, world, log, checkpoint = start.acc, start.main, start.world, start.log, start.checkpoint
 
     base = load_run(recipe.init.from_)
     if base.tokenizer is None:
