@@ -14,6 +14,8 @@
 #      `adl bench-attention` in bf16 against SDPA's flash backend
 #  4c. inference: the engine's padded batch against each prompt alone on the GPU, then
 #      `adl bench-inference --device cuda` on a GPT-2-124M-shaped run against transformers
+#  4d. SFT: flash attention with packed documents against naive on CUDA, then `adl sft addition`
+#      from a 600-step main job (exact match on 1,000 held-out sums)
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
 #
@@ -101,6 +103,24 @@ EOF
 timeout 60 $PY benchmarks/gpt2_124m.py --out "$OUTDIR/gpt2-124m-random" > "$OUTDIR/gpt2-124m.log" 2>&1 || { status=1; tail -5 "$OUTDIR/gpt2-124m.log"; }
 timeout 300 $PY -m adl_cli bench-inference "$OUTDIR/gpt2-124m-random" --device cuda --batch 1,16 --new-tokens 128 \
   --only cache,compiled,int8,transformers --json "$OUTDIR/inference-124m.json" 2>&1 | grep -v "round" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 4d. SFT on CUDA: flash with packed documents vs naive (fwd + grads), then adl sft addition from a short main job"
+timeout 120 $PY - <<'EOF' || status=1
+import torch
+from adl_cli.nn.attention.flash import flash_attention
+from adl_cli.nn.attention.naive import naive_attention
+torch.manual_seed(0)
+seg = torch.cat([torch.full((n,), i) for i, n in enumerate([100, 300, 112])]).expand(2, 512).cuda()
+q, k, v = (torch.randn(2, 4, 512, 64, device="cuda", requires_grad=True) for _ in range(3))
+a, b = flash_attention(q, k, v, segment_ids=seg, block_q=64, block_k=64), naive_attention(q, k, v, segment_ids=seg)
+ga, gb = torch.autograd.grad(a.sum(), (q, k, v)), torch.autograd.grad(b.sum(), (q, k, v))
+err = max([(a - b).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(ga, gb)])
+print(f"flash with segments vs naive on CUDA (fp32, TF32 off by default): max abs error {err:.2e}")
+assert err < 1e-3
+EOF
+timeout 180 $PY -m adl_cli pretrain tiny --out "$OUTDIR/tiny" --set train.steps=600 --no-progress > "$OUTDIR/tiny.log" 2>&1 || { status=1; tail -5 "$OUTDIR/tiny.log"; }
+timeout 300 $PY -m adl_cli sft addition --out "$OUTDIR/addition" --set init.from="$OUTDIR/tiny" --no-progress 2>&1 | tail -12
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 5. summary"
