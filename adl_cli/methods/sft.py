@@ -208,6 +208,9 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_sft_recipe)
     acc, main, world, log, checkpoint = start.acc, start.main, start.world, start.log, start.checkpoint
 
+    if not Path(recipe.init.from_).is_dir():
+        hint = " (`make run` writes the main job, runs/tiny, where the shipped SFT recipes start)" if recipe.init.from_ == "runs/tiny" else ""
+        raise AdlError(f"init.from {recipe.init.from_}: no run folder there{hint}; set another with --set init.from=RUN")
     base = load_run(recipe.init.from_)
     if base.tokenizer is None:
         raise AdlError(f"init.from {recipe.init.from_}: the run has no tokenizer.json; SFT needs the tokenizer the model was trained with")
