@@ -237,13 +237,22 @@ def save_adapter_run(run_dir: Path, base: Path, kind: str, config: dict[str, Any
     """An adapter run: ``adapter.safetensors`` + ``adapter.json`` naming its kind, its config and the
     base run (relative to this folder when possible, so the pair can move together)."""
     run_dir = Path(run_dir)
-    ADAPTERS.get(kind)
+    _adapter_kind(kind)
     try:
         ref = Path(_relative(Path(base), run_dir))
     except ValueError:
         ref = Path(base)
     save_safetensors(tensors, run_dir / ADAPTER_WEIGHTS, metadata={"format": "pt", "adl": f"adapter:{kind}"})
     atomic_write(run_dir / ADAPTER, json.dumps({"kind": kind, "base": str(ref), "config": config}, indent=1))
+
+
+def _adapter_kind(kind: str) -> Callable:
+    """The function that applies an adapter kind (adl's own kinds registered on first use)."""
+    if kind not in ADAPTERS:
+        from adl_cli.adapters import register_all
+
+        register_all()
+    return ADAPTERS.get(kind)
 
 
 def _relative(target: Path, start: Path) -> str:
@@ -261,7 +270,7 @@ def _load_adapter_run(run_dir: Path, device) -> Run:
     if not base.is_dir():
         raise AdlError(f"{run_dir / ADAPTER}: its base run {base} is not there (move the adapter and its base together)")
     run = load_run(base, device)
-    apply: Callable = ADAPTERS.get(str(meta["kind"]))
+    apply: Callable = _adapter_kind(str(meta["kind"]))
     model = apply(run.model, dict(meta.get("config", {})), read_safetensors(run_dir / ADAPTER_WEIGHTS))
     lineage = [{"kind": "adapter-base", "path": str(base), "family": run.config.family}, *read_lineage(run_dir)]
     return Run(run_dir, run.config, model.to(device).eval(), lineage, run_dir / ADAPTER_WEIGHTS, run.tokenizer_dir)

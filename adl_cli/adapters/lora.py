@@ -1,0 +1,147 @@
+"""LoRA and DoRA on adl models, through peft.
+
+LoRA (Hu et al., 2021) adds to a frozen linear W a low-rank update: y = W x + (alpha / r) B A x,
+A (r x in) random, B (out x r) zero, so the model starts equal to its base. rsLoRA (Kalajdzievski,
+2023) scales by alpha / sqrt(r) instead. DoRA (Liu et al., 2024) splits the updated weight into a
+magnitude vector and a direction: W' = m (W + s B A) / ||W + s B A||_c, m starting at ||W||_c.
+
+adl does not re-implement these: peft injects its layers into adl's modules by name (``q_proj``,
+``k_proj``, ``v_proj``, ``c_proj``, ``c_fc``: adl's GPT keeps q, k and v separate so they can be
+targeted one by one), freezes everything else, and reads and writes the adapter tensors in its
+own format. This module checks the recipe's choices against the model, names what it cannot
+find, and folds adapters into plain weights (``merge``). The adapter kinds ``lora`` and ``dora``
+are registered with the run folder (``runs.ADAPTERS``): an adapter run loads its base, then this.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adl_cli.errors import AdlError
+from adl_cli.runs import ADAPTERS
+
+
+@dataclass
+class LoraSection:
+    """The recipe's ``[lora]``: rank, scaling, dropout and the linear layers it adapts (a name
+    matches a module whose own name or dotted path ends with it, e.g. ``q_proj`` or ``mlp.c_proj``)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    dora: bool = False  # weight-decomposed: a trained magnitude per output channel
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r (the rank) must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError("lora.targets must name at least one linear layer (e.g. [\"q_proj\", \"v_proj\"])")
+
+    def to_dict(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
+                "rslora": self.rslora, "dora": self.dora}
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Dotted paths of the model's linear layers (what LoRA can adapt)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The linear layers each target names; a target matching none is an error naming it and
+    listing the layer names there are."""
+    names = linear_names(model)
+    out = []
+    for t in targets:
+        hits = [n for n in names if n == t or n.endswith("." + t)]
+        if not hits:
+            kinds = sorted({n.split(".")[-1] for n in names} | {".".join(n.split(".")[-2:]) for n in names if "." in n})
+            raise AdlError(f"lora.targets: no linear layer named {t!r} in this model; choose among {', '.join(kinds)}")
+        out += hits
+    return sorted(set(out))
+
+
+def peft_config(section: LoraSection, model: nn.Module):
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise AdlError("LoRA needs peft: pip install peft") from None
+    modules = resolve_targets(model, section.targets)
+    # peft matches a full name exactly when given a regular expression: the resolved paths, nothing else
+    pattern = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, target_modules=pattern,
+                      use_rslora=section.rslora, use_dora=section.dora, bias="none")
+
+
+def add_lora(model: nn.Module, section: LoraSection) -> nn.Module:
+    """``model`` with LoRA (or DoRA) layers injected in place; only their tensors require grad."""
+    from peft import inject_adapter_in_model
+
+    try:
+        section.validate()
+    except ValueError as e:
+        raise AdlError(str(e)) from None
+    cfg = peft_config(section, model)
+    model = inject_adapter_in_model(cfg, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, named as peft names them in its saved files (module path, then
+    ``lora_A.weight`` / ``lora_B.weight`` / ``lora_magnitude_vector``)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise AdlError(f"the adapter holds tensors this model has no place for: {', '.join(unexpected[:3])}")
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain layer back: an ordinary model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def _apply(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """An adapter run's kind: inject the recorded configuration, then its tensors."""
+    section = LoraSection(**{k: v for k, v in config.items() if k in LoraSection.__dataclass_fields__})
+    model = add_lora(model, section)
+    load_adapter(model, tensors)
+    return model
+
+
+ADAPTERS.register("lora")(_apply)
