@@ -249,11 +249,16 @@ def _write_fast_tokenizer(tok: Tokenizer, vocab: dict[str, int], merges, out: Pa
 
 
 def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult:
-    """An adl run folder -> a folder GPT2LMHeadModel.from_pretrained reads offline."""
+    """An adl run folder -> a folder GPT2LMHeadModel.from_pretrained reads offline. An adapter run
+    exports its base run there and the adapter, in peft's format, to ``out/adapter``
+    (``PeftModel.from_pretrained(model, out / "adapter")``)."""
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir}")
     _check_out(run_dir, out, force)
+    adapter = _adapter_of(run_dir)
+    if adapter is not None:
+        run_dir = adapter[0]
     cfg = read_config(run_dir)
     if cfg.family != "gpt":
         raise AdlError(f"cannot export {run_dir} to transformers' GPT-2: it is a '{cfg.family}' model")
@@ -292,4 +297,27 @@ def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult
             notes.append(f"the {tok_meta.get('kind')} tokenizer is not written for transformers (its files are not here); AutoTokenizer needs them")
     else:
         notes.append(f"{run_dir} has no tokenizer.json: only the weights were exported")
+    if adapter is not None:
+        from adl_cli.adapters.peft_gpt2 import write_peft_adapter
+
+        _, meta, adapter_tensors = adapter
+        write_peft_adapter(out / "adapter", adapter_tensors, meta.get("config", {}), dict(model.state_dict()))
+        notes.append(f"the base run {run_dir} is the model; its {meta['kind']} adapter is in {out / 'adapter'} "
+                     f"(peft.PeftModel.from_pretrained(model, that folder))")
     return InteropResult(out, cfg, desc, sum(t.numel() for t in tensors.values()), notes)
+
+
+def _adapter_of(run_dir: Path):
+    """(base run folder, adapter.json, adapter tensors) of an adapter run, else None."""
+    from adl_cli.runs import ADAPTER, ADAPTER_WEIGHTS, read_json
+
+    if not (run_dir / ADAPTER).exists():
+        return None
+    meta = read_json(run_dir / ADAPTER)
+    if meta.get("kind") != "lora":
+        raise AdlError(f"cannot export the {meta.get('kind')!r} adapter of {run_dir} to peft (only LoRA and DoRA adapters)")
+    base = Path(meta["base"])
+    base = base if base.is_absolute() else run_dir / base
+    if not base.is_dir():
+        raise AdlError(f"{run_dir / ADAPTER}: its base run {base} is not there")
+    return base, meta, read_safetensors(run_dir / ADAPTER_WEIGHTS)

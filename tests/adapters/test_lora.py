@@ -92,3 +92,32 @@ def test_an_adapter_run_reloads_with_the_same_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(run.model(X)[0], model(X)[0], rtol=0, atol=0)
     assert run.lineage[0]["kind"] == "adapter-base"
+
+
+@pytest.mark.parametrize("targets, dora, rslora", [
+    (["q_proj", "v_proj"], False, False),
+    (["q_proj", "k_proj", "v_proj", "attn.c_proj", "c_fc", "mlp.c_proj"], False, True),
+    (["v_proj", "mlp.c_proj"], True, False),
+])
+def test_a_saved_adapter_loads_in_peft_on_the_exported_model_with_equal_logits(tmp_path, targets, dora, rslora):
+    """q/k/v adapters become one block-structured c_attn adapter of rank (targets) x r."""
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    from adl_cli.data.tokenizer import Tokenizer
+    from adl_cli.methods.interop import export_hf
+
+    base = _model()
+    save_run(tmp_path / "base", base, Tokenizer("bytes"))
+    section = LoraSection(r=3, alpha=6, targets=targets, dora=dora, rslora=rslora)
+    model = _trained(section)
+    save_adapter_run(tmp_path / "lora", tmp_path / "base", "lora", section.to_dict(), adapter_tensors(model))
+    export_hf(tmp_path / "lora", tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "hf" / "adapter").eval()
+    with torch.no_grad():
+        want = model(X)[0]
+        got = peft_model(input_ids=X).logits
+        moved = (base(X)[0] - want).abs().max()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert moved > 1e-3  # the adapter changes the logits: the comparison is not vacuous
