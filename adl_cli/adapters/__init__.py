@@ -1,9 +1,10 @@
 """Adapter kinds for run folders (``runs.ADAPTERS``): importing a module registers its kinds.
 
-``lora``: LoRA, rsLoRA and DoRA through peft (``lora.py``).
+``lora``: LoRA, rsLoRA and DoRA through peft (``lora.py``); ``adapter``: Houlsby bottleneck
+adapters, adl's own (``houlsby.py``).
 """
 
-ADAPTER_MODULES = ("adl_cli.adapters.lora",)
+ADAPTER_MODULES = ("adl_cli.adapters.lora", "adl_cli.adapters.houlsby")
 
 
 def register_all() -> None:
