@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("peft")
 
 from adl_cli.adapters.lora import LoraSection, adapter_tensors, add_lora, merge, resolve_targets, trainable_parameters  # noqa: E402
 from adl_cli.errors import AdlError  # noqa: E402
