@@ -261,7 +261,8 @@ def _relative(target: Path, start: Path) -> str:
     return os.path.relpath(target.resolve(), start.resolve())
 
 
-def _load_adapter_run(run_dir: Path, device) -> Run:
+def adapter_meta(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """(adapter.json, the base run's folder) of an adapter run, the base checked to be there."""
     meta = read_json(run_dir / ADAPTER)
     if not isinstance(meta, dict) or "kind" not in meta or "base" not in meta:
         raise AdlError(f"{run_dir / ADAPTER}: needs 'kind' and 'base'")
@@ -269,6 +270,11 @@ def _load_adapter_run(run_dir: Path, device) -> Run:
     base = base if base.is_absolute() else run_dir / base
     if not base.is_dir():
         raise AdlError(f"{run_dir / ADAPTER}: its base run {base} is not there (move the adapter and its base together)")
+    return meta, base
+
+
+def _load_adapter_run(run_dir: Path, device) -> Run:
+    meta, base = adapter_meta(run_dir)
     run = load_run(base, device)
     apply: Callable = _adapter_kind(str(meta["kind"]))
     model = apply(run.model, dict(meta.get("config", {})), read_safetensors(run_dir / ADAPTER_WEIGHTS))

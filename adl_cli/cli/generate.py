@@ -72,7 +72,7 @@ def generate(
             raise AdlError(f"{run_dir} has no chat template (--chat needs a run fine-tuned by adl sft)")
         if not any(texts):
             raise AdlError("--chat asks a question: give --prompt or --prompt-file")
-        prompts = [template.prompt([{"role": "user", "content": t}]) for t in texts]
+        prompts = [template.question(t) for t in texts]
         if not ignore_eos:
             eos, spec_eos = sorted(template.stop_ids), template.end_id
     else:

@@ -16,13 +16,13 @@ def report(
     from adl_cli.cli.common import new_output
     from adl_cli.console import console
     from adl_cli.engine.plots import loss_figure
-    from adl_cli.engine.report import read_metrics, render_run
+    from adl_cli.engine.report import read_metrics, read_summary, render_run
     from adl_cli.errors import AdlError
 
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir}")
     target = new_output(plot, force, suffix=".png") if plot is not None else run_dir / "loss.png"
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     if summary.get("kind") == "sft":  # a fine-tuning run: its exact-match table and loss curve
         from adl_cli.cli.sft import print_summary
         from adl_cli.engine.report import loss_curve
@@ -35,20 +35,6 @@ def report(
         render_run(run_dir, summary)
     loss_figure(read_metrics(run_dir / "metrics.jsonl"), target, title=f"adl run {run_dir.name}")
     console.print(f"[dim]figure: {target}[/]", highlight=False)
-
-
-def _summary(run_dir: Path) -> dict:
-    import json
-
-    from adl_cli.errors import AdlError
-
-    path = run_dir / "summary.json"
-    if not path.exists():
-        raise AdlError(f"{run_dir} has no summary.json: the run has not finished (or is not an adl run folder)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise AdlError(f"cannot read {path}: {e}") from None
 
 
 def register(app: typer.Typer) -> None:

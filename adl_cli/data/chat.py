@@ -146,6 +146,10 @@ class ChatTemplate:
         """The ids that ask for the next assistant reply."""
         return self.render(messages, add_generation_prompt=True)[0]
 
+    def question(self, text: str) -> list[int]:
+        """The ids that ask one user message and prompt the reply."""
+        return self.prompt([{"role": "user", "content": text}])
+
     def parse(self, ids) -> list[dict]:
         """Messages back from rendered ids (a reply in progress, without its end, is kept)."""
         out: list[dict] = []

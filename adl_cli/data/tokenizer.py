@@ -82,21 +82,18 @@ class Tokenizer:
             specials[name] = nxt
             taken.add(name)
             nxt += 1
-        return Tokenizer(self.kind, self._base_encoding(), self.ranks_path, self.pattern, specials, self.chat)
+        return Tokenizer(self.kind, self.encoding, self.ranks_path, self.pattern, specials, self.chat)
 
     def with_single_digits(self) -> Tokenizer:
         """This tokenizer with numbers pre-split into single digits (bytes already are)."""
         if self.encoding is None:
             return self
         pattern = single_digit_pattern(self.pattern or self.encoding._pat_str)
-        return Tokenizer(self.kind, self._base_encoding(), self.ranks_path, pattern, self.specials, self.chat)
+        return Tokenizer(self.kind, self.encoding, self.ranks_path, pattern, self.specials, self.chat)
 
     @property
     def single_digits(self) -> bool:
         return self.encoding is None or r" ?\p{N}+" not in (self.pattern or self.encoding._pat_str)
-
-    def _base_encoding(self):
-        return self.encoding
 
     @property
     def eot_id(self) -> int:

@@ -121,18 +121,23 @@ def summary_table(s: dict[str, Any], title: str = "run summary") -> Table:
     return t
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A finished run's summary.json (one clear error when it is missing or unreadable)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        raise AdlError(f"{run_dir} has no summary.json: the run has not finished (or is not an adl run folder)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise AdlError(f"cannot read {path}: {e}") from None
+
+
 def render_run(run_dir: Path, summary: dict[str, Any] | None = None, out: Console | None = None) -> str:
     """Print the summary, loss curve and sample of a run; return the same as Markdown."""
     run_dir = Path(run_dir)
     out = out or console
     if summary is None:
-        path = run_dir / "summary.json"
-        if not path.exists():
-            raise AdlError(f"{run_dir} has no summary.json: the run has not finished (or is not an adl run folder)")
-        try:
-            summary = json.loads(path.read_text())
-        except ValueError as e:
-            raise AdlError(f"cannot read {path}: {e}") from None
+        summary = read_summary(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     curve = loss_curve(rows)
     out.print(summary_table(summary, title=f"adl run: {run_dir}"))

@@ -60,7 +60,7 @@ class ChatSession:
 
     def _user_tokens(self, text: str) -> list[int]:
         if self.template is not None:
-            return self.template.prompt([{"role": "user", "content": text}])
+            return self.template.question(text)
         return list(self.tokenizer.encode(("\n" if self.turns else "") + text))
 
     def ask(self, text: str, show=lambda piece: None) -> Answer:

@@ -55,7 +55,7 @@ class TaskScore:
 
 def _prompts(tokenizer, template: ChatTemplate | None, problems: list[Problem]) -> list[list[int]]:
     if template is not None:
-        return [template.prompt([{"role": "user", "content": p.question}]) for p in problems]
+        return [template.question(p.question) for p in problems]
     return [list(map(int, ids)) for ids in tokenizer.encode_batch([p.question + "\n" for p in problems])]
 
 

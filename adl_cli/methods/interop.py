@@ -309,15 +309,11 @@ def export_hf(run_dir: Path, out: Path, *, force: bool = False) -> InteropResult
 
 def _adapter_of(run_dir: Path):
     """(base run folder, adapter.json, adapter tensors) of an adapter run, else None."""
-    from adl_cli.runs import ADAPTER, ADAPTER_WEIGHTS, read_json
+    from adl_cli.runs import ADAPTER, ADAPTER_WEIGHTS, adapter_meta
 
     if not (run_dir / ADAPTER).exists():
         return None
-    meta = read_json(run_dir / ADAPTER)
+    meta, base = adapter_meta(run_dir)
     if meta.get("kind") != "lora":
         raise AdlError(f"cannot export the {meta.get('kind')!r} adapter of {run_dir} to peft (only LoRA and DoRA adapters)")
-    base = Path(meta["base"])
-    base = base if base.is_absolute() else run_dir / base
-    if not base.is_dir():
-        raise AdlError(f"{run_dir / ADAPTER}: its base run {base} is not there")
     return base, meta, read_safetensors(run_dir / ADAPTER_WEIGHTS)

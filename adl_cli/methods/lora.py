@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from adl_cli.errors import AdlError, opt
-from adl_cli.runs import ADAPTER, ADAPTER_WEIGHTS, file_digest, load_run, read_json, save_run, write_lineage
+from adl_cli.runs import ADAPTER, ADAPTER_WEIGHTS, adapter_meta, file_digest, load_run, save_run, write_lineage
 
 
 def merge_run(adapter_run: Path, out: Path, *, force: bool = False) -> Path:
@@ -22,7 +22,7 @@ def merge_run(adapter_run: Path, out: Path, *, force: bool = False) -> Path:
     adapter_run, out = Path(adapter_run), Path(out)
     if not (adapter_run / ADAPTER).exists():
         raise AdlError(f"{adapter_run} is not an adapter run (it has no {ADAPTER}); only adapters merge")
-    meta = read_json(adapter_run / ADAPTER)
+    meta, _ = adapter_meta(adapter_run)
     if meta.get("kind") != "lora":
         raise AdlError(f"{adapter_run}: a {meta.get('kind')!r} adapter cannot be folded into the base weights (its layers are non-linear); "
                        "load it as it is (adl generate, adl chat and adl eval read adapter runs)")

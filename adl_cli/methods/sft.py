@@ -108,8 +108,8 @@ def build_dataset(recipe: SFTRecipe, tokenizer, template: ChatTemplate, block: i
     train_convs, val_convs = [], []
     sources: list[str] = []
     for name, task in tasks.items():
-        trainer_task = make_task(name, scratchpad=d.scratchpad, operand_digits=d.operand_digits, short_operands=d.short_operands)
-        train = split_problems(trainer_task, d.train_examples, held_out=False, seed=d.seed)
+        train_task = make_task(name, scratchpad=d.scratchpad, operand_digits=d.operand_digits, short_operands=d.short_operands)
+        train = split_problems(train_task, d.train_examples, held_out=False, seed=d.seed)
         val = split_problems(task, d.val_examples, held_out=True, seed=d.seed, stream="loss")
         train_convs += [p.messages() for p in train]
         val_convs += [p.messages() for p in val]
