@@ -197,8 +197,15 @@ def init_from(path: str | Path, cfg, *, device: str | torch.device = "cpu", new_
     The run's family must be the recipe's; a shape difference is an AdlError that names the
     config keys that differ. ``new_tokens = (old, new)``: the tokenizer grew from ``old`` to
     ``new`` ids (special tokens added); the vocabulary tables (embedding, head) get rows
-    ``old:new`` set to the mean of rows ``:old``, growing when ``cfg.vocab_size`` is larger."""
+    ``old:new`` set to the mean of rows ``:old``, growing when ``cfg.vocab_size`` is larger
+    (the rows a table grows by past ``new`` take the same mean)."""
     run = load_run(path, device)
+    return transfer(run, cfg, device=device, new_tokens=new_tokens, where=path), run
+
+
+def transfer(run: Run, cfg, *, device: str | torch.device = "cpu", new_tokens: tuple[int, int] | None = None, where=None) -> nn.Module:
+    """A model of ``cfg`` holding ``run``'s weights (``init_from`` for a run already loaded)."""
+    path = where if where is not None else run.path
     if run.config.family != cfg.family:
         raise AdlError(f"init.from {path}: the run is a '{run.config.family}' model, the recipe's [model] is '{cfg.family}'")
     model = build_model(cfg)
@@ -212,19 +219,20 @@ def init_from(path: str | Path, cfg, *, device: str | torch.device = "cpu", new_
         diff = [f"{k} {old.get(k)!r} (run) vs {new.get(k)!r} (recipe)" for k in new if old.get(k) != new.get(k) and k not in ("dropout",)]
         hint = f"; the recipe's [model] differs in {', '.join(diff[:4])}" if diff else ""
         raise AdlError(f"{e}{hint}") from None
-    return model.to(device), run
+    return model.to(device)
 
 
 def _grow_vocab(tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], old_rows: int, old: int, new: int) -> dict[str, torch.Tensor]:
     """Vocabulary tables (first dimension ``old_rows``) with rows ``old:new`` the mean of rows
-    ``:old``; a table that must grow takes its extra rows from the fresh model first."""
+    ``:old``; a table that must grow gets that mean in its extra rows too."""
     out = {}
     for name, t in tensors.items():
         target = fresh.get(name)
         if t.ndim == 2 and t.shape[0] == old_rows and target is not None and target.shape[0] >= new and target.shape[1:] == t.shape[1:]:
-            grown = target.detach().clone().to(t.dtype)
+            grown = torch.empty((target.shape[0], *t.shape[1:]), dtype=t.dtype)
             grown[:old_rows] = t
             grown[old:new] = t[:old].float().mean(0).to(t.dtype)
+            grown[max(new, old_rows):] = grown[old]  # padding rows past the tokenizer: the same mean (deterministic, so an adapter's base regrows alike)
             t = grown
         out[name] = t
     return out
@@ -233,9 +241,12 @@ def _grow_vocab(tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------- adapters
 
 
-def save_adapter_run(run_dir: Path, base: Path, kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def save_adapter_run(run_dir: Path, base: Path, kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     grow: dict[str, Any] | None = None) -> None:
     """An adapter run: ``adapter.safetensors`` + ``adapter.json`` naming its kind, its config and the
-    base run (relative to this folder when possible, so the pair can move together)."""
+    base run (relative to this folder when possible, so the pair can move together). ``grow``
+    (``{"tokens": [old, new], "vocab_size": n}``): the base's vocabulary tables grow first, as
+    ``init_from`` grows them, for a tokenizer with new special tokens (saved in this folder)."""
     run_dir = Path(run_dir)
     _adapter_kind(kind)
     try:
@@ -243,7 +254,8 @@ def save_adapter_run(run_dir: Path, base: Path, kind: str, config: dict[str, Any
     except ValueError:
         ref = Path(base)
     save_safetensors(tensors, run_dir / ADAPTER_WEIGHTS, metadata={"format": "pt", "adl": f"adapter:{kind}"})
-    atomic_write(run_dir / ADAPTER, json.dumps({"kind": kind, "base": str(ref), "config": config}, indent=1))
+    meta = {"kind": kind, "base": str(ref), "config": config, **({"grow": grow} if grow else {})}
+    atomic_write(run_dir / ADAPTER, json.dumps(meta, indent=1))
 
 
 def _adapter_kind(kind: str) -> Callable:
@@ -277,6 +289,20 @@ def _load_adapter_run(run_dir: Path, device) -> Run:
     meta, base = adapter_meta(run_dir)
     run = load_run(base, device)
     apply: Callable = _adapter_kind(str(meta["kind"]))
-    model = apply(run.model, dict(meta.get("config", {})), read_safetensors(run_dir / ADAPTER_WEIGHTS))
+    config, tensors = dict(meta.get("config", {})), read_safetensors(run_dir / ADAPTER_WEIGHTS)
+    model, cfg = run.model, run.config
+    grow = meta.get("grow")
+    if grow:
+        try:
+            cfg = cfg.with_vocab(int(grow["vocab_size"]))
+            model = transfer(run, cfg, device=device, new_tokens=(int(grow["tokens"][0]), int(grow["tokens"][1])))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise AdlError(f"{run_dir / ADAPTER}: 'grow' needs tokens [old, new] and vocab_size") from None
+    if config.get("token_rows"):
+        from adl_cli.adapters.tokens import restore
+
+        model = restore(model, config, tensors)
+    model = apply(model, config, tensors)
     lineage = [{"kind": "adapter-base", "path": str(base), "family": run.config.family}, *read_lineage(run_dir)]
-    return Run(run_dir, run.config, model.to(device).eval(), lineage, run_dir / ADAPTER_WEIGHTS, run.tokenizer_dir)
+    tok_dir = run_dir if (run_dir / "tokenizer.json").exists() else run.tokenizer_dir
+    return Run(run_dir, cfg, model.to(device).eval(), lineage, run_dir / ADAPTER_WEIGHTS, tok_dir)

@@ -13,7 +13,7 @@ cannot be folded into the base weights (the bottleneck is non-linear).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ class BottleneckSection:
     """The recipe's ``[adapter]``: bottleneck width, where, and the initial weight scale."""
 
     size: int = 32  # m, the bottleneck width
-    places: tuple[str, ...] | list[str] = ("attn", "mlp")  # after attention and/or after the MLP
+    places: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # after attention and/or after the MLP
     init_std: float = 1e-3
     train_norms: bool = True  # the layer norms learn too, as in the paper
 
@@ -83,7 +83,7 @@ def add_bottlenecks(model: nn.Module, section: BottleneckSection) -> nn.Module:
             getattr(block, place).register_forward_hook(_hook(adapter))
     model.bottlenecks = adapters
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("bottlenecks.") or (section.train_norms and _is_norm(name)))
+        p.requires_grad_(name.startswith("bottlenecks.") or (section.train_norms and _is_norm(name)) or "trainable_tokens_delta" in name)
     return model
 
 
@@ -99,8 +99,10 @@ def adapter_tensors(model: nn.Module, section: BottleneckSection) -> dict[str, t
 
 def _apply(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     section = BottleneckSection(**{k: v for k, v in config.items() if k in BottleneckSection.__dataclass_fields__})
+    from adl_cli.adapters.tokens import DELTA
+
     model = add_bottlenecks(model, section)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if DELTA not in k}, strict=False)
     absent = [k for k in model.state_dict() if k.startswith("bottlenecks.") and k not in tensors]
     if unexpected or absent:
         raise AdlError(f"the adapter's tensors do not fit this model: {', '.join((list(unexpected) + absent)[:3])}")

@@ -16,6 +16,7 @@ are registered with the run folder (``runs.ADAPTERS``): an adapter run loads its
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -92,9 +93,14 @@ def add_lora(model: nn.Module, section: LoraSection) -> nn.Module:
     except ValueError as e:
         raise AdlError(str(e)) from None
     cfg = peft_config(section, model)
-    model = inject_adapter_in_model(cfg, model)
+    with warnings.catch_warnings():  # new token rows (adapters/tokens.py) are peft's too: two configs in one model is intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model = inject_adapter_in_model(cfg, model)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            p.requires_grad_(True)
+        elif "trainable_tokens_delta" not in name:  # new token rows (adapters/tokens.py) keep training
+            p.requires_grad_(False)
     return model
 
 
@@ -138,9 +144,15 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _apply(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """An adapter run's kind: inject the recorded configuration, then its tensors."""
+    from adl_cli.adapters.tokens import DELTA
+
     section = LoraSection(**{k: v for k, v in config.items() if k in LoraSection.__dataclass_fields__})
+    if config.get("qlora") is not None:  # the base in NF4 again, as it trained
+        from adl_cli.adapters.qlora import QloraSection, quantize
+
+        model = quantize(model, QloraSection(**config["qlora"]))
     model = add_lora(model, section)
-    load_adapter(model, tensors)
+    load_adapter(model, {k: v for k, v in tensors.items() if DELTA not in k})
     return model
 
 

@@ -74,6 +74,11 @@ def quantize(model: nn.Module, section: QloraSection) -> nn.Module:
                               compress_statistics=section.double_quant, quant_type="nf4")
         q.load_state_dict(module.state_dict())
         q = q.to(device)  # bitsandbytes quantizes when the weight moves to its device
+        # bitsandbytes repacks a CPU weight in place for its AVX512-BF16 kernel at the first forward in
+        # eval mode without grad; the packed weight computes differently and is not what dequantize
+        # reads. One layout in training, evaluation and merging: the plain NF4 path throughout.
+        q.support_avx512bf16_for_cpu = False
+        q.train(module.training)
         q.weight.requires_grad_(False)
         if q.bias is not None:
             q.bias.requires_grad_(False)
@@ -82,22 +87,52 @@ def quantize(model: nn.Module, section: QloraSection) -> nn.Module:
     return model
 
 
+def _plain(module) -> nn.Linear:
+    """A bitsandbytes Linear4bit as an nn.Linear holding its NF4 weight in full precision."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
+    w = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    with torch.no_grad():
+        plain.weight.copy_(w)
+        if module.bias is not None:
+            plain.bias.copy_(module.bias.float())
+    return plain.to(w.device)
+
+
 def dequantize(model: nn.Module) -> nn.Module:
     """The 4-bit layers back to nn.Linear holding their NF4 weights in full precision."""
     bnb = bitsandbytes()
-    from bitsandbytes.functional import dequantize_4bit
-
     for parent_module in list(model.modules()):
         for child_name, module in list(parent_module.named_children()):
             if isinstance(module, bnb.nn.Linear4bit):
-                w = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                with torch.no_grad():
-                    plain.weight.copy_(w)
-                    if module.bias is not None:
-                        plain.bias.copy_(module.bias.float())
-                setattr(parent_module, child_name, plain.to(w.device))
+                setattr(parent_module, child_name, _plain(module))
     return model
+
+
+def merge_quantized(model: nn.Module) -> nn.Module:
+    """Each LoRA layer over a 4-bit base folded into a plain nn.Linear: the NF4 weight in full
+    precision plus peft's update (``get_delta_weight``), the base never re-quantized; the 4-bit
+    layers without an adapter become plain ones too."""
+    bnb = bitsandbytes()
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit)):
+            continue
+        if any(module.use_dora.get(a, False) for a in module.active_adapters):
+            raise AdlError(f"{name}: merging DoRA over a 4-bit base is not supported; load the adapter run as it is")
+        plain = _plain(module.get_base_layer())
+        with torch.no_grad():
+            for a in module.active_adapters:
+                plain.weight += module.get_delta_weight(a).float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+    return dequantize(model)  # the 4-bit layers without an adapter
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ hits all of them alike; the figures are medians over repeats, after one warm-up 
 - peak_mb: the most memory the call holds at once beyond its inputs. CUDA:
   ``torch.cuda.max_memory_allocated`` minus what was allocated before. CPU: torch has
   no allocator statistics, so a ``TorchDispatchMode`` records every tensor storage an
-  operator creates (sizes from the storage, frees from a weakref finalizer on it) and
+  operator creates (engine/memory.py: sizes from the storage, frees from a weakref finalizer) and
   keeps the high-water mark of the live total. Everything autograd saves, every
   temporary and the gradients count; scratch buffers a fused C++ kernel allocates
   internally (e.g. SDPA's per-thread tiles, a few MB) are not seen.
@@ -32,14 +32,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from adl_cli.engine.memory import peak_bytes
 from adl_cli.errors import AdlError, opt, unknown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,52 +102,6 @@ def canonical_dtype(name: str) -> str:
 def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[canonical_dtype(name)]
 
-
-# ----------------------------------------------------------------------------------- memory
-
-
-class _LiveTensors(TorchDispatchMode):
-    """High-water mark of the bytes of tensor storages created by operators (CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if any(r.alias_info is not None for r in func._schema.returns):
-            return out  # views and in-place results own no new memory
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key == 0 or key in self.live:
-                    continue
-                self.live[key] = storage.nbytes()
-                self.current += storage.nbytes()
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(storage, self._free, key)
-        return out
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak memory held by fn() beyond what existed before (see the module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    tracker = _LiveTensors()
-    with tracker:
-        fn()
-    return tracker.peak
 
 
 # ------------------------------------------------------------------------------------ cases

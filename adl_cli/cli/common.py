@@ -16,7 +16,7 @@ def set_option():
 def default_out(recipe_path: Path, name: str) -> Path:
     """runs/<name>; a recipe inside a run folder (runs/X/recipe.toml) writes back to that folder."""
     recipe_path = Path(recipe_path)
-    if recipe_path.name == "recipe.toml" and (recipe_path.parent / "config.json").exists():
+    if recipe_path.name == "recipe.toml" and any((recipe_path.parent / f).exists() for f in ("config.json", "adapter.json")):
         return recipe_path.parent
     return Path("runs") / name
 

@@ -197,12 +197,21 @@ def unflatten_state(prefix: str, tensors: dict[str, torch.Tensor], state: dict[s
     return out
 
 
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that train (requires_grad), named as in the state dict: what a checkpoint of a
+    run over a frozen base (an adapter) needs to hold."""
+    return {name.replace(COMPILE_PREFIX, ""): p.detach().contiguous().cpu()
+            for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2,
-                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra: dict[str, torch.Tensor] | None = None, trainable_only: bool = False) -> Path:
     """Write checkpoints/step-N atomically and point ``latest`` at it; keep the newest ``keep``.
-    ``extra`` tensors (EMA weights, a batch source's state) go beside the optimizer's."""
+    ``extra`` tensors (EMA weights, a batch source's state) go beside the optimizer's;
+    ``trainable_only``: the weights that train, not the frozen base (rebuilt from its run)."""
     tensors, meta = optimizer_tensors(opt)
-    return write_checkpoint(run_dir, step, model_tensors(model), tensors, meta, state, keep=keep, extra=extra)
+    weights = trainable_tensors(model) if trainable_only else model_tensors(model)
+    return write_checkpoint(run_dir, step, weights, tensors, meta, state, keep=keep, extra=extra)
 
 
 def write_checkpoint(
@@ -272,14 +281,24 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     return state, read_safetensors(path / "model.safetensors"), read_safetensors(path / "optimizer.safetensors")
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None,
+                    trainable_only: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore weights, optimizer and RNG from a checkpoint folder; returns its state dict and the
-    tensors beside the optimizer's (EMA, batch-source state)."""
+    tensors beside the optimizer's (EMA, batch-source state). ``trainable_only``: the checkpoint
+    holds the tensors that train, and exactly those."""
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise AdlError(f"cannot read {path / 'state.json'}: {e}") from None
-    load_weights(model, path / "model.safetensors")
+    if trainable_only:
+        weights = read_safetensors(path / "model.safetensors")
+        expected = trainable_tensors(model)
+        if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
+            odd = sorted(set(weights) ^ set(expected))[:3] or [k for k in weights if weights[k].shape != expected[k].shape][:3]
+            raise AdlError(f"checkpoint {path} does not match the model's trainable tensors: {odd}")
+        unwrap(model).load_state_dict(weights, strict=False)
+    else:
+        load_weights(model, path / "model.safetensors")
     tensors = read_safetensors(path / "optimizer.safetensors")
     if opt is not None:
         load_optimizer(opt, tensors, state.pop("optimizer"))

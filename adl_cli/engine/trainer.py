@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1  # micro-steps per optimizer step, per process: global batch = batch_size * grad_accum * world
     global_batch_tokens: int = 0  # > 0: fixed global batch in tokens; grad_accum is derived from the world size (and ignored)
-    optimizer: str = "adamw"  # adamw | sgd | muon (Muon on hidden matrices, AdamW on the rest)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | sgd | muon (Muon on hidden matrices, AdamW on the rest)
     lr: float = 6e-4
     min_lr: float = 6e-5
     schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
@@ -237,6 +237,7 @@ class Trainer:
         state_extra: dict[str, Any] | None = None,
         grad_accum: int | None = None,
         run_name: str | None = None,
+        frozen_base: bool = False,  # checkpoints hold only the tensors that train (an adapter over a base rebuilt from its run)
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -245,6 +246,7 @@ class Trainer:
         self.acc = accelerator or _accelerator(cfg.log_with, self.run_dir)
         self.trackers = list(cfg.log_with)
         self.run_name = run_name or self.run_dir.name
+        self.frozen_base = frozen_base
         self.show_progress = bool(progress) and self.acc.is_main_process
         self.silent = progress is None
         self.state_extra = state_extra or {}
@@ -374,7 +376,8 @@ class Trainer:
             if full is not None:
                 path = ckpt.write_checkpoint(self.run_dir, step, *full, state, keep=self.cfg.keep_checkpoints, extra=extra)
         elif self.acc.is_main_process:
-            path = ckpt.save_checkpoint(self.run_dir, step, self.raw_model, self.optimizer, state, keep=self.cfg.keep_checkpoints, extra=extra)
+            path = ckpt.save_checkpoint(self.run_dir, step, self.raw_model, self.optimizer, state, keep=self.cfg.keep_checkpoints, extra=extra,
+                                        trainable_only=self.frozen_base)
         self.acc.wait_for_everyone()
         return path
 
@@ -383,7 +386,7 @@ class Trainer:
 
     def _load(self, path: Path) -> dict[str, Any]:
         if not self.sharded:
-            state, tensors = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+            state, tensors = ckpt.load_checkpoint(path, self.raw_model, self.optimizer, trainable_only=self.frozen_base)
         else:
             state, weights, tensors = ckpt.read_checkpoint(path)
             dist_.load_full_state(self.raw_model, self._plain_optimizer(), weights, tensors, state.pop("optimizer", None), str(path))

@@ -2,7 +2,8 @@
 
 A LoRA or DoRA adapter folds into its base weights: the merged folder is an ordinary run
 (config, weights, tokenizer, lineage naming the base and the adapter) that every command reads
-without peft. QLoRA adapter runs are not handled yet.
+without peft. A QLoRA adapter folds into its base's NF4 weights (dequantized, not the original
+full-precision ones: the model it trained with). New token rows fold into the vocabulary tables.
 Bottleneck adapters cannot fold (they are non-linear) and are refused.
 """
 
@@ -29,10 +30,13 @@ def merge_run(adapter_run: Path, out: Path, *, force: bool = False) -> Path:
     if out.exists() and any(out.iterdir()):
         if not force:
             raise AdlError(f"{out} is not empty; choose another {opt('out')} or replace it with {opt('force')}")
-    if meta.get("config", {}).get("qlora") is not None:
-        raise AdlError(f"{adapter_run}: merging a QLoRA adapter is not supported yet (its NF4 base must be rebuilt first)")
     run = load_run(adapter_run)  # base + adapter, checked before anything is removed
-    model = merge(run.model)
+    model = run.model
+    if meta.get("config", {}).get("qlora") is not None:  # the NF4 base in full precision, the update added
+        from adl_cli.adapters.qlora import merge_quantized
+
+        model = merge_quantized(model)
+    model = merge(model)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

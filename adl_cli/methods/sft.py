@@ -151,6 +151,19 @@ def start_tokenizer(base_tok, recipe: SFTRecipe):
         raise AdlError(f"template: {e}") from None
 
 
+def load_base(path: str, what: str = "SFT"):
+    """The run a fine-tuning starts from (``init.from``), checked: a GPT with its tokenizer."""
+    if not Path(path).is_dir():
+        hint = " (`make run` writes the main job, runs/tiny, where the shipped recipes start)" if path == "runs/tiny" else ""
+        raise AdlError(f"init.from {path}: no run folder there{hint}; set another with --set init.from=RUN")
+    base = load_run(path)
+    if base.tokenizer is None:
+        raise AdlError(f"init.from {path}: the run has no tokenizer.json; {what} needs the tokenizer the model was trained with")
+    if base.config.family != "gpt":
+        raise AdlError(f"init.from {path}: {what} fine-tunes GPT runs, this one is a '{base.config.family}' model")
+    return base
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -208,14 +221,7 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_sft_recipe)
     acc, main, world, log, checkpoint = start.acc, start.main, start.world, start.log, start.checkpoint
 
-    if not Path(recipe.init.from_).is_dir():
-        hint = " (`make run` writes the main job, runs/tiny, where the shipped SFT recipes start)" if recipe.init.from_ == "runs/tiny" else ""
-        raise AdlError(f"init.from {recipe.init.from_}: no run folder there{hint}; set another with --set init.from=RUN")
-    base = load_run(recipe.init.from_)
-    if base.tokenizer is None:
-        raise AdlError(f"init.from {recipe.init.from_}: the run has no tokenizer.json; SFT needs the tokenizer the model was trained with")
-    if base.config.family != "gpt":
-        raise AdlError(f"init.from {recipe.init.from_}: SFT fine-tunes GPT runs, this one is a '{base.config.family}' model")
+    base = load_base(recipe.init.from_)
     if resume:
         from adl_cli.data.tokenizer import Tokenizer
 

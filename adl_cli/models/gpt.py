@@ -354,10 +354,23 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(z / cap) if cap else z
 
+    def head_weight(self) -> torch.Tensor | None:
+        """The output matrix the fused loss multiplies by: the head's weight, or with trainable
+        token rows (adapters/tokens.py) the weight with those rows replaced; None when an adapter
+        wraps the head otherwise (LoRA on lm_head): then the loss goes through ``logits``."""
+        head = self.lm_head
+        if isinstance(head, nn.Linear):
+            return head.weight
+        merged = getattr(head, "get_merged_weights", None)
+        if merged is not None and not head.merged and not head.disable_adapters:
+            return merged(head.active_adapters)
+        return None
+
     def token_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the (soft-capped) logits of h against targets (-100: left out)."""
-        if self.config.loss_chunk_rows > 0:
-            return fused_linear_cross_entropy(h, self.lm_head.weight, targets, chunk_rows=self.config.loss_chunk_rows,
+        weight = self.head_weight()
+        if self.config.loss_chunk_rows > 0 and weight is not None:
+            return fused_linear_cross_entropy(h, weight, targets, chunk_rows=self.config.loss_chunk_rows,
                                               softcap=self.config.logit_softcap)
         return F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 

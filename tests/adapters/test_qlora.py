@@ -84,3 +84,23 @@ def test_qlora_without_bitsandbytes_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(AdlError, match="needs bitsandbytes"):
         quantize(_model(), QloraSection())
+
+
+def test_evaluation_and_training_compute_alike_and_the_mode_is_kept():
+    """bitsandbytes would repack a CPU weight for its AVX512-BF16 kernel at an eval forward without
+    grad (another layout, other numerics); adl keeps one layout: an eval forward, then training
+    mode, gives what training mode gave before, and dequantize still reads the NF4 weights."""
+    model = quantize(_model().train(), QloraSection(compute="fp32"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.training for m in layers)
+    x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    before = dequantize(quantize(_model(), QloraSection(compute="fp32"))).state_dict()
+    with torch.no_grad():
+        train_logits = model(x)[0]
+        model.eval()
+        eval_logits = model(x)[0]
+    torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=0)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    after = dequantize(model).state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)

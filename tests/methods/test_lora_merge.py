@@ -9,7 +9,7 @@ import torch
 
 from adl_cli.adapters.houlsby import BottleneckSection, add_bottlenecks
 from adl_cli.adapters.houlsby import adapter_tensors as bottleneck_tensors
-from adl_cli.adapters.lora import LoraSection, adapter_tensors, add_lora
+from adl_cli.adapters.lora import LoraSection, adapter_tensors, add_lora, load_adapter
 from adl_cli.adapters.qlora import QloraSection, quantize
 from adl_cli.data.tokenizer import Tokenizer
 from adl_cli.errors import AdlError
@@ -56,6 +56,21 @@ def test_a_merged_run_computes_what_the_adapter_run_computes(tmp_path):
     assert lineage[-1]["kind"] == "merged-adapter" and merged.tokenizer is not None
 
 
+def test_a_merged_qlora_run_computes_on_the_nf4_base(tmp_path):
+    """The merged weights are the NF4 values plus the update: the QLoRA model's logits (fp32
+    compute), not the full-precision base's."""
+    trained = _with_adapter(tmp_path, qlora=True)
+    merge_run(tmp_path / "adapter", tmp_path / "merged")
+    merged = load_run(tmp_path / "merged")
+    full_precision = add_lora(_model(), LoraSection(r=4, targets=["q_proj", "v_proj", "c_fc"]))
+    load_adapter(full_precision, adapter_tensors(trained))  # the same update on the full-precision base
+    with torch.no_grad():
+        want = trained(X)[0]
+        torch.testing.assert_close(merged.model(X)[0], want, rtol=1e-4, atol=1e-4)
+        assert not any(type(m).__name__ == "Linear4bit" for m in merged.model.modules())
+        assert (full_precision(X)[0] - want).abs().max() > 1e-3  # NF4 rounding is visible: the check has teeth
+
+
 def test_merge_refuses_what_it_cannot_fold_or_would_replace(tmp_path):
     _with_adapter(tmp_path, qlora=False)
     (tmp_path / "taken").mkdir()
@@ -65,9 +80,6 @@ def test_merge_refuses_what_it_cannot_fold_or_would_replace(tmp_path):
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     with pytest.raises(AdlError, match="not an adapter run"):
         merge_run(tmp_path / "base", tmp_path / "m2")
-    _with_adapter(tmp_path / "q", qlora=True)
-    with pytest.raises(AdlError, match="QLoRA adapter is not supported yet"):
-        merge_run(tmp_path / "q" / "adapter", tmp_path / "m4")
     section = BottleneckSection(size=4)
     model = add_bottlenecks(_model(), section)
     save_adapter_run(tmp_path / "houlsby", tmp_path / "base", "adapter", section.to_dict(), bottleneck_tensors(model, section))

@@ -1,0 +1,197 @@
+"""adl lora end to end through the real entry point, on a tiny BPE run: LoRA with the chat
+template's new token rows, QLoRA, bottleneck adapters, full fine-tuning and plain text; adapter
+runs reload, generate and merge; checkpoints hold only what trains and resume exactly; bad input
+is one clear line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+LORA_RECIPE = """
+name = "l"
+method = "{method}"
+samples = 1
+
+[init]
+from = "{base}"
+
+[data]
+tasks = ["addition"]
+train_examples = 64
+val_examples = 8
+eval_examples = 6
+eval_examples_during = 0
+operand_digits = 2
+
+[lora]
+r = 4
+alpha = 8
+targets = ["q_proj", "v_proj", "c_fc"]
+
+[qlora]
+compute = "fp32"
+
+[adapter]
+size = 8
+
+[train]
+steps = 4
+batch_size = 4
+lr = 3e-3
+min_lr = 3e-4
+warmup = 1
+eval_every = 0
+checkpoint_every = 2
+log_every = 1
+seed = 3
+"""
+
+
+def _write(root, base, method, name=None):
+    path = root / f"{name or method}.toml"
+    path.write_text(LORA_RECIPE.format(base=base.as_posix(), method=method), encoding="utf-8")
+    return path
+
+
+def _train(recipe, out, *extra):
+    from adl_cli.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)
+        try:
+            main(["lora", str(recipe), "--out", str(out), "--no-progress", *map(str, extra)])
+        except SystemExit as e:
+            assert not e.code
+
+
+@pytest.fixture(scope="module")
+def runs(bpe_run, tmp_path_factory):
+    """{method: (run folder, recipe)} for lora, qlora and adapter runs from the BPE run (read-only)."""
+    root = tmp_path_factory.mktemp("lora")
+    out = {}
+    for method in ("lora", "qlora", "adapter"):
+        recipe = _write(root, bpe_run, method)
+        _train(recipe, root / method)
+        out[method] = (root / method, recipe)
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids)[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "adapter"])
+def test_an_adapter_run_holds_only_the_adapter_and_reloads_on_its_base(runs, bpe_run, method):
+    from safetensors.torch import load_file
+
+    from adl_cli.runs import file_digest, load_run
+
+    folder, _ = runs[method]
+    meta = json.loads((folder / "adapter.json").read_text())
+    assert meta["kind"] == ("adapter" if method == "adapter" else "lora") and meta["config"]["token_rows"]
+    assert ("qlora" in meta["config"]) == (method == "qlora")
+    assert not (folder / "model.safetensors").exists()
+    tensors = load_file(folder / "adapter.safetensors")
+    assert tensors and all(("lora_" in k or "bottlenecks." in k or "ln_" in k or "trainable_tokens_delta" in k) for k in tensors)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert 0 < summary["trainable_parameters"] < summary["parameters"] and summary["peak_tensor_bytes"] > summary["model_tensor_bytes"] > 0
+    assert summary["tasks"]["addition"]["base"]["n"] == 6
+    # checkpoints hold the trained tensors only, the same names as the final adapter's (plus peft's adapter suffix)
+    ck = load_file(folder / "checkpoints" / "step-4" / "model.safetensors")
+    assert all(("lora_" in k or "bottlenecks." in k or "ln_" in k or "trainable_tokens_delta" in k) for k in ck)
+    run = load_run(folder)
+    assert run.tokenizer.vocab_size == json.loads((folder / "tokenizer.json").read_text())["vocab_size"]
+    assert run.lineage[0]["kind"] == "adapter-base"
+    digest = json.loads((folder / "lineage.json").read_text())["parents"][0]["sha256"]
+    assert digest == file_digest(bpe_run / "model.safetensors")  # the base is untouched
+
+
+def test_a_resumed_adapter_run_ends_where_an_uninterrupted_one_does(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, recipe = runs["lora"]
+    copy = tmp_path / "run"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    (copy / "checkpoints" / "latest").write_text("step-2")
+    for name in ("adapter.safetensors", "adapter.json", "summary.json"):
+        (copy / name).unlink()
+    _train(recipe, copy, "--resume", "--no-base", "--no-memory")
+    want, got = load_file(folder / "adapter.safetensors"), load_file(copy / "adapter.safetensors")
+    assert set(want) == set(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merge_writes_a_plain_run_with_the_same_logits(runs, run, capsys, tmp_path, method):
+    from adl_cli.runs import load_run
+
+    folder, _ = runs[method]
+    code, out, err = run(["lora", "merge", folder, "--out", tmp_path / "m"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "m" / "model.safetensors").exists() and not (tmp_path / "m" / "adapter.json").exists()
+    adapter, merged = load_run(folder), load_run(tmp_path / "m")
+    assert type(merged.model.transformer.wte) is torch.nn.Embedding
+    ids = torch.tensor([adapter.tokenizer.encode("What is 12 + 7?").tolist() + [adapter.tokenizer.vocab_size - 1]])
+    torch.testing.assert_close(_logits(merged.model, ids), _logits(adapter.model, ids), rtol=1e-4, atol=1e-4)
+    code, out, err = run(["lora", "merge", folder, "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "--force" in err and "Traceback" not in err
+
+
+def test_adapter_runs_generate_and_bottlenecks_refuse_to_merge(runs, run, capsys, tmp_path):
+    folder, _ = runs["adapter"]
+    code, out, err = run(["generate", folder, "--chat", "--prompt", "What is 2 + 3?", "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    code, out, err = run(["lora", "merge", folder, "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "cannot be folded" in err and not (tmp_path / "m").exists()
+
+
+def test_full_fine_tuning_and_plain_text(bpe_run, small_corpus, run, capsys, tmp_path):
+    """method full writes a plain run; data.corpus trains on text with the base tokenizer, and
+    the report measures the base's held-out loss on the same windows."""
+    recipe = _write(tmp_path, bpe_run, "full")
+    code, out, err = run(["lora", recipe, "--out", tmp_path / "full", "--no-progress", "--no-memory"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "full" / "model.safetensors").exists() and not (tmp_path / "full" / "adapter.json").exists()
+    s = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert s["trainable_parameters"] == s["parameters"]
+    text = _write(tmp_path, bpe_run, "lora", "text")
+    body = text.read_text().replace('tasks = ["addition"]', f'corpus = "{small_corpus.as_posix()}"\nval_windows = 4')
+    text.write_text(body)
+    code, out, err = run(["lora", text, "--out", tmp_path / "text", "--no-progress", "--no-memory"], capsys)
+    assert code == 0, err
+    s = json.loads((tmp_path / "text" / "summary.json").read_text())
+    assert s["tasks"] == {} and s["base_val_loss"] > 0 and s["val_loss"] > 0
+    meta = json.loads((tmp_path / "text" / "adapter.json").read_text())
+    assert "token_rows" not in meta["config"] and "grow" not in meta  # the base tokenizer as it is
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.replace('method = "lora"', 'method = "lorra"'), "method must be one of full, lora, dora, qlora, adapter"),
+    (lambda r: r.replace('targets = ["q_proj", "v_proj", "c_fc"]', 'targets = ["query"]'), "no linear layer named 'query'"),
+    (lambda r: r.replace("r = 4", "r = 0"), "lora.r (the rank) must be >= 1"),
+    (lambda r: r.replace('tasks = ["addition"]', 'tasks = ["addition"]\ncorpus = "pydoc"'), "exclude each other"),
+    (lambda r: r.replace("[train]", "[train]\noptimizer = \"adamw9bit\""), "adamw9bit"),
+])
+def test_bad_input_is_one_clear_line(bpe_run, run, capsys, tmp_path, change, message):
+    path = _write(tmp_path, bpe_run, "lora")
+    path.write_text(change(path.read_text()))
+    code, out, err = run(["lora", path, "--out", tmp_path / "out", "--no-progress"], capsys)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "adapter.json").exists()
+
+
+def test_merge_needs_an_adapter_run_and_an_out(bpe_run, run, capsys, tmp_path):
+    code, out, err = run(["lora", "merge", bpe_run, "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "not an adapter run" in err
+    code, out, err = run(["lora", "merge", bpe_run], capsys)
+    assert code == 2 and "--out" in err
+    code, out, err = run(["lora", "merge"], capsys)
+    assert code == 2 and "name the adapter run" in err
