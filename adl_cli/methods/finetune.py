@@ -143,8 +143,8 @@ class Prepared:
     grow: dict[str, Any] | None
 
 
-def prepare_model(recipe: FinetuneRecipe, base, tok) -> Prepared:
-    """The base's weights (its tables grown for new tokens), with the method's trainable parts."""
+def grown_base(base, tok):
+    """(the base's weights with its tables grown for ``tok``'s new tokens, adapter.json's ``grow``, (old, new) ids or None)."""
     gcfg = base.config
     grow, new_tokens = None, None
     if tok.vocab_size > base.tokenizer.vocab_size:
@@ -152,7 +152,12 @@ def prepare_model(recipe: FinetuneRecipe, base, tok) -> Prepared:
         if tok.vocab_size > gcfg.vocab_size:
             gcfg = gcfg.with_vocab(tok.vocab_size)
         grow = {"tokens": list(new_tokens), "vocab_size": gcfg.vocab_size}
-    model = transfer(base, gcfg, new_tokens=new_tokens)
+    return transfer(base, gcfg, new_tokens=new_tokens), grow, new_tokens
+
+
+def prepare_model(recipe: FinetuneRecipe, base, tok) -> Prepared:
+    """The base's weights (its tables grown for new tokens), with the method's trainable parts."""
+    model, grow, new_tokens = grown_base(base, tok)
     method = recipe.method
     if method == "full":
         model.requires_grad_(True)
@@ -311,8 +316,9 @@ def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, for
         scores = evaluate_tasks(final, tok, data, None, keep_samples=recipe.samples)
         base_scores = evaluate_tasks(base.model, base.tokenizer, data, None, keep_samples=recipe.samples) if evaluate_base else {}
     base_val = None
-    if text and evaluate_base:
-        base_val = heldout_loss(base.model, data.val_rows, tc.batch_size)
+    if evaluate_base and data.val_rows is not None:  # the base as fine-tuning starts from it (new rows at the mean)
+        start_model = grown_base(base, tok)[0].eval()
+        base_val = heldout_loss(start_model, data.val_rows, tc.batch_size)
     summary = summarize(recipe, data, result, batches, counts, memory, val, base_val, scores, base_scores, time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "report.md", report_markdown(summary))
