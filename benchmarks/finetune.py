@@ -16,7 +16,7 @@ Three parts (``--parts``):
   alternating methods, for --rounds rounds; the median step (forward, backward, optimizer) is
   quoted, and its ratio to full fine-tuning's.
 - ``memory``: a randomly initialised GPT-2-124M (12 x 768, vocabulary 50257, tied head),
-  one training step on --mem-batch rows of --mem-seq tokens under the host's autocast; peak
+  one training step on each --mem-batch rows of --mem-seq tokens under the host's autocast; peak
   tensor memory as engine/memory.py measures it (allocator-tracked on CUDA, every operator's
   storages on a CPU; not process RSS): the model's tensors plus the step's peak (activations,
   gradients, optimizer state). Ratios to full fine-tuning with AdamW.
@@ -124,6 +124,11 @@ def method_step_times(base: Path, args) -> dict:
 
 
 def memory_124m(args) -> dict:
+    """The memory table at each batch of --mem-batch (comma-separated rows of --mem-seq tokens)."""
+    return {f"{b}x{args.mem_seq}": memory_at(args, b) for b in (int(v) for v in str(args.mem_batch).split(","))}
+
+
+def memory_at(args, rows: int) -> dict:
     from adl_cli.adapters.lora import LoraSection, add_lora
     from adl_cli.adapters.qlora import QloraSection, quantize
     from adl_cli.engine import optim
@@ -134,13 +139,14 @@ def memory_124m(args) -> dict:
     device = torch.device("cpu")
     ac, dtype = _autocast(device)
     cfg = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
-    x = torch.randint(0, 50257, (args.mem_batch, args.mem_seq + 1), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 50257, (rows, args.mem_seq + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = x[:, :-1], x[:, 1:]
     section = LoraSection(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "c_proj", "c_fc"])
     contenders = {
         "full (AdamW)": dict(adapter=None, opt="adamw", ckpt=False),
         "full (8-bit AdamW)": dict(adapter=None, opt="adamw8bit", ckpt=False),
         "LoRA r16": dict(adapter="lora", opt="adamw", ckpt=False),
+        "LoRA r16 + checkpointing": dict(adapter="lora", opt="adamw", ckpt=True),
         "QLoRA r16": dict(adapter="qlora", opt="adamw", ckpt=False),
         "QLoRA r16 + 8-bit AdamW + checkpointing": dict(adapter="qlora", opt="adamw8bit", ckpt=True),
     }
@@ -167,12 +173,12 @@ def memory_124m(args) -> dict:
         mem = step_memory(model, step, device)
         wall = time.perf_counter() - t0
         out[name] = {"model_mib": mem["model"] / 2**20, "step_mib": mem["step"] / 2**20, "peak_mib": mem["peak"] / 2**20, "step_s": wall}
-        print(f"[memory] {name}: peak {mem['peak'] / 2**20:,.0f} MiB (model {mem['model'] / 2**20:,.0f}, step {mem['step'] / 2**20:,.0f}), {wall:.1f} s", flush=True)
+        print(f"[memory] {rows}x{args.mem_seq} {name}: peak {mem['peak'] / 2**20:,.0f} MiB (model {mem['model'] / 2**20:,.0f}, step {mem['step'] / 2**20:,.0f}), {wall:.1f} s", flush=True)
         del model, opt
     full = out["full (AdamW)"]["peak_mib"]
     for v in out.values():
         v["ratio_full"] = v["peak_mib"] / full
-    return {"shape": "GPT-2 124M (12 x 768, vocab 50257)", "batch": [args.mem_batch, args.mem_seq], "autocast": str(dtype), "rows": out}
+    return {"shape": "GPT-2 124M (12 x 768, vocab 50257)", "batch": [rows, args.mem_seq], "autocast": str(dtype), "rows": out}
 
 
 # ----------------------------------------------------------------------------- adl vs peft on transformers
@@ -200,7 +206,7 @@ def peft_parity(base: Path, args) -> dict:
         adl_params = dict(adl.named_parameters())
         for name, p in peft_model.named_parameters():
             if "lora_A" in name:
-                key = name.replace("base_model.model.", "").replace(".default", "")
+                key = name.replace("base_model.model.", "")  # both sides name the adapter "default"
                 p.copy_(adl_params[key])
     n_adl = sum(p.numel() for p in adl.parameters() if p.requires_grad)
     n_peft = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -280,7 +286,7 @@ def main() -> None:
     ap.add_argument("--adapter-lr", type=float, default=3e-3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--time-steps", type=int, default=3)
-    ap.add_argument("--mem-batch", type=int, default=4)
+    ap.add_argument("--mem-batch", default="1,4", help="rows per step in the memory part, comma-separated")
     ap.add_argument("--mem-seq", type=int, default=512)
     ap.add_argument("--parity-steps", type=int, default=30)
     ap.add_argument("--json", type=Path)
@@ -303,9 +309,10 @@ def main() -> None:
             print(f"base      held-out loss {b['val_loss']:.3f}, exact match {b['exact']:.1%}")
         if "memory" in parts:
             result["memory"] = memory_124m(args)
-            print("\nGPT-2 124M, one step:")
-            for name, r in result["memory"]["rows"].items():
-                print(f"  {name:42} peak {r['peak_mib']:8,.0f} MiB  {r['ratio_full']:.2f}x full")
+            for batch, table in result["memory"].items():
+                print(f"\nGPT-2 124M, one step on {batch} tokens:")
+                for name, r in table["rows"].items():
+                    print(f"  {name:42} peak {r['peak_mib']:8,.0f} MiB  {r['ratio_full']:.2f}x full")
         if "peft" in parts:
             result["peft"] = peft_parity(args.base, args)
     if args.json:

@@ -150,6 +150,9 @@ def test_adapter_runs_generate_and_bottlenecks_refuse_to_merge(runs, run, capsys
     assert code == 0, err
     code, out, err = run(["lora", "merge", folder, "--out", tmp_path / "m"], capsys)
     assert code == 2 and "cannot be folded" in err and not (tmp_path / "m").exists()
+    lora_run, _ = runs["lora"]  # new token rows: transformers' GPT-2 cannot take them as a peft adapter
+    code, out, err = run(["export", "hf", lora_run, "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "adl lora merge" in err and not (tmp_path / "hf").exists()
 
 
 def test_full_fine_tuning_and_plain_text(bpe_run, small_corpus, run, capsys, tmp_path):
