@@ -136,11 +136,11 @@ def memory_at(args, rows: int) -> dict:
     from adl_cli.engine.trainer import TrainConfig
     from adl_cli.models.gpt import GPT, GPTConfig
 
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ac, dtype = _autocast(device)
     cfg = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     x = torch.randint(0, 50257, (rows, args.mem_seq + 1), generator=torch.Generator().manual_seed(0))
-    inputs, targets = x[:, :-1], x[:, 1:]
+    inputs, targets = x[:, :-1].to(device), x[:, 1:].to(device)
     section = LoraSection(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "c_proj", "c_fc"])
     contenders = {
         "full (AdamW)": dict(adapter=None, opt="adamw", ckpt=False),
@@ -153,7 +153,7 @@ def memory_at(args, rows: int) -> dict:
     out = {}
     for name, c in contenders.items():
         torch.manual_seed(0)
-        model = GPT(cfg)
+        model = GPT(cfg).to(device)
         if c["adapter"] == "qlora":
             model = quantize(model, QloraSection())
         if c["adapter"]:

@@ -15,6 +15,7 @@
 #  4c. inference: the engine's padded batch against each prompt alone on the GPU, then
 #      `adl bench-inference --device cuda` on a GPT-2-124M-shaped run against transformers
 #  4d. SFT: flash attention with packed documents against naive on CUDA, then `adl sft addition`
+#  4e. adl lora (LoRA, QLoRA) on CUDA and the GPT-2-124M memory table (allocator peaks)
 #      from a 600-step main job (exact match on 1,000 held-out sums)
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
@@ -121,6 +122,14 @@ assert err < 1e-3
 EOF
 timeout 180 $PY -m adl_cli pretrain tiny --out "$OUTDIR/tiny" --set train.steps=600 --no-progress > "$OUTDIR/tiny.log" 2>&1 || { status=1; tail -5 "$OUTDIR/tiny.log"; }
 timeout 300 $PY -m adl_cli sft addition --out "$OUTDIR/addition" --set init.from="$OUTDIR/tiny" --no-progress 2>&1 | tail -12
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 4e. adl lora on CUDA: LoRA and QLoRA (bitsandbytes' CUDA NF4 kernels, 8-bit AdamW) from the short main job; memory at GPT-2-124M"
+for m in addition qlora; do
+  timeout 150 $PY -m adl_cli lora $m --out "$OUTDIR/lora-$m" --set init.from="$OUTDIR/tiny" --set train.steps=300 --set data.eval_examples=300 --no-progress 2>&1 | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+timeout 120 $PY benchmarks/finetune.py --parts memory --mem-batch 1,4 --json "$OUTDIR/finetune-memory.json" 2>&1 | grep -v "^\[memory\]" | tail -16
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 5. summary"
