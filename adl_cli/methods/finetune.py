@@ -37,13 +37,12 @@ from adl_cli.adapters.houlsby import BottleneckSection
 from adl_cli.adapters.lora import LoraSection
 from adl_cli.adapters.qlora import QloraSection
 from adl_cli.data.chat import TemplateSection
-from adl_cli.data.packing import IGNORE, RowBatches, collate, make_example, unpacked
+from adl_cli.data.packing import collate, make_example, unpacked
 from adl_cli.engine.checkpoint import atomic_write_text
-from adl_cli.engine.distributed import resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError
 from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.sft import SFTData, SFTDataset, build_dataset, evaluate_tasks, heldout_loss, load_base, start_tokenizer
+from adl_cli.methods.sft import SFTData, SFTDataset, build_dataset, evaluate_tasks, heldout_loss, load_base, row_training, start_tokenizer
 from adl_cli.recipe import dump_recipe, load_recipe
 from adl_cli.runs import parent_entry, save_adapter_run, save_run, transfer, write_lineage
 
@@ -273,26 +272,7 @@ def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, for
         atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=header))
         tok.save(out)
         write_lineage(out, [parent_entry("init", base)])
-    accum = resolve_grad_accum(0, tc.grad_accum, world, tc.batch_size, block)
-    try:
-        batches = RowBatches(data.rows, tc.batch_size, accum, tc.seed, world)
-    except ValueError as e:
-        raise AdlError(f"data: {e}; lower train.batch_size or add examples") from None
-
-    def loss_fn(m, batch):
-        return m(batch["inputs"], batch["targets"], segment_ids=batch.get("segments"))[1]
-
-    def units_fn(batch):
-        return int((batch["targets"] != IGNORE).sum())
-
-    def eval_fn(m):
-        metrics = {}
-        if data.val_rows is not None:
-            metrics["val_loss"] = heldout_loss(m, data.val_rows, tc.batch_size)
-        if recipe.data.eval_examples_during and data.eval_sets:
-            for name, s in evaluate_tasks(m, tok, data, recipe.data.eval_examples_during, keep_samples=0).items():
-                metrics[f"exact_{name}"] = s.accuracy
-        return metrics
+    accum, batches, loss_fn, units_fn, eval_fn = row_training(recipe, data, tok, world, block)
 
     groups = param_groups(recipe)
     trainer = Trainer(model, tc, run_dir=out, batch_fn=batches, loss_fn=loss_fn, eval_fn=eval_fn, units_per_batch=tc.batch_size * block,

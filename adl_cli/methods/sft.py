@@ -203,6 +203,34 @@ def evaluate_tasks(model, tokenizer, data: SFTDataset, limit: int | None, keep_s
     return out
 
 
+def row_training(recipe, data: SFTDataset, tok, world: int, block: int):
+    """(grad accumulation, batch source, loss, trained-target count, evaluation) for training on
+    ``data``'s rows: the pieces `adl sft` and `adl lora` share."""
+    tc = recipe.train
+    accum = resolve_grad_accum(0, tc.grad_accum, world, tc.batch_size, block)
+    try:
+        batches = RowBatches(data.rows, tc.batch_size, accum, tc.seed, world)
+    except ValueError as e:
+        raise AdlError(f"data: {e}; lower train.batch_size or add examples") from None
+
+    def loss_fn(m, batch):
+        return m(batch["inputs"], batch["targets"], segment_ids=batch.get("segments"))[1]
+
+    def units_fn(batch):
+        return int((batch["targets"] != IGNORE).sum())
+
+    def eval_fn(m):
+        metrics = {}
+        if data.val_rows is not None:
+            metrics["val_loss"] = heldout_loss(m, data.val_rows, tc.batch_size)
+        if recipe.data.eval_examples_during and data.eval_sets:
+            for name, s in evaluate_tasks(m, tok, data, recipe.data.eval_examples_during, keep_samples=0).items():
+                metrics[f"exact_{name}"] = s.accuracy
+        return metrics
+
+    return accum, batches, loss_fn, units_fn, eval_fn
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -258,26 +286,7 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
         if not resume:
             write_lineage(out, [parent_entry("init", base)])
     tc = recipe.train
-    accum = resolve_grad_accum(0, tc.grad_accum, world, tc.batch_size, block)
-    try:
-        batches = RowBatches(data.rows, tc.batch_size, accum, tc.seed, world)
-    except ValueError as e:
-        raise AdlError(f"data: {e}; lower train.batch_size or add examples") from None
-
-    def loss_fn(m, batch):
-        return m(batch["inputs"], batch["targets"], segment_ids=batch.get("segments"))[1]
-
-    def units_fn(batch):
-        return int((batch["targets"] != IGNORE).sum())
-
-    def eval_fn(m):
-        metrics = {}
-        if data.val_rows is not None:
-            metrics["val_loss"] = heldout_loss(m, data.val_rows, tc.batch_size)
-        if recipe.data.eval_examples_during:
-            for name, s in evaluate_tasks(m, tok, data, recipe.data.eval_examples_during, keep_samples=0).items():
-                metrics[f"exact_{name}"] = s.accuracy
-        return metrics
+    accum, batches, loss_fn, units_fn, eval_fn = row_training(recipe, data, tok, world, block)
 
     trainer = Trainer(model, tc, run_dir=out, batch_fn=batches, loss_fn=loss_fn, eval_fn=eval_fn, units_per_batch=tc.batch_size * block,
                       units_fn=units_fn, unit="tokens", flops_per_unit=model.flops_per_token(block), accelerator=acc,
