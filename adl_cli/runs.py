@@ -229,10 +229,10 @@ def _grow_vocab(tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
     for name, t in tensors.items():
         target = fresh.get(name)
         if t.ndim == 2 and t.shape[0] == old_rows and target is not None and target.shape[0] >= new and target.shape[1:] == t.shape[1:]:
-            grown = torch.empty((target.shape[0], *t.shape[1:]), dtype=t.dtype)
+            mean = t[:old].float().mean(0).to(t.dtype)
+            grown = mean.expand(target.shape[0], *t.shape[1:]).clone()  # rows past the table's old end: the mean (deterministic, so an adapter's base regrows alike)
             grown[:old_rows] = t
-            grown[old:new] = t[:old].float().mean(0).to(t.dtype)
-            grown[max(new, old_rows):] = grown[old]  # padding rows past the tokenizer: the same mean (deterministic, so an adapter's base regrows alike)
+            grown[old:new] = mean
             t = grown
         out[name] = t
     return out

@@ -22,6 +22,8 @@ import contextlib
 import torch
 from torch import nn
 
+from adl_cli.errors import AdlError
+
 DELTA = "trainable_tokens_delta"
 
 
@@ -69,8 +71,6 @@ def restore(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) ->
     if not ids:
         return model
     model = add_token_rows(model, ids)
-    from adl_cli.errors import AdlError
-
     with torch.no_grad():
         for name, p in model.named_parameters():
             if DELTA in name:

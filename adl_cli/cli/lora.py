@@ -18,7 +18,7 @@ def lora(
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>); with 'merge', the plain run folder to write (required)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace the run already in --out, or resume with changed settings."),
-    base: bool = typer.Option(True, "--base/--no-base", help="Also measure the starting run (its exact match, or its held-out loss on plain text) for the report."),
+    base: bool = typer.Option(True, "--base/--no-base", help="Also measure the starting run (its held-out loss and, on tasks, its exact match) for the report."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure the peak tensor memory of one training step before training (one extra step)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
 ) -> None:

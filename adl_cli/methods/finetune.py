@@ -42,7 +42,7 @@ from adl_cli.engine.checkpoint import atomic_write_text
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError
 from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.sft import SFTData, SFTDataset, build_dataset, evaluate_tasks, heldout_loss, load_base, row_training, start_tokenizer
+from adl_cli.methods.sft import Outcome, SFTData, SFTDataset, build_dataset, evaluate_tasks, heldout_loss, load_base, row_training, start_tokenizer
 from adl_cli.recipe import dump_recipe, load_recipe
 from adl_cli.runs import parent_entry, save_adapter_run, save_run, transfer, write_lineage
 
@@ -231,16 +231,8 @@ def trainable_counts(model) -> dict[str, int]:
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class FinetuneOutcome:
-    run_dir: Path
-    result: TrainResult
-    summary: dict[str, Any]
-    main: bool = True
-
-
 def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, force: bool = False, progress: bool | None = True,
-                 accelerator=None, log=print, evaluate_base: bool = True, measure_memory: bool = True) -> FinetuneOutcome:
+                 accelerator=None, log=print, evaluate_base: bool = True, measure_memory: bool = True) -> Outcome:
     out = Path(out)
     t0 = time.perf_counter()
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_finetune_recipe)
@@ -285,7 +277,7 @@ def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, for
             f"step {memory['step'] / 2**20:,.1f}: activations, gradients, optimizer state)")
     result = trainer.fit(resume=resume, checkpoint=checkpoint)
     if not main:
-        return FinetuneOutcome(out, result, {}, main=False)
+        return Outcome(out, result, {}, main=False)
     final = trainer.raw_model
     save_result(out, recipe, prep, final, tok, base)
     final.eval()
@@ -302,7 +294,7 @@ def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, for
     summary = summarize(recipe, data, result, batches, counts, memory, val, base_val, scores, base_scores, time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "report.md", report_markdown(summary))
-    return FinetuneOutcome(out, result, summary)
+    return Outcome(out, result, summary)
 
 
 def measure_step(trainer: Trainer, groups, batch, loss_fn) -> dict[str, int]:
@@ -316,7 +308,8 @@ def measure_step(trainer: Trainer, groups, batch, loss_fn) -> dict[str, int]:
 
     model, cfg = trainer.raw_model, trainer.cfg
     batch = trainer._to_device(batch)
-    opt, _ = optim.make_optimizer(cfg.optimizer, groups(model), dataclasses.replace(cfg, lr=0.0, fused_adamw=False), trainer.device, trainer.amp_dtype)
+    still = dataclasses.replace(cfg, lr=0.0, muon_lr=0.0, fused_adamw=False)  # every rate 0: the weights do not move
+    opt, _ = optim.make_optimizer(cfg.optimizer, groups(model), still, trainer.device, trainer.amp_dtype)
     was = model.training
 
     def step():
@@ -327,7 +320,8 @@ def measure_step(trainer: Trainer, groups, batch, loss_fn) -> dict[str, int]:
         opt.step()
 
     try:
-        return step_memory(model, step, trainer.device)
+        with trainer.rng_fork():  # dropout's draws here leave training's random stream as it was
+            return step_memory(model, step, trainer.device)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was)

@@ -235,7 +235,9 @@ def row_training(recipe, data: SFTDataset, tok, world: int, block: int):
 
 
 @dataclass
-class SFTOutcome:
+class Outcome:
+    """What a fine-tuning run (adl sft, adl lora) returns; ``main`` is False on the other processes."""
+
     run_dir: Path
     result: TrainResult
     summary: dict[str, Any]
@@ -243,7 +245,7 @@ class SFTOutcome:
 
 
 def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool = False, progress: bool | None = True,
-            accelerator=None, log=print, evaluate_base: bool = True) -> SFTOutcome:
+            accelerator=None, log=print, evaluate_base: bool = True) -> Outcome:
     out = Path(out)
     t0 = time.perf_counter()
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_sft_recipe)
@@ -293,7 +295,7 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
                       progress=None if progress is None else progress and main, grad_accum=accum, run_name=recipe.name)
     result = trainer.fit(resume=resume, checkpoint=checkpoint)
     if not main:
-        return SFTOutcome(out, result, {}, main=False)
+        return Outcome(out, result, {}, main=False)
     final = trainer.raw_model
     save_run(out, final, tok)
     log("evaluating: exact match of greedy answers on the held-out problems" + (" (the base run too)" if evaluate_base else ""))
@@ -303,7 +305,7 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
     summary = summarize(recipe, final, data, result, batches, sft_scores, base_scores, tok, time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "report.md", report_markdown(summary))
-    return SFTOutcome(out, result, summary)
+    return Outcome(out, result, summary)
 
 
 def summarize(recipe, model, data: SFTDataset, result: TrainResult, batches: RowBatches, sft, base, tok, wall: float) -> dict[str, Any]:
