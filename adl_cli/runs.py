@@ -18,6 +18,7 @@ layout of a family are upgraded by the family's ``upgrade_state``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -242,11 +243,13 @@ def _grow_vocab(tensors: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
 
 
 def save_adapter_run(run_dir: Path, base: Path, kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     grow: dict[str, Any] | None = None) -> None:
+                     grow: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> None:
     """An adapter run: ``adapter.safetensors`` + ``adapter.json`` naming its kind, its config and the
     base run (relative to this folder when possible, so the pair can move together). ``grow``
     (``{"tokens": [old, new], "vocab_size": n}``): the base's vocabulary tables grow first, as
-    ``init_from`` grows them, for a tokenizer with new special tokens (saved in this folder)."""
+    ``init_from`` grows them, for a tokenizer with new special tokens (saved in this folder).
+    ``model``: config keys the base is read with instead of its own (a longer context, stretched
+    positions)."""
     run_dir = Path(run_dir)
     _adapter_kind(kind)
     try:
@@ -254,7 +257,7 @@ def save_adapter_run(run_dir: Path, base: Path, kind: str, config: dict[str, Any
     except ValueError:
         ref = Path(base)
     save_safetensors(tensors, run_dir / ADAPTER_WEIGHTS, metadata={"format": "pt", "adl": f"adapter:{kind}"})
-    meta = {"kind": kind, "base": str(ref), "config": config, **({"grow": grow} if grow else {})}
+    meta = {"kind": kind, "base": str(ref), "config": config, **({"grow": grow} if grow else {}), **({"model": model} if model else {})}
     atomic_write(run_dir / ADAPTER, json.dumps(meta, indent=1))
 
 
@@ -291,13 +294,17 @@ def _load_adapter_run(run_dir: Path, device) -> Run:
     apply: Callable = _adapter_kind(str(meta["kind"]))
     config, tensors = dict(meta.get("config", {})), read_safetensors(run_dir / ADAPTER_WEIGHTS)
     model, cfg = run.model, run.config
-    grow = meta.get("grow")
-    if grow:
+    grow, changes = meta.get("grow"), meta.get("model") or {}
+    if grow or changes:
         try:
-            cfg = cfg.with_vocab(int(grow["vocab_size"]))
-            model = transfer(run, cfg, device=device, new_tokens=(int(grow["tokens"][0]), int(grow["tokens"][1])))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise AdlError(f"{run_dir / ADAPTER}: 'grow' needs tokens [old, new] and vocab_size") from None
+            cfg = dataclasses.replace(cfg, **changes)
+            new_tokens = None
+            if grow:
+                cfg = cfg.with_vocab(int(grow["vocab_size"]))
+                new_tokens = (int(grow["tokens"][0]), int(grow["tokens"][1]))
+            model = transfer(run, cfg, device=device, new_tokens=new_tokens)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise AdlError(f"{run_dir / ADAPTER}: its 'grow' (tokens [old, new], vocab_size) or 'model' changes do not fit the base: {e}") from None
     if config.get("token_rows"):
         from adl_cli.adapters.tokens import restore
 

@@ -37,6 +37,7 @@ class LoraSection:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
     dora: bool = False  # weight-decomposed: a trained magnitude per output channel
+    modules_to_save: list[str] = field(default_factory=list)  # layers trained in full beside the adapters (peft's modules_to_save), e.g. wte, ln_1, ln_2, ln_f
 
     def validate(self) -> None:
         if self.r < 1:
@@ -50,7 +51,7 @@ class LoraSection:
 
     def to_dict(self) -> dict:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
-                "rslora": self.rslora, "dora": self.dora}
+                "rslora": self.rslora, "dora": self.dora, "modules_to_save": list(self.modules_to_save)}
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -80,8 +81,12 @@ def peft_config(section: LoraSection, model: nn.Module):
     modules = resolve_targets(model, section.targets)
     # peft matches a full name exactly when given a regular expression: the resolved paths, nothing else
     pattern = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    for m in section.modules_to_save:
+        if m not in names:
+            raise AdlError(f"lora.modules_to_save: no layer named {m!r} in this model (e.g. wte, ln_1, ln_2, ln_f)")
     return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, target_modules=pattern,
-                      use_rslora=section.rslora, use_dora=section.dora, bias="none")
+                      use_rslora=section.rslora, use_dora=section.dora, bias="none", modules_to_save=list(section.modules_to_save) or None)
 
 
 def add_lora(model: nn.Module, section: LoraSection) -> nn.Module:
@@ -97,11 +102,33 @@ def add_lora(model: nn.Module, section: LoraSection) -> nn.Module:
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         model = inject_adapter_in_model(cfg, model)
     for name, p in model.named_parameters():
-        if "lora_" in name:
+        if "lora_" in name or ".modules_to_save." in name:
             p.requires_grad_(True)
         elif "trainable_tokens_delta" not in name:  # new token rows (adapters/tokens.py) keep training
             p.requires_grad_(False)
+    _retie(model)
     return model
+
+
+def _saved_copy(module: nn.Module) -> nn.Module | None:
+    """The trained copy peft keeps of a module in ``modules_to_save`` (None for other modules)."""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is None:
+        return None
+    return copies[module.active_adapters[0]]
+
+
+def _retie(model: nn.Module) -> None:
+    """A tied head reads the embedding table the model trains: peft's copy when ``wte`` is in
+    ``modules_to_save`` (peft ties only transformers' models), else wte itself."""
+    if not getattr(getattr(model, "config", None), "tie_embeddings", False):
+        return
+    wte = model.transformer.wte
+    table = _saved_copy(wte)
+    if table is None and isinstance(wte, nn.Embedding):
+        table = wte  # after a merge: the plain table again
+    if table is not None and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = table.weight
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,11 +153,14 @@ def merge(model: nn.Module) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
+        copy = _saved_copy(module)
+        if isinstance(module, BaseTunerLayer) or copy is not None:
+            if copy is None:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
+            setattr(parent, child, copy if copy is not None else module.get_base_layer())
+    _retie(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -25,6 +25,7 @@ folds it. Checkpoints hold only the tensors that train.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,29 @@ from adl_cli.methods.sft import Outcome, SFTData, SFTDataset, build_dataset, eva
 from adl_cli.recipe import dump_recipe, load_recipe
 from adl_cli.runs import parent_entry, save_adapter_run, save_run, transfer, write_lineage
 
-METHODS = ("full", "lora", "dora", "qlora", "adapter")
+METHODS = ("full", "lora", "dora", "qlora", "adapter", "longlora")
+ROPE_FAMILY = ("rope", "pi", "ntk", "yarn")
+
+
+@dataclass
+class ContextSection:
+    """The recipe's ``[context]``: fine-tune at a longer context than the base's (RoPE bases).
+    Positions stretch by s = length / the base's context (``position``: pi, ntk, yarn; rope leaves
+    them as they are); ``s2_group`` > 0 trains with S2-Attn (groups of that many tokens, half the
+    heads shifted by half a group; LongLoRA uses length / 4); the saved run reads with the base's
+    own attention, over the full context."""
+
+    length: int = 0  # the context to fine-tune at, in tokens; 0: the base's own (no extension)
+    position: str = "yarn"  # rope | pi | ntk | yarn
+    s2_group: int = 0  # > 0: S2-Attn while training; method longlora: 0 means length / 4
+
+    def validate(self) -> None:
+        if self.length < 0:
+            raise ValueError(f"context.length must be >= 0 (0: the base's context), got {self.length}")
+        if self.position not in ROPE_FAMILY:
+            raise ValueError(f"context.position must be one of {', '.join(ROPE_FAMILY)}, got {self.position!r}")
+        if self.s2_group < 0:
+            raise ValueError(f"context.s2_group must be >= 0 (0: full attention), got {self.s2_group}")
 
 
 @dataclass
@@ -79,6 +102,7 @@ class FinetuneRecipe:
     lora: LoraSection = field(default_factory=LoraSection)
     qlora: QloraSection = field(default_factory=QloraSection)
     adapter: BottleneckSection = field(default_factory=BottleneckSection)
+    context: ContextSection = field(default_factory=ContextSection)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3, min_lr=1e-4, warmup=20, weight_decay=0.0))
 
     def validate(self) -> None:
@@ -88,6 +112,9 @@ class FinetuneRecipe:
             raise ValueError(f"adapter_lr must be >= 0 (0: train.lr), got {self.adapter_lr}")
         if self.method in ("lora", "dora", "qlora"):
             self.lora.validate()
+        self.context.validate()
+        if self.method == "longlora" and (not self.context.length or not self.data.corpus):
+            raise ValueError("method longlora needs context.length (the longer context) and plain text (data.corpus)")
         if self.method == "adapter":
             self.adapter.validate()
 
@@ -140,11 +167,50 @@ class Prepared:
     kind: str | None  # the adapter kind saved (lora | adapter), None for full fine-tuning
     config: dict[str, Any]  # what adapter.json records
     grow: dict[str, Any] | None
+    read: dict[str, Any] = field(default_factory=dict)  # config changes the run is read with ([context])
+    train: dict[str, Any] = field(default_factory=dict)  # ... and those only while training (S2-Attn)
 
 
-def grown_base(base, tok):
-    """(the base's weights with its tables grown for ``tok``'s new tokens, adapter.json's ``grow``, (old, new) ids or None)."""
-    gcfg = base.config
+def context_config(recipe: FinetuneRecipe, base_cfg) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config changes the run is read with, the extra ones while training) for ``[context]``:
+    the longer block and stretched positions; S2-Attn only while training."""
+    c = recipe.context
+    if recipe.method == "longlora" and c.length <= base_cfg.block_size:
+        raise AdlError(f"method longlora: context.length ({c.length}) must be longer than the base's context ({base_cfg.block_size})")
+    if not c.length or c.length == base_cfg.block_size:
+        return {}, {}
+    if base_cfg.position not in ROPE_FAMILY:
+        raise AdlError(f"context.length: the base uses {base_cfg.position!r} positions; extending the context needs a RoPE base")
+    if c.length < base_cfg.block_size:
+        raise AdlError(f"context.length {c.length} is shorter than the base's context {base_cfg.block_size}")
+    from adl_cli.bench.context import position_options
+
+    opts = position_options(c.position, dict(base_cfg.position_options), c.length / base_cfg.block_size, base_cfg.block_size)
+    read = {"block_size": c.length, "position": c.position, "position_options": opts}
+    group = c.s2_group or (c.length // 4 if recipe.method == "longlora" else 0)
+    train = {}
+    if group:
+        if c.length % group:
+            raise AdlError(f"context.s2_group {group} must divide context.length {c.length}")
+        train = {"attention": "s2", "attention_options": {"group": group}}
+    return read, train
+
+
+def use_attention(model, name: str, options: dict) -> None:
+    """Every attention block of ``model`` computes with kernel ``name`` (S2-Attn while training,
+    the base's attention to read)."""
+    from adl_cli.nn.attention import ATTENTION
+
+    for m in model.modules():
+        if hasattr(m, "kernel") and hasattr(m, "kernel_options"):
+            m.kernel, m.kernel_options = ATTENTION.get(name), dict(options)
+    model.config.attention, model.config.attention_options = name, dict(options)
+
+
+def grown_base(base, tok, changes: dict[str, Any] | None = None):
+    """(the base's weights with its tables grown for ``tok``'s new tokens and its config changed by
+    ``changes`` (context), adapter.json's ``grow``, (old, new) ids or None)."""
+    gcfg = dataclasses.replace(base.config, **changes) if changes else base.config
     grow, new_tokens = None, None
     if tok.vocab_size > base.tokenizer.vocab_size:
         new_tokens = (base.tokenizer.vocab_size, tok.vocab_size)
@@ -156,11 +222,12 @@ def grown_base(base, tok):
 
 def prepare_model(recipe: FinetuneRecipe, base, tok) -> Prepared:
     """The base's weights (its tables grown for new tokens), with the method's trainable parts."""
-    model, grow, new_tokens = grown_base(base, tok)
+    read, train = context_config(recipe, base.config)
+    model, grow, new_tokens = grown_base(base, tok, {**read, **train})
     method = recipe.method
     if method == "full":
         model.requires_grad_(True)
-        return Prepared(model, None, {}, grow)
+        return Prepared(model, None, {}, grow, read, train)
     config: dict[str, Any] = {}
     if new_tokens is not None:
         from adl_cli.adapters.tokens import add_token_rows
@@ -172,8 +239,11 @@ def prepare_model(recipe: FinetuneRecipe, base, tok) -> Prepared:
         from adl_cli.adapters.houlsby import add_bottlenecks
 
         model = add_bottlenecks(model, recipe.adapter)
-        return Prepared(model, "adapter", {**recipe.adapter.to_dict(), **config}, grow)
+        return Prepared(model, "adapter", {**recipe.adapter.to_dict(), **config}, grow, read, train)
     section = LoraSection(**{**recipe.lora.to_dict(), "dora": recipe.lora.dora or method == "dora"})
+    if method == "longlora" and not section.modules_to_save:  # LongLoRA's "+": embeddings and norms train too
+        norms = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1].startswith("ln_")})
+        section.modules_to_save = ["wte", *norms]
     if "lm_head" in section.targets and new_tokens is not None:
         raise AdlError("lora.targets: lm_head cannot take a LoRA adapter while the chat template's new token rows train in it")
     if method == "qlora":
@@ -184,7 +254,7 @@ def prepare_model(recipe: FinetuneRecipe, base, tok) -> Prepared:
     from adl_cli.adapters.lora import add_lora
 
     model = add_lora(model, section)
-    return Prepared(model, "lora", {**section.to_dict(), **config}, grow)
+    return Prepared(model, "lora", {**section.to_dict(), **config}, grow, read, train)
 
 
 def is_adapter_tensor(name: str) -> bool:
@@ -246,7 +316,8 @@ def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, for
         tok, template = base.tokenizer, None
     else:
         tok, template = start_tokenizer(base.tokenizer, recipe)
-    block = base.config.block_size
+    read, _ = context_config(recipe, base.config)
+    block = read.get("block_size", base.config.block_size)
     data = text_dataset(recipe, tok, block) if text else build_dataset(recipe, tok, template, block)
     c = data.counts
     log(f"data: {c['train_examples']:,} training {'windows' if text else 'examples'} ({c['train_tokens']:,} tokens, {c['trained_tokens']:,} trained), "
@@ -279,6 +350,8 @@ def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, for
     if not main:
         return Outcome(out, result, {}, main=False)
     final = trainer.raw_model
+    if prep.train:  # read with the base's own attention over the whole context
+        use_attention(final, base.config.attention, base.config.attention_options)
     save_result(out, recipe, prep, final, tok, base)
     final.eval()
     val = heldout_loss(final, data.val_rows, tc.batch_size) if data.val_rows is not None else None
@@ -289,7 +362,7 @@ def run_finetune(recipe: FinetuneRecipe, out: Path, *, resume: bool = False, for
         base_scores = evaluate_tasks(base.model, base.tokenizer, data, None, keep_samples=recipe.samples) if evaluate_base else {}
     base_val = None
     if evaluate_base and data.val_rows is not None:  # the base as fine-tuning starts from it (new rows at the mean)
-        start_model = grown_base(base, tok)[0].eval()
+        start_model = grown_base(base, tok, read)[0].eval()
         base_val = heldout_loss(start_model, data.val_rows, tc.batch_size)
     summary = summarize(recipe, data, result, batches, counts, memory, val, base_val, scores, base_scores, time.perf_counter() - t0)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -346,7 +419,7 @@ def save_result(out: Path, recipe: FinetuneRecipe, prep: Prepared, model, tok, b
         tensors = adapter_tensors(model)
         tensors = {k: v for k, v in tensors.items() if "trainable_tokens" not in k}
     tensors.update(token_tensors(model))
-    save_adapter_run(out, base.path, prep.kind, prep.config, {k: v.cpu() for k, v in tensors.items()}, grow=prep.grow)
+    save_adapter_run(out, base.path, prep.kind, prep.config, {k: v.cpu() for k, v in tensors.items()}, grow=prep.grow, model=prep.read)
 
 
 def summarize(recipe, data: SFTDataset, result: TrainResult, batches, counts, memory, val, base_val, scores, base_scores, wall: float) -> dict[str, Any]:

@@ -198,3 +198,83 @@ def test_merge_needs_an_adapter_run_and_an_out(bpe_run, run, capsys, tmp_path):
     assert code == 2 and "--out" in err
     code, out, err = run(["lora", "merge"], capsys)
     assert code == 2 and "name the adapter run" in err
+
+
+LONGLORA = """
+name = "long"
+method = "longlora"
+samples = 0
+
+[init]
+from = "{base}"
+
+[data]
+corpus = "{corpus}"
+val_fraction = 0.1
+val_windows = 4
+
+[context]
+length = 64
+position = "yarn"
+
+[lora]
+r = 4
+alpha = 8
+targets = ["q_proj", "k_proj", "v_proj", "c_proj"]
+
+[train]
+steps = 4
+batch_size = 2
+lr = 3e-3
+min_lr = 3e-4
+warmup = 1
+eval_every = 0
+checkpoint_every = 2
+log_every = 1
+seed = 3
+"""
+
+
+def test_longlora_trains_at_4x_with_s2_and_reads_with_full_attention(rope_run, small_corpus, run, capsys, tmp_path):
+    """LongLoRA from a RoPE run trained at 16 tokens: 64 tokens, YaRN, S2-Attn in groups of 16
+    while training; the saved run reads at 64 with the base's attention, its embeddings and
+    norms trained in full beside the adapters; merge gives the same logits."""
+    from adl_cli.runs import load_run
+
+    recipe = tmp_path / "long.toml"
+    recipe.write_text(LONGLORA.format(base=rope_run.as_posix(), corpus=small_corpus.as_posix()))
+    code, out, err = run(["lora", recipe, "--out", tmp_path / "long", "--no-progress"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "long" / "adapter.json").read_text())
+    assert meta["model"]["block_size"] == 64 and meta["model"]["position"] == "yarn"
+    assert meta["model"]["position_options"]["scale"] == 4.0 and meta["model"]["position_options"]["original_max_position"] == 16
+    assert set(meta["config"]["modules_to_save"]) >= {"wte", "ln_1", "ln_2", "ln_f"}
+    recipe_saved = (tmp_path / "long" / "recipe.toml").read_text()
+    assert "s2_group = 0" in recipe_saved  # longlora's default: a quarter of the context
+    s = json.loads((tmp_path / "long" / "summary.json").read_text())
+    assert s["val_loss"] > 0 and s["base_val_loss"] > 0
+    adapter = load_run(tmp_path / "long")
+    assert adapter.config.block_size == 64 and adapter.config.attention == "sdpa"
+    assert all(m.kernel_options == {} for m in adapter.model.modules() if hasattr(m, "kernel_options"))
+    code, out, err = run(["lora", "merge", tmp_path / "long", "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    merged = load_run(tmp_path / "merged")
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(merged.model, ids), _logits(adapter.model, ids), rtol=1e-4, atol=1e-4)
+    assert merged.config.block_size == 64 and merged.config.position == "yarn"
+
+
+def test_longlora_needs_a_rope_base_and_plain_text(bpe_run, rope_run, small_corpus, run, capsys, tmp_path):
+    recipe = tmp_path / "long.toml"
+    recipe.write_text(LONGLORA.format(base=bpe_run.as_posix(), corpus=small_corpus.as_posix()).replace("length = 64", "length = 256"))
+    code, out, err = run(["lora", recipe, "--out", tmp_path / "a", "--no-progress"], capsys)
+    assert code == 2 and "needs a RoPE base" in err and "Traceback" not in err
+    recipe.write_text(LONGLORA.format(base=rope_run.as_posix(), corpus=small_corpus.as_posix()).replace("length = 64", "length = 16"))
+    code, out, err = run(["lora", recipe, "--out", tmp_path / "d", "--no-progress"], capsys)
+    assert code == 2 and "must be longer than the base's context (16)" in err
+    recipe.write_text(LONGLORA.format(base=rope_run.as_posix(), corpus=small_corpus.as_posix()).replace("length = 64", "length = 0"))
+    code, out, err = run(["lora", recipe, "--out", tmp_path / "b", "--no-progress"], capsys)
+    assert code == 2 and "needs context.length" in err
+    recipe.write_text(LONGLORA.format(base=rope_run.as_posix(), corpus=small_corpus.as_posix()).replace("length = 64", "length = 64\ns2_group = 24"))
+    code, out, err = run(["lora", recipe, "--out", tmp_path / "c", "--no-progress"], capsys)
+    assert code == 2 and "must divide context.length" in err
