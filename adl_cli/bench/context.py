@@ -47,6 +47,7 @@ class ContextRow:
     ppl: float
     ratio: float  # ppl / the run's own perplexity at its trained length
     tokens: int  # tokens scored
+    passkey: float | None = None  # share of passkey trials retrieved at this length (--passkey)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ContextReport:
     rows: list[ContextRow]
     kv_cache: list[dict[str, Any]]
     finetune: dict[str, Any] = field(default_factory=dict)
+    passkey_trials: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class ContextReport:
             "rows": [{k: _finite(v) for k, v in dataclasses.asdict(r).items()} for r in self.rows],
             "kv_cache": self.kv_cache,
             "finetune": self.finetune,
+            "passkey_trials": self.passkey_trials,
         }
 
 
@@ -339,11 +342,18 @@ def run_shape(run_dir: Path) -> tuple[str, int]:
 
 
 def _gpt_config(run_dir: Path):
-    from adl_cli.runs import read_config
+    """The run's config; an adapter run's is its base's with the changes it is read with (a
+    LongLoRA run: the longer block, stretched positions), its trained length the base's."""
+    from adl_cli.runs import ADAPTER, adapter_meta, read_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AdlError(f"run folder not found: {run_dir} (train one first: adl pretrain recipes/pretrain/tiny-rope.toml)")
+    if (run_dir / ADAPTER).exists():
+        meta, base = adapter_meta(run_dir)
+        cfg = _gpt_config(base)
+        changes = {k: v for k, v in (meta.get("model") or {}).items() if k != "block_size"}
+        return dataclasses.replace(cfg, **changes)
     cfg = read_config(run_dir)
     if cfg.family != "gpt":
         raise AdlError(f"{run_dir} holds a '{cfg.family}' model; bench-context measures GPT runs")
@@ -355,12 +365,15 @@ def load_run(run_dir: Path):
     from adl_cli.methods.pretrain import load_pretrain_recipe
     from adl_cli.runs import load_run as load
 
+    from adl_cli.runs import ADAPTER, adapter_meta
+
     _gpt_config(run_dir)
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.toml").exists():
-        raise AdlError(f"{run_dir} has no recipe.toml: is it an adl pretrain run folder?")
+    source = adapter_meta(run_dir)[1] if (run_dir / ADAPTER).exists() else run_dir  # an adapter's data: its base's corpus
+    if not (source / "recipe.toml").exists():
+        raise AdlError(f"{source} has no recipe.toml: is it an adl pretrain run folder?")
     run = load(run_dir)
-    recipe = load_pretrain_recipe(run_dir / "recipe.toml")
+    recipe = load_pretrain_recipe(source / "recipe.toml")
     return run.model, recipe, run.tokenizer
 
 
@@ -376,6 +389,7 @@ def bench_context(
     out_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    passkey: int = 0,
     log: Callable[[str], Any] = lambda *_: None,
 ) -> ContextReport:
     """Perplexity at each length for each position variant, zero-shot and (with
@@ -394,6 +408,8 @@ def bench_context(
     check_scale(scale)
     if finetune_steps < 0:
         raise AdlError(f"{opt('finetune_steps')} must be >= 0, got {finetune_steps}")
+    if passkey < 0:
+        raise AdlError(f"{opt('passkey')} must be >= 0 (trials per length), got {passkey}")
     if finetune_lr is not None and not (math.isfinite(finetune_lr) and finetune_lr > 0):
         raise AdlError(f"{opt('finetune_lr')} must be a positive number, got {finetune_lr}")
     run_position, trained = run_shape(run_dir)
@@ -416,6 +432,16 @@ def bench_context(
     if len(data.val) <= trained:
         raise AdlError(f"the validation split ({len(data.val):,} tokens) is shorter than the trained length {trained}; use a bigger corpus")
     ref_loss, _ = perplexity(model, data.val, trained, max(span, trained))
+
+    def passkey_at(m, length: int) -> float | None:
+        if not passkey:
+            return None
+        from adl_cli.bench.passkey import fits, passkey_accuracy
+
+        if not fits(tokenizer, length):
+            return None  # too short to hold a question, a key and any filler
+        return passkey_accuracy(m, tokenizer, data.val, length, passkey, seed=length)
+
     reference = _ppl(ref_loss)
     rows: list[ContextRow] = []
 
@@ -425,9 +451,10 @@ def bench_context(
             try:
                 with swapped_position(model, name, **position_options(name, base_options, s, trained)):
                     loss, n = perplexity(model, data.val, length, span)
+                    found = passkey_at(model, length)
             except ValueError as e:  # a bad option or swap, named by the position module
                 raise AdlError(f"{opt('position')} {name}: {e}") from None
-            rows.append(ContextRow(name, "zero-shot", length, s if name in SCALED else None, loss, _ppl(loss), _ppl(loss) / reference, n))
+            rows.append(ContextRow(name, "zero-shot", length, s if name in SCALED else None, loss, _ppl(loss), _ppl(loss) / reference, n, found))
         log(f"zero-shot {name}: " + ", ".join(f"{r.length}: {r.ppl:.2f}" for r in rows if r.position == name))
 
     finetune: dict[str, Any] = {}
@@ -451,7 +478,7 @@ def bench_context(
             for length in lengths:
                 loss, n = perplexity(tuned, data.val, length, span)
                 ppl = _ppl(loss)
-                rows.append(ContextRow(name, "finetuned", length, s_ft if name in SCALED else None, loss, ppl, ppl / reference, n))
+                rows.append(ContextRow(name, "finetuned", length, s_ft if name in SCALED else None, loss, ppl, ppl / reference, n, passkey_at(tuned, length)))
             log(f"fine-tuned {name}: " + ", ".join(f"{r.length}: {r.ppl:.2f}" for r in rows[ft_rows_start:]))
             finetune[name] = {
                 "dir": str(target),
@@ -476,6 +503,7 @@ def bench_context(
         rows=rows,
         kv_cache=kv_cache_table(cfg, max(lengths)),
         finetune=finetune,
+        passkey_trials=passkey,
     )
 
 

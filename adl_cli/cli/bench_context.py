@@ -46,6 +46,18 @@ def render(report, console) -> None:
                 s = "length / " + str(trained)
             table.add_row(label, s, *(_cell(r, False) for r in rows))
     console.print(table)
+    if report.passkey_trials:
+        keys = Table(title=f"passkey retrieval ({report.passkey_trials} trials per cell: a 5-digit key at a random depth of held-out text)")
+        keys.add_column("position", style="bold")
+        for length in report.lengths:
+            keys.add_column(f"{length}", justify="right")
+        for mode in ("zero-shot", "finetuned"):
+            for name in report.positions:
+                rows = [r for r in report.rows if r.position == name and r.mode == mode]
+                if rows:
+                    label = name if mode == "zero-shot" else f"{name} +ft {report.finetune[name]['steps']}"
+                    keys.add_row(label, *("-" if r.passkey is None else f"{r.passkey:.0%}" for r in rows))
+        console.print(keys)
 
     cache = Table(title=f"KV cache at this shape ({report.kv_cache[0]['dtype_bytes'] * 8}-bit values)")
     cache.add_column("attention", style="bold")
@@ -69,7 +81,7 @@ def _size(n: int) -> str:
 
 
 def bench_context(
-    run_dir: Path = typer.Argument(..., help="A run folder written by adl pretrain (trained with rope or alibi).", show_default=False),
+    run_dir: Path = typer.Argument(..., help="A run folder written by adl pretrain (trained with rope or alibi), or a LongLoRA run of adl lora (read as it was fine-tuned).", show_default=False),
     lengths: str = typer.Option("256,512,1024,2048", "--lengths", "-l", help="Evaluation lengths in tokens, comma-separated."),
     position: str = typer.Option(
         None, "--position", help="Variants to compare, comma-separated: rope, pi, ntk, yarn (a rope run), or the run's own (alibi). Default: all a run allows."
@@ -83,6 +95,7 @@ def bench_context(
     plot: Path = plot_option(),
     force: bool = typer.Option(False, "--force", help="Replace existing --json / --plot files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the fine-tune progress bar."),
+    passkey: int = typer.Option(0, "--passkey", help="Also hide a 5-digit pass key in this many held-out texts of each length and count the retrieved ones."),
 ) -> None:
     """Perplexity by length, RoPE vs PI/NTK/YaRN: [bold]adl bench-context runs/tiny-rope --lengths 128,256,512 --position rope,pi,ntk,yarn[/]"""
     from adl_cli.console import console
@@ -100,6 +113,7 @@ def bench_context(
         batches=batches,
         out_dir=out,
         progress=progress,
+        passkey=passkey,
         log=lambda msg: console.print(f"[dim]{msg}[/]", highlight=False),
     )
     render(report, console)

@@ -262,6 +262,16 @@ def test_longlora_trains_at_4x_with_s2_and_reads_with_full_attention(rope_run, s
     ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(merged.model, ids), _logits(adapter.model, ids), rtol=1e-4, atol=1e-4)
     assert merged.config.block_size == 64 and merged.config.position == "yarn"
+    # bench-context reads the LongLoRA run as it was tuned (the base's corpus, trained length 16)
+    code, out, err = run(["bench-context", tmp_path / "long", "--lengths", "16,64", "--position", "yarn", "--scale", "4",
+                          "--passkey", "2", "--json", tmp_path / "ctx.json"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "ctx.json").read_text())
+    assert report["trained_length"] == 16 and report["passkey_trials"] == 2
+    cells = {r["length"]: r for r in report["rows"]}
+    assert cells[16]["passkey"] is None and 0.0 <= cells[64]["passkey"] <= 1.0  # 16 tokens cannot hold a trial
+    assert all(r["ppl"] > 0 for r in report["rows"])
+    assert "passkey retrieval" in out
 
 
 def test_longlora_needs_a_rope_base_and_plain_text(bpe_run, rope_run, small_corpus, run, capsys, tmp_path):
