@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adl_cli.adapters.houlsby import BottleneckSection
 from adl_cli.adapters.lora import LoraSection
 from adl_cli.adapters.qlora import QloraSection
 from adl_cli.data.chat import TemplateSection
-from adl_cli.data.packing import collate, make_example, unpacked
+from adl_cli.data.packing import Rows, collate
 from adl_cli.engine.checkpoint import atomic_write_text
 from adl_cli.engine.trainer import TrainConfig, Trainer, TrainResult
 from adl_cli.errors import AdlError
@@ -137,25 +138,24 @@ def text_dataset(recipe: FinetuneRecipe, tokenizer, block: int) -> SFTDataset:
     d = recipe.data
     train_docs, val_docs = split_documents(load_documents(d.corpus), d.val_fraction)
 
-    def windows(docs: list[str], limit: int | None) -> list:
-        ids: list[int] = []
-        for doc in docs:
-            ids.extend(tokenizer.encode(doc).tolist())
-            ids.append(tokenizer.eot_id)
-        out = []
-        for start in range(0, len(ids) - block - 1, block):
-            out.append(make_example(ids[start:start + block + 1], [True] * (block + 1), block, "drop"))
-            if limit is not None and len(out) >= limit:
-                break
-        return out
+    def windows(docs: list[str], limit: int | None) -> Rows | None:
+        eot = np.array([tokenizer.eot_id], dtype=np.int64)
+        ids = np.concatenate([part for doc in docs for part in (np.asarray(tokenizer.encode(doc), dtype=np.int64), eot)] or [eot])
+        n = (len(ids) - 1) // block
+        n = n if limit is None else min(n, limit)
+        if n < 1:
+            return None
+        inputs = torch.from_numpy(ids[: n * block].reshape(n, block).copy())
+        targets = torch.from_numpy(ids[1: n * block + 1].reshape(n, block).copy())
+        return Rows(inputs, targets, None, torch.full((n,), block, dtype=torch.long))
 
     train, val = windows(train_docs, None), windows(val_docs, d.val_windows)
-    if not train or not val:
+    if train is None or val is None:
         raise AdlError(f"data.corpus {d.corpus}: too little text for one window of {block + 1} tokens on each side of the split")
     tokens = len(train) * block
     counts = {"train_examples": len(train), "val_examples": len(val), "dropped": 0, "truncated": 0, "train_tokens": tokens,
               "trained_tokens": tokens, "rows": len(train), "fill": 1.0, "eval_problems": {}}
-    return SFTDataset(unpacked(train, block), unpacked(val, block), {}, {}, counts)
+    return SFTDataset(train, val, {}, {}, counts)
 
 
 # ----------------------------------------------------------------------------- the model
