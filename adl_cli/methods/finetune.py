@@ -285,8 +285,8 @@ def trainable_counts(model) -> dict[str, int]:
     """{"trainable": tensors that train, "total": every tensor's elements (4-bit weights at their
     logical size), each shared tensor once}."""
     seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
+    for name, p in model.named_parameters():
+        if id(p) in seen or ".original_module." in name:  # peft's frozen original beside a module it trains in full
             continue
         seen.add(id(p))
         n = p.numel()
