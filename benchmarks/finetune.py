@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -107,16 +106,9 @@ def method_step_times(base: Path, args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {m: [] for m in METHODS}
-    for m in METHODS:
-        step(m)  # warm-up
-    for _ in range(args.rounds):
-        for m in METHODS:
-            t0 = time.perf_counter()
-            for _ in range(args.time_steps):
-                step(m)
-            times[m].append((time.perf_counter() - t0) / args.time_steps)
-    med = {m: statistics.median(v) for m, v in times.items()}
+    from adl_cli.bench.timing import alternating_medians
+
+    med = alternating_medians({m: (lambda m=m: step(m)) for m in METHODS}, rounds=args.rounds, repeats=args.time_steps)
     return {m: {"step_ms": med[m] * 1e3, "ratio_full": med[m] / med["full"]} for m in METHODS}
 
 
@@ -247,25 +239,24 @@ def peft_parity(base: Path, args) -> dict:
     diff = max(abs(a - b) for a, b in zip(curves["adl"], curves["peft"]))
     print(f"[peft] loss curves over {args.parity_steps} steps: adl {curves['adl'][0]:.4f} -> {curves['adl'][-1]:.4f}, "
           f"peft {curves['peft'][0]:.4f} -> {curves['peft'][-1]:.4f}, max difference {diff:.2e}", flush=True)
+    from adl_cli.bench.timing import alternating_medians
+
     ac, dtype = _autocast(torch.device("cpu"))
     timing = {}
     for label, ctx in (("fp32", None), (str(dtype).replace("torch.", ""), ac)):
         if label != "fp32" and ctx is None:
             continue
-        times = {"adl": [], "peft": []}
         x, y = batch(0)
-        for r in range(args.rounds + 1):
-            for name, loss_fn, opt in (("adl", adl_loss, opt_a), ("peft", peft_loss, opt_p)):
-                t0 = time.perf_counter()
-                for _ in range(args.time_steps):
-                    with ctx() if ctx else torch.enable_grad():
-                        loss = loss_fn(x, y)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                if r:  # the first round warms up
-                    times[name].append((time.perf_counter() - t0) / args.time_steps)
-        med = {k: statistics.median(v) for k, v in times.items()}
+
+        def train_step(loss_fn, opt, ctx=ctx):
+            with ctx() if ctx else torch.enable_grad():
+                loss = loss_fn(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        med = alternating_medians({"adl": lambda: train_step(adl_loss, opt_a), "peft": lambda: train_step(peft_loss, opt_p)},
+                                  rounds=args.rounds, repeats=args.time_steps, warmup=args.time_steps)
         timing[label] = {"adl_ms": med["adl"] * 1e3, "peft_ms": med["peft"] * 1e3, "peft_over_adl": med["peft"] / med["adl"]}
         print(f"[peft] {label}: adl {med['adl'] * 1e3:.1f} ms/step, peft on transformers {med['peft'] * 1e3:.1f} ms/step "
               f"(adl {med['peft'] / med['adl']:.2f}x faster)", flush=True)

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -146,16 +144,9 @@ def step_times(recipe_path: Path, args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {n: [] for n in CONTENDERS}
-    for n in CONTENDERS:
-        step(n)
-    for _ in range(args.rounds):
-        for n in CONTENDERS:
-            t0 = time.perf_counter()
-            for _ in range(args.time_steps):
-                step(n)
-            times[n].append((time.perf_counter() - t0) / args.time_steps)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    from adl_cli.bench.timing import alternating_medians
+
+    med = alternating_medians({n: (lambda n=n: step(n)) for n in CONTENDERS}, rounds=args.rounds, repeats=args.time_steps)
     return {n: {"step_ms": med[n] * 1e3, "ratio_full": med[n] / med["full"]} for n in CONTENDERS}
 
 

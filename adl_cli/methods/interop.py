@@ -316,7 +316,8 @@ def _adapter_of(run_dir: Path):
     meta, base = adapter_meta(run_dir)
     if meta.get("kind") != "lora":
         raise AdlError(f"cannot export the {meta.get('kind')!r} adapter of {run_dir} to peft (only LoRA and DoRA adapters)")
-    if meta.get("grow") or meta.get("config", {}).get("qlora") is not None:
-        why = "its base gains the chat template's token rows" if meta.get("grow") else "its base is NF4"
+    if meta.get("grow") or meta.get("model") or meta.get("config", {}).get("qlora") is not None:
+        why = ("its base gains the chat template's token rows" if meta.get("grow") else
+               "its base is read at another context" if meta.get("model") else "its base is NF4")
         raise AdlError(f"cannot export {run_dir} as a peft adapter: {why}; fold it first (adl lora merge {run_dir} --out DIR), then adl export hf DIR OUT")
     return base, meta, read_safetensors(run_dir / ADAPTER_WEIGHTS)
