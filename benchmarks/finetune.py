@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval", type=int, default=500, help="held-out sums in the exact match")
     ap.add_argument("--full-lr", type=float, default=1e-3)
-    ap.add_argument("--adapter-lr", type=float, default=3e-3)
+    ap.add_argument("--adapter-lr", type=float, default=1e-3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--time-steps", type=int, default=3)
     ap.add_argument("--mem-batch", default="1,4", help="rows per step in the memory part, comma-separated")
