@@ -68,6 +68,14 @@ def usage_line(err) -> str:
     return msg
 
 
+def _close_process_group() -> None:
+    """Under torchrun/accelerate launch: every rank waits for the others, then leaves the group."""
+    if "torch.distributed" in sys.modules:  # never imports torch for `adl --help`
+        from adl_cli.engine.distributed import close_process_group
+
+        close_process_group()
+
+
 def _fail(message: str, code: int) -> None:
     """Print one error line (on the main process only: under torchrun every rank fails alike) and exit."""
     from adl_cli.console import console_err, is_main_env
@@ -85,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     click_errors, aborts, helps = _click_exceptions()
     try:
         app(args=argv, standalone_mode=False, prog_name="adl")
+        _close_process_group()
     except AdlError as err:
         _fail(f"[bold red]error:[/] {escape(err.cli_message())}", err.exit_code)
     except KeyboardInterrupt:

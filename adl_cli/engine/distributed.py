@@ -64,6 +64,20 @@ def make_accelerator(log_with: list[str] | None = None, project_dir=None):
 # ----------------------------------------------------------------------------- global batch
 
 
+def close_process_group() -> None:
+    """End a distributed command cleanly: wait for every rank, then tear the group down.
+
+    Without it each process exits with gloo's threads still running; a rank that leaves
+    while another is still inside a collective (rank 0 writing the run) can then die in
+    C++ teardown ("terminate called without an active exception", SIGABRT), failing the
+    launch after a successful run. A no-op outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_grad_accum(global_batch: int, grad_accum: int, world: int, batch_size: int, units_per_sequence: int, unit: str = "tokens") -> int:
     """Micro-steps per optimizer step.
 
