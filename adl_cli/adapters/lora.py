@@ -15,6 +15,7 @@ are registered with the run folder (``runs.ADAPTERS``): an adapter run loads its
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -164,6 +165,29 @@ def merge(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block ``model`` computes as its base: every peft layer (LoRA, DoRA, trainable
+    token rows) passes its input through the frozen original. The reference of a LoRA policy in
+    DPO and PPO, without a second copy of the model. Which tensors train is left as it was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("the model has no adapter layers to turn off")
+    was = [m.disable_adapters for m in layers]
+    grads = {p: p.requires_grad for p in model.parameters()}
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m, off in zip(layers, was):
+            m.enable_adapters(not off)
+        for p, g in grads.items():
+            p.requires_grad_(g)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

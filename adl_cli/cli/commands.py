@@ -1,6 +1,6 @@
 """The command modules the app registers, in help order."""
 
 from adl_cli.cli import (ablate, bench_attention, bench_context, bench_inference, chat, data, evaluate, generate, interop, lora, pretrain, recipes, report,
-                         scaling, sft, tokenizer)
+                         rlhf, scaling, sft, tokenizer)
 
-MODULES = [pretrain, sft, lora, ablate, scaling, generate, chat, evaluate, tokenizer, data, interop, bench_attention, bench_context, bench_inference, recipes, report]
+MODULES = [pretrain, sft, lora, rlhf, ablate, scaling, generate, chat, evaluate, tokenizer, data, interop, bench_attention, bench_context, bench_inference, recipes, report]

@@ -174,7 +174,9 @@ class Prepared:
 def context_config(recipe: FinetuneRecipe, base_cfg) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config changes the run is read with, the extra ones while training) for ``[context]``:
     the longer block and stretched positions; S2-Attn only while training."""
-    c = recipe.context
+    c = getattr(recipe, "context", None)
+    if c is None:  # a method without [context] (adl rlhf dpo)
+        return {}, {}
     if recipe.method == "longlora" and c.length <= base_cfg.block_size:
         raise AdlError(f"method longlora: context.length ({c.length}) must be longer than the base's context ({base_cfg.block_size})")
     if not c.length or c.length == base_cfg.block_size:

@@ -31,7 +31,7 @@ from adl_cli.registry import Registry
 
 FAMILIES = Registry("model family")
 DEFAULT_FAMILY = "gpt"
-_FAMILY_MODULES = ("adl_cli.models.gpt",)
+_FAMILY_MODULES = ("adl_cli.models.gpt", "adl_cli.models.reward")
 
 
 class ModelConfig:

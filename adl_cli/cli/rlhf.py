@@ -1,0 +1,148 @@
+"""adl rlhf: learning from preferences. `reward` trains a Bradley-Terry reward model, `dpo` a policy
+by DPO / IPO / conservative DPO, `pairs` lists the built-in preference sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adl_cli.cli.common import default_out, resolve_recipe, set_option
+
+rlhf_app = typer.Typer(help="Learn from preferences: reward models and direct preference optimisation.", no_args_is_help=True)
+
+RECIPE_HELP = "Recipe TOML or a shipped recipe's name ({names}); it starts from a chat run (init.from: an SFT run such as runs/addition)."
+
+
+def _out_option():
+    return typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>).")
+
+
+def _resume_option():
+    return typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint.")
+
+
+def _force_option():
+    return typer.Option(False, "--force", help="Replace the run already in --out, or resume with changed settings.")
+
+
+def _progress_option():
+    return typer.Option(True, "--progress/--no-progress", help="Show the live progress bar.")
+
+
+@rlhf_app.command("reward")
+def reward(
+    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="reward"), show_default=False),
+    set_: list[str] = set_option(),
+    out: Path = _out_option(),
+    resume: bool = _resume_option(),
+    force: bool = _force_option(),
+    progress: bool = _progress_option(),
+) -> None:
+    """Train a reward model on preference pairs: [bold]adl rlhf reward reward[/] (from runs/addition)"""
+    from adl_cli.console import console
+    from adl_cli.engine.distributed import is_main_env
+    from adl_cli.methods.rlhf.reward import load_reward_recipe, run_reward
+
+    path = resolve_recipe(Path(recipe), command="rlhf")
+    rec = load_reward_recipe(path, set_)
+    out = out or default_out(path, rec.name)
+    if is_main_env():
+        console.print(f"[bold]adl rlhf reward[/] {path} -> {out}", highlight=False)
+    outcome = run_reward(rec, out, resume=resume, force=force, progress=progress, log=console.print)
+    if outcome.main and outcome.summary:
+        s = outcome.summary
+        _figure(out, f"adl rlhf reward {out.name}")
+        _pair_table("reward model", s, {src: a for src, a in (s["heldout"] or {}).get("by_source", {}).items()})
+        h = s["heldout"]
+        if h:
+            console.print(f"held-out loss {h['val_loss']:.3f}, pair accuracy {h['val_accuracy']:.1%}, margin r_w - r_l {h['val_margin']:.2f}; "
+                          f"{s['steps']} steps in {s['train_wall_s']:.0f} s", highlight=False)
+        console.print(f"[dim]run folder: {out} (report.md, loss.png, summary.json, model.safetensors of family 'reward')[/]", highlight=False)
+
+
+@rlhf_app.command("dpo")
+def dpo(
+    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="dpo, dpo-lora, ipo, cdpo"), show_default=False),
+    set_: list[str] = set_option(),
+    out: Path = _out_option(),
+    resume: bool = _resume_option(),
+    force: bool = _force_option(),
+    base: bool = typer.Option(True, "--base/--no-base", help="Also measure how often the starting run's greedy reply is the chosen answer (built-in sets)."),
+    progress: bool = _progress_option(),
+) -> None:
+    """Align a chat run by direct preference optimisation: [bold]adl rlhf dpo dpo[/] (from runs/addition)"""
+    from adl_cli.console import console
+    from adl_cli.engine.distributed import is_main_env
+    from adl_cli.methods.rlhf.dpo import load_dpo_recipe, run_dpo
+
+    path = resolve_recipe(Path(recipe), command="rlhf")
+    rec = load_dpo_recipe(path, set_)
+    out = out or default_out(path, rec.name)
+    if is_main_env():
+        console.print(f"[bold]adl rlhf dpo[/] {path} ({rec.dpo.loss}, {rec.method}) -> {out}", highlight=False)
+    outcome = run_dpo(rec, out, resume=resume, force=force, progress=progress, log=console.print, evaluate_base=base)
+    if outcome.main and outcome.summary:
+        s = outcome.summary
+        _figure(out, f"adl rlhf dpo {out.name} ({rec.dpo.loss})")
+        h = s["heldout"] or {}
+        _pair_table("DPO", s, h.get("by_source", {}))
+        if h:
+            kl = "-" if s.get("kl") is None else f"{s['kl']:.3f}"
+            margins = s["margin_by_eval"]
+            rise = f"; held-out margin {margins[0][1]:.2f} at step {margins[0][0]} -> {margins[-1][1]:.2f}" if len(margins) > 1 else ""
+            console.print(f"held-out preference accuracy {h['val_accuracy']:.1%}, reward margin {h['val_margin']:.3f}, "
+                          f"KL to the reference {kl} nats per answer{rise}; {s['steps']} steps in {s['train_wall_s']:.0f} s", highlight=False)
+        for smp in ((s["chosen_match"].get("after") or {}).get("samples") or [])[:3]:
+            from rich.markup import escape
+
+            mark = "[green]chosen[/]" if smp["match"] else "[red]other[/]"
+            console.print(f"  {escape(smp['prompt'])} -> {escape(smp['reply'])} ({mark})", highlight=False)
+        what = "model.safetensors" if rec.method == "full" else "adapter.safetensors + adapter.json naming its base"
+        console.print(f"[dim]run folder: {out} (report.md, loss.png, summary.json, {what}, reference_logps.safetensors); "
+                      f"talk to it: adl chat {out}[/]", highlight=False)
+
+
+@rlhf_app.command("pairs")
+def pairs() -> None:
+    """List the built-in preference sets with one pair each: [bold]adl rlhf pairs[/]"""
+    import random
+
+    from rich.table import Table
+
+    from adl_cli.console import console
+    from adl_cli.data.preferences import PAIR_SETS
+    from adl_cli.data.tasks import make_task
+
+    t = Table("set", "prompt", "chosen", "rejected", "what differs", title="built-in preference sets (data.sets)", title_justify="left")
+    problem = make_task("addition").draw(random.Random(0))
+    for name in PAIR_SETS.names():
+        kind = PAIR_SETS.get(name)()
+        p = kind.pair(problem, random.Random(1))
+        t.add_row(name, p.prompt[-1]["content"], p.chosen, p.rejected, kind.description)
+    console.print(t)
+    console.print("[dim]your own: data.files = [\"pairs.jsonl\"], one {\"prompt\", \"chosen\", \"rejected\"} object a line[/]")
+
+
+def _figure(out: Path, title: str) -> None:
+    from adl_cli.engine.plots import loss_figure
+    from adl_cli.engine.report import read_metrics
+
+    loss_figure(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=title)
+
+
+def _pair_table(what: str, s: dict, accuracy: dict) -> None:
+    from rich.table import Table
+
+    from adl_cli.console import console
+
+    t = Table("set", "pairs", what, "shorter", "longer", title="held-out pair accuracy beside the length-only baselines", title_justify="left")
+    n = (s.get("heldout") or {}).get("n_by_source", {})
+    for src, acc in accuracy.items():
+        b = s["length_baselines"].get(src, {})
+        t.add_row(src, str(n.get(src, "-")), f"{acc:.1%}", f"{b.get('shorter', float('nan')):.1%}", f"{b.get('longer', float('nan')):.1%}")
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(rlhf_app, name="rlhf", rich_help_panel="Train")
