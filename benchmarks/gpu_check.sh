@@ -17,6 +17,7 @@
 #  4d. SFT: flash attention with packed documents against naive on CUDA, then `adl sft addition`
 #  4e. adl lora (LoRA, QLoRA) on CUDA and the GPT-2-124M memory table (allocator peaks)
 #      from a 600-step main job (exact match on 1,000 held-out sums)
+#  4f. adl rlhf reward and dpo (full, LoRA) on CUDA from 4d's SFT run
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
 #
@@ -131,6 +132,14 @@ for m in addition qlora; do
 done
 timeout 120 $PY benchmarks/finetune.py --parts memory --mem-batch 1,4 --json "$OUTDIR/finetune-memory.json" 2>&1 | grep -v "^\[memory\]" | tail -16
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 4f. adl rlhf on CUDA: the reward model and DPO (full and LoRA) from the SFT run of 4d"
+timeout 200 $PY -m adl_cli rlhf reward reward --out "$OUTDIR/reward" --set init.from="$OUTDIR/addition" --set train.steps=600 --no-progress 2>&1 | tail -8
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+for r in dpo dpo-lora; do
+  timeout 150 $PY -m adl_cli rlhf dpo $r --out "$OUTDIR/$r" --set init.from="$OUTDIR/addition" --set train.steps=300 --no-progress 2>&1 | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
 
 echo "== 5. summary"
 $PY - "$OUTDIR" "$PEAK" <<'EOF'

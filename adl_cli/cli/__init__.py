@@ -68,6 +68,19 @@ def usage_line(err) -> str:
     return msg
 
 
+def _stay_offline() -> None:
+    """adl never downloads: the Hugging Face libraries it drives (transformers, peft, and
+    bitsandbytes through the `kernels` package transformers brings) are told so, unless the user
+    says otherwise, and bitsandbytes' note that its hub kernel could not be fetched stays quiet
+    (its CPU kernels are used instead)."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _close_process_group() -> None:
     """Under torchrun/accelerate launch: every rank waits for the others, then leaves the group."""
     if "torch.distributed" in sys.modules:  # never imports torch for `adl --help`
@@ -89,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit non-zero, never a traceback."""
     from rich.markup import escape
 
+    _stay_offline()
     _register()
     click_errors, aborts, helps = _click_exceptions()
     try:

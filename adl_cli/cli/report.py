@@ -31,6 +31,14 @@ def report(
         print_summary(summary)
         console.print("[bold]loss curve[/]")
         console.print(loss_curve(read_metrics(run_dir / "metrics.jsonl")), highlight=False, markup=False)
+    elif summary.get("kind") in ("finetune", "reward", "dpo") and (run_dir / "report.md").exists():  # adl lora, adl rlhf: their report
+        from rich.markdown import Markdown
+
+        from adl_cli.engine.report import loss_curve
+
+        console.print(Markdown((run_dir / "report.md").read_text(encoding="utf-8")))
+        console.print("[bold]loss curve[/]")
+        console.print(loss_curve(read_metrics(run_dir / "metrics.jsonl")), highlight=False, markup=False)
     else:
         render_run(run_dir, summary)
     loss_figure(read_metrics(run_dir / "metrics.jsonl"), target, title=f"adl run {run_dir.name}")

@@ -58,7 +58,7 @@ def reward(
         if h:
             console.print(f"held-out loss {h['val_loss']:.3f}, pair accuracy {h['val_accuracy']:.1%}, margin r_w - r_l {h['val_margin']:.2f}; "
                           f"{s['steps']} steps in {s['train_wall_s']:.0f} s", highlight=False)
-        console.print(f"[dim]run folder: {out} (report.md, loss.png, summary.json, model.safetensors of family 'reward')[/]", highlight=False)
+        console.print(f"[dim]run folder: {out} (report.md, loss.png, preference.png, summary.json, model.safetensors of family 'reward')[/]", highlight=False)
 
 
 @rlhf_app.command("dpo")
@@ -88,18 +88,18 @@ def dpo(
         h = s["heldout"] or {}
         _pair_table("DPO", s, h.get("by_source", {}))
         if h:
-            kl = "-" if s.get("kl") is None else f"{s['kl']:.3f}"
+            kl = "-" if s.get("sampled_kl") is None else f"{s['sampled_kl']:.3f}"
             margins = s["margin_by_eval"]
             rise = f"; held-out margin {margins[0][1]:.2f} at step {margins[0][0]} -> {margins[-1][1]:.2f}" if len(margins) > 1 else ""
             console.print(f"held-out preference accuracy {h['val_accuracy']:.1%}, reward margin {h['val_margin']:.3f}, "
-                          f"KL to the reference {kl} nats per answer{rise}; {s['steps']} steps in {s['train_wall_s']:.0f} s", highlight=False)
+                          f"KL to the reference {kl} nats per sampled answer{rise}; {s['steps']} steps in {s['train_wall_s']:.0f} s", highlight=False)
         for smp in ((s["chosen_match"].get("after") or {}).get("samples") or [])[:3]:
             from rich.markup import escape
 
             mark = "[green]chosen[/]" if smp["match"] else "[red]other[/]"
             console.print(f"  {escape(smp['prompt'])} -> {escape(smp['reply'])} ({mark})", highlight=False)
         what = "model.safetensors" if rec.method == "full" else "adapter.safetensors + adapter.json naming its base"
-        console.print(f"[dim]run folder: {out} (report.md, loss.png, summary.json, {what}, reference_logps.safetensors); "
+        console.print(f"[dim]run folder: {out} (report.md, loss.png, preference.png, summary.json, {what}, reference_logps.safetensors); "
                       f"talk to it: adl chat {out}[/]", highlight=False)
 
 
@@ -125,10 +125,23 @@ def pairs() -> None:
 
 
 def _figure(out: Path, title: str) -> None:
-    from adl_cli.engine.plots import loss_figure
+    """loss.png (the loss curve) and preference.png: pair accuracy, reward margin and (DPO) KL to
+    the reference, per logging step on training batches and per evaluation on held-out pairs."""
+    from adl_cli.engine.plots import loss_figure, series_figure
     from adl_cli.engine.report import read_metrics
 
-    loss_figure(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=title)
+    rows = read_metrics(out / "metrics.jsonl")
+    loss_figure(rows, out / "loss.png", title=title)
+
+    def pts(key):
+        return [(r["step"], r[key]) for r in rows if key in r]
+
+    panels = {"pair accuracy (chosen scored above rejected)": {"training batches": pts("accuracy"), "held-out pairs": pts("val_accuracy")},
+              "reward margin (chosen - rejected)": {"training batches": pts("margin"), "held-out pairs": pts("val_margin")}}
+    if any("ref_kl" in r or "sampled_kl" in r for r in rows):
+        panels["KL(policy || reference), nats per answer"] = {"training batches' chosen answers": pts("ref_kl"),
+                                                              "answers sampled from the policy (held-out prompts)": pts("sampled_kl")}
+    series_figure(out / "preference.png", {}, title=title, xlabel="optimizer step", ylabel="", panels=panels)
 
 
 def _pair_table(what: str, s: dict, accuracy: dict) -> None:

@@ -220,11 +220,32 @@ def from_alpaca(obj: dict) -> list[dict]:
 
 def read_jsonl(path: str | Path) -> list[list[dict]]:
     """Conversations from a JSONL file in either shape; blank lines are skipped."""
+    return jsonl_records(path, conversation, what="data file", empty="examples")
+
+
+def conversation(obj) -> list[dict]:
+    """One JSONL object (chat or Alpaca shape) as a conversation; a ValueError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError("a line must be a JSON object")
+    if "messages" in obj:
+        check_messages(obj["messages"], "messages")
+        if not any(m["role"] == "assistant" for m in obj["messages"]):
+            raise ValueError("the conversation has no assistant message to learn")
+        return obj["messages"]
+    if "instruction" in obj or "output" in obj:
+        return from_alpaca(obj)
+    raise ValueError("expected 'messages' (chat) or 'instruction' + 'output' (Alpaca)")
+
+
+def jsonl_records(path: str | Path, parse, *, what: str, empty: str) -> list:
+    """``parse(obj)`` of every non-blank line's JSON of a file; a missing or unreadable file, a
+    line that is not JSON and a ValueError of ``parse`` are AdlErrors naming the file (and the
+    line); a file without records is one too ("holds no <empty>")."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise AdlError(f"data file not found: {path}") from None
+        raise AdlError(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise AdlError(f"cannot read {path}: {e}") from None
     out = []
@@ -236,19 +257,9 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
         except ValueError as e:
             raise AdlError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         try:
-            if not isinstance(obj, dict):
-                raise ValueError("a line must be a JSON object")
-            if "messages" in obj:
-                check_messages(obj["messages"], "messages")
-                if not any(m["role"] == "assistant" for m in obj["messages"]):
-                    raise ValueError("the conversation has no assistant message to learn")
-                out.append(obj["messages"])
-            elif "instruction" in obj or "output" in obj:
-                out.append(from_alpaca(obj))
-            else:
-                raise ValueError("expected 'messages' (chat) or 'instruction' + 'output' (Alpaca)")
+            out.append(parse(obj))
         except ValueError as e:
             raise AdlError(f"{path}:{n}: {e}") from None
     if not out:
-        raise AdlError(f"{path} holds no examples (an empty file)")
+        raise AdlError(f"{path} holds no {empty} (an empty file)")
     return out

@@ -26,17 +26,15 @@ tie counting one half) on the same pairs: a set that length alone separates show
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from adl_cli.data.chat import check_messages
+from adl_cli.data.chat import check_messages, jsonl_records
 from adl_cli.data.packing import Rows, make_example, unpacked
 from adl_cli.data.tasks import Problem, make_task, split_problems
-from adl_cli.errors import AdlError
 from adl_cli.registry import Registry
 
 PAIR_SETS = Registry("preference set")
@@ -142,26 +140,7 @@ def parse_pair(obj, source: str = "") -> Pair:
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AdlError(f"preference file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdlError(f"cannot read {path}: {e}") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(parse_pair(json.loads(line), str(path)))
-        except json.JSONDecodeError as e:
-            raise AdlError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        except ValueError as e:
-            raise AdlError(f"{path}:{n}: {e}") from None
-    if not out:
-        raise AdlError(f"{path} holds no preference pairs (an empty file)")
-    return out
+    return jsonl_records(path, lambda obj: parse_pair(obj, str(path)), what="preference file", empty="preference pairs")
 
 
 # ----------------------------------------------------------------------------- token rows
@@ -184,13 +163,17 @@ class PairRows:
 
     def collate(self, idx: torch.Tensor) -> dict:
         """Pairs ``idx`` as one batch of 2B rows (chosen first, then rejected), trimmed to the
-        longest; ``last``: each row's last input position (the answer's last token, which has read
-        the whole prompt and answer and is scored on the end marker: a reward head reads it)."""
+        longest (``inputs``, ``targets``: what a language model reads and is scored on); ``full``: each
+        whole sequence, the answer's end token included, and ``last`` the position of that end token
+        (where a reward head reads the sequence)."""
         lengths = torch.cat([self.chosen.lengths[idx], self.rejected.lengths[idx]])
         width = max(1, int(lengths.max()))
         inputs = torch.cat([self.chosen.inputs[idx, :width], self.rejected.inputs[idx, :width]])
         targets = torch.cat([self.chosen.targets[idx, :width], self.rejected.targets[idx, :width]])
-        return {"inputs": inputs, "targets": targets, "last": lengths - 1, "index": idx.clone(), "tokens": int(lengths.sum())}
+        full = torch.cat([inputs, torch.zeros_like(inputs[:, :1])], 1)
+        rows = torch.arange(len(lengths))
+        full[rows, lengths] = targets[rows, lengths - 1]  # the whole sequence, its end token included
+        return {"inputs": inputs, "targets": targets, "full": full, "last": lengths, "index": idx.clone(), "tokens": int(lengths.sum())}
 
 
 def encode_pairs(template, pairs: list[Pair], block_size: int) -> PairRows:
@@ -198,17 +181,28 @@ def encode_pairs(template, pairs: list[Pair], block_size: int) -> PairRows:
     fit the context (``block_size`` positions) is dropped and counted."""
     convs = [p.prompt + [{"role": "assistant", "content": a}] for p in pairs for a in (p.chosen, p.rejected)]
     rendered = template.render_many(convs)
+    return pair_rows([(rendered[2 * k], rendered[2 * k + 1], p.source) for k, p in enumerate(pairs)], block_size)
+
+
+def token_pair(prompt: list[int], chosen: list[int], rejected: list[int], source: str = "") -> tuple:
+    """A pair given as token ids (prompt, and each answer with its end token) for ``pair_rows``."""
+    return ((prompt + chosen, [False] * len(prompt) + [True] * len(chosen)),
+            (prompt + rejected, [False] * len(prompt) + [True] * len(rejected)), source)
+
+
+def pair_rows(items: list[tuple], block_size: int) -> PairRows:
+    """Rows of pairs given as ((ids, trained) of the chosen, (ids, trained) of the rejected, source)."""
     chosen, rejected, sizes, sources, kept, dropped = [], [], [], [], [], 0
-    for k, pair in enumerate(pairs):
-        w = make_example(*rendered[2 * k], block_size, "drop")
-        lo = make_example(*rendered[2 * k + 1], block_size, "drop")
+    for k, (w_ids, l_ids, source) in enumerate(items):
+        w = make_example(*w_ids, block_size, "drop")
+        lo = make_example(*l_ids, block_size, "drop")
         if w is None or lo is None:
             dropped += 1
             continue
         chosen.append(w)
         rejected.append(lo)
         sizes.append([w.trained, lo.trained])
-        sources.append(pair.source)
+        sources.append(source)
         kept.append(k)
     return PairRows(unpacked(chosen, block_size), unpacked(rejected, block_size), torch.tensor(sizes, dtype=torch.long).view(-1, 2),
                     sources, kept, dropped)

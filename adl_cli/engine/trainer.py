@@ -166,6 +166,9 @@ class TrainResult:
     schedule: str = "cosine"
 
 
+SHORT_UNITS = {"tokens": "tok", "images": "img", "sequences": "seq"}  # the progress line's rate unit
+
+
 class StopRequested(Exception):
     pass
 
@@ -734,7 +737,7 @@ class _Progress:
 
     def update(self, step: int, loss: float, lr: float, rate: float, metrics: dict[str, float] | None = None) -> None:
         shown = "".join(f" {k} {v:.4g}" for k, v in list((metrics or {}).items())[:2])  # the loss function's first metrics
-        self.last = f"loss {loss:.4f}{shown} lr {lr:.1e} {_short(rate)} {self.unit[:3]}/s"
+        self.last = f"loss {loss:.4f}{shown} lr {lr:.1e} {_short(rate)} {SHORT_UNITS.get(self.unit, self.unit)}/s"
         if self.enabled:
             self.bar.update(self.task, completed=step, stats=self.last)
         elif self.plain:

@@ -154,7 +154,9 @@ def start_tokenizer(base_tok, recipe: SFTRecipe):
 def load_base(path: str, what: str = "SFT"):
     """The run a fine-tuning starts from (``init.from``), checked: a GPT with its tokenizer."""
     if not Path(path).is_dir():
-        hint = " (`make run` writes the main job, runs/tiny, where the shipped recipes start)" if path == "runs/tiny" else ""
+        makers = {"runs/tiny": "`make run` writes the main job, runs/tiny, where the shipped recipes start",
+                  "runs/addition": "`adl sft addition` writes it from runs/tiny; the preference recipes start there"}
+        hint = f" ({makers[path]})" if path in makers else ""
         raise AdlError(f"init.from {path}: no run folder there{hint}; set another with --set init.from=RUN")
     base = load_run(path)
     if base.tokenizer is None:

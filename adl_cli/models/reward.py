@@ -1,9 +1,9 @@
 """The reward family: a GPT trunk with a scalar head on the last token (InstructGPT's reward
 model, Ouyang et al. 2022; Stiennon et al. 2020).
 
-r(x, y) = w . h_last, where h_last is the final-norm hidden state at the answer's last token (the
-position that has read the whole prompt and answer, and predicts the chat template's end marker)
-and w a vector of n_embd weights (no bias: the
+r(x, y) = w . h_last, where h_last is the final-norm hidden state of the sequence's last token (the
+answer's end marker in a chat run: it has read the whole prompt and answer) and w a vector of
+n_embd weights (no bias: the
 Bradley-Terry loss sees only differences of rewards, so a bias would never be trained).
 
 A reward run is an ordinary run folder with ``"family": "reward"`` in config.json: its tensors are
@@ -36,6 +36,7 @@ class RewardModel(GPT):
         super().__init__(cfg)
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(cfg.n_embd + 1))
+        self.score.weight._muon_excluded = True  # a head: Muon (train.optimizer = "muon") leaves it to AdamW
 
     def forward(self, idx, targets=None, state=None, segment_ids=None, last=None):
         """With ``last`` (B,): the rewards (B,) (through ``__call__``, so DDP sees the forward);

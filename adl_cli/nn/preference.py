@@ -68,7 +68,7 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
         losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     rw, rl = beta * rho_w.detach(), beta * rho_l.detach()
     metrics = {"reward_chosen": rw.mean(), "reward_rejected": rl.mean(), "margin": (rw - rl).mean(),
-               "accuracy": (rw > rl).float().mean(), "logratio": 0.5 * (rho_w.detach() + rho_l.detach()).mean()}
+               "accuracy": (rw > rl).float().mean(), "mean_logratio": 0.5 * (rho_w.detach() + rho_l.detach()).mean()}
     return losses.mean(), metrics
 
 

@@ -181,3 +181,18 @@ def sft_scenario(rank: int, world: int, port: int, recipe: str, out: str) -> Non
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def dpo_scenario(rank: int, world: int, port: int, recipe: str, out: str) -> None:
+    """`adl rlhf dpo`'s method on ``world`` processes (DDP over gloo), fp32."""
+    _env(rank, world, port)
+    import torch.distributed as dist
+
+    from adl_cli.methods.rlhf.dpo import load_dpo_recipe, run_dpo
+
+    no_peak_measurement()
+    try:
+        run_dpo(load_dpo_recipe(recipe), Path(out), progress=False, log=lambda *a, **k: None, evaluate_base=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

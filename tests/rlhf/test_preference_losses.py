@@ -97,3 +97,20 @@ def test_the_dpo_gradient_raises_the_chosen_answer_and_lowers_the_rejected():
         pw, pl = split_pair(answer_logps(model, inputs, targets))
     assert pw.item() > before[0] and pl.item() < before[1]
     assert preference_loss(pw, pl, ref_w, ref_l, beta=0.5)[0].item() < math.log(2)
+
+
+def test_token_kl_is_the_divergence_of_the_two_distributions_on_masked_positions():
+    from adl_cli.methods.rlhf.common import token_kl
+
+    g = torch.Generator().manual_seed(5)
+    p, q = torch.randn(2, 3, 7, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    got = token_kl(p, q, mask)
+    want = torch.zeros(2, dtype=torch.float64)
+    for r in range(2):
+        for t in range(3):
+            if mask[r, t]:
+                pp, qq = p[r, t].softmax(-1), q[r, t].softmax(-1)
+                want[r] += (pp * (pp.log() - qq.log())).sum()
+    assert torch.allclose(got.double(), want, atol=1e-5) and (got >= 0).all()
+    assert token_kl(p, p, mask).abs().max() < 1e-6

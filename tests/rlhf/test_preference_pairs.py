@@ -108,5 +108,6 @@ def test_pair_rows_train_only_the_answers_and_drop_what_does_not_fit(chat_run):
         answer = getattr(pair, which)
         trained = batch["targets"][r][batch["targets"][r] != IGNORE].tolist()
         assert trained == [*map(int, tok.encode(answer)), template.end_id]
-        assert batch["targets"][r, batch["last"][r]].item() == template.end_id  # the last input is scored on the end marker
+        assert batch["full"][r, batch["last"][r]].item() == template.end_id  # a reward reads the end marker
+        assert torch.equal(batch["full"][r, :batch["last"][r]], batch["inputs"][r, :batch["last"][r]])
     assert rows.answer_tokens[0].tolist() == [len(tok.encode(pairs[0].chosen)) + 1, len(tok.encode(pairs[0].rejected)) + 1]

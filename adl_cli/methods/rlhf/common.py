@@ -73,6 +73,21 @@ def build_pairs(data: PairData, template: ChatTemplate, block: int) -> PairDatas
     return PairDataset(train_rows, val_rows if val_rows is not None and len(val_rows) else None, kept_val, counts)
 
 
+def spread(pairs: list[Pair], n: int) -> list[Pair]:
+    """Up to ``n`` of ``pairs`` taken in turn from each source (set or file), so a sample of prompts
+    covers every set rather than the first."""
+    by: dict[str, list[Pair]] = {}
+    for p in pairs:
+        by.setdefault(p.source, []).append(p)
+    out: list[Pair] = []
+    queues = list(by.values())
+    i = 0
+    while len(out) < n and any(i < len(q) for q in queues):
+        out += [q[i] for q in queues if i < len(q)][: n - len(out)]
+        i += 1
+    return out
+
+
 def pair_batches(rows: PairRows, batch_size: int, grad_accum: int, seed: int, world: int) -> EpochBatches:
     """Epochs over pairs in a seeded order (EpochBatches' state, so a resumed run sees the same order)."""
     try:
@@ -92,6 +107,18 @@ def chat_base(path: str, what: str):
     return base
 
 
+PROBE = "What is 12 + 34? The answer is 46. def f(x): return x"  # text two tokenizers must split alike
+
+
+def check_same_tokenizer(mine, theirs, what: str) -> None:
+    """``theirs`` reads text as ``mine`` does (same ids, special tokens and chat template), else
+    an AdlError: '<what> was trained with another tokenizer ...'."""
+    same = theirs is not None and mine.vocab_size == theirs.vocab_size and mine.specials == theirs.specials and mine.chat == theirs.chat \
+        and mine.single_digits == theirs.single_digits and mine.encode(PROBE).tolist() == theirs.encode(PROBE).tolist()
+    if not same:
+        raise AdlError(f"{what} was trained with another tokenizer (or chat template) than the policy; it cannot score the policy's tokens")
+
+
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Every dropout of ``model`` at p = 0: log-probabilities (and rewards) are deterministic, the
     policy's at step 0 equal the reference's."""
@@ -101,12 +128,29 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def answer_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def answer_logps(model, inputs: torch.Tensor, targets: torch.Tensor, *, with_logits: bool = False):
     """Summed log-probabilities (R,) of each row's target tokens (-100: not part of the answer),
-    under ``model``'s softmax (float32)."""
+    under ``model``'s softmax (float32); with ``with_logits``, (those, the logits)."""
     logits = model(inputs)[0]
     token = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
-    return token.view(targets.shape).sum(1)
+    sums = token.view(targets.shape).sum(1)
+    return (sums, logits) if with_logits else sums
+
+
+def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row (R,): the sum over positions where ``mask`` holds of the exact divergence
+    KL(p || q) = sum_v p(v) (log p(v) - log q(v)) of the two models' next-token distributions."""
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return ((logp.exp() * (logp - logq)).sum(-1) * mask).sum(1)
+
+
+def reference_logits(reference, policy, inputs: torch.Tensor) -> torch.Tensor:
+    """The reference's logits for ``inputs``: ``reference`` is a model, or a factory of a context
+    in which the policy computes as its reference (its adapters off)."""
+    if callable(reference) and not isinstance(reference, torch.nn.Module):
+        with reference():
+            return policy(inputs)[0]
+    return reference(inputs)[0]
 
 
 @torch.no_grad()
@@ -178,18 +222,11 @@ def sampled_kl(policy, reference, prompts: list[list[int]], *, max_new_tokens: i
             mask = torch.zeros(x.shape, dtype=torch.bool, device=device)
             for i, (p, c) in enumerate(zip(group, done)):
                 mask[i, len(p) - 1: len(p) - 1 + len(c.tokens)] = True
-            logp = F.log_softmax(policy(x)[0].float(), -1)
-            if callable(reference) and not isinstance(reference, torch.nn.Module):
-                with reference():
-                    logq = F.log_softmax(policy(x)[0].float(), -1)
-            else:
-                logq = F.log_softmax(reference(x)[0].float(), -1)
-            kl = (logp.exp() * (logp - logq)).sum(-1) * mask
-            totals += kl.sum(1).tolist()
+            totals += token_kl(policy(x)[0], reference_logits(reference, policy, x), mask).tolist()
             lengths += [len(c.tokens) for c in done]
     finally:
         policy.train(was)
-    return {"kl": sum(totals) / len(totals), "sample_tokens": sum(lengths) / len(lengths)}
+    return {"sampled_kl": sum(totals) / len(totals), "sample_tokens": sum(lengths) / len(lengths)}
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ and held-out pair (under the training precision), and kept in the run folder
 with its adapters turned off (no second copy of the model). Dropout is off in the policy.
 
 Each step logs the loss, the implicit rewards beta log(pi / pi_ref) of chosen and rejected
-answers, their margin, the preference accuracy and the mean log-ratio on the batch's answers;
+answers, their margin, the preference accuracy, the mean log-ratio on the batch's answers and
+(``dpo.step_kl``) ``ref_kl``, the exact KL(pi || pi_ref) over the chosen answers' positions;
 each evaluation adds the same on held-out pairs and KL(pi || pi_ref) on answers the policy samples
 for held-out prompts (``common.sampled_kl``). The report sets held-out preference accuracy beside
 the length-only baselines, and, for the built-in sets, how often the greedy reply is the chosen
@@ -29,14 +30,17 @@ import torch
 from adl_cli.adapters.lora import LoraSection
 from adl_cli.adapters.qlora import QloraSection
 from adl_cli.data.chat import ChatTemplate
+from adl_cli.data.packing import IGNORE
 from adl_cli.engine.checkpoint import atomic_write_text, read_safetensors, save_safetensors
 from adl_cli.engine.distributed import resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer
 from adl_cli.errors import AdlError
 from adl_cli.methods.finetune import param_groups, prepare_model, save_result, trainable_counts
 from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.rlhf.common import (PairData, answer_logps, baselines_by_source, build_pairs, chat_base, chosen_match, disable_dropout,
-                                         pair_batches, per_source, rows_logps, sampled_kl, split_pair)
+from adl_cli.methods.rlhf.common import (PairData, answer_logps, baselines_by_source, build_pairs, chat_base, check_same_tokenizer, chosen_match,
+                                         disable_dropout,
+                                         pair_batches, per_source, reference_logits, rows_logps, sampled_kl, split_pair, spread,
+                                         token_kl)
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.preference import PREFERENCE_LOSSES, preference_loss
 from adl_cli.recipe import dump_recipe, load_recipe
@@ -51,7 +55,9 @@ class DPOSection:
     loss: str = "dpo"  # dpo | ipo
     beta: float = 0.1  # the strength of the tie to the reference (DPO: inverse temperature; IPO: target gap 1 / (2 beta))
     label_smoothing: float = 0.0  # > 0: conservative DPO (each label taken as flipped with this probability; dpo loss only)
+    sft_weight: float = 0.0  # > 0: add this times the chosen answers' mean token NLL (RPO, Pang et al. 2024; trl's rpo_alpha)
     reference: str = ""  # the frozen reference run (default: init.from); same shape and tokenizer as the policy's
+    step_kl: bool = True  # log KL(policy || reference) on each step's chosen answers as ref_kl (one more reference forward, no gradient)
     kl_prompts: int = 64  # held-out prompts whose sampled answers measure KL(policy || reference) at each evaluation (0: off)
     kl_tokens: int = 16  # the longest sampled answer, in tokens
     match_prompts: int = 200  # held-out prompts whose greedy reply is compared with the chosen answer, before and after (0: off)
@@ -63,6 +69,8 @@ class DPOSection:
             raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
         if self.label_smoothing and self.loss != "dpo":
             raise ValueError("dpo.label_smoothing (conservative DPO) applies to dpo.loss = 'dpo' only")
         for key in ("kl_prompts", "kl_tokens", "match_prompts"):
@@ -106,10 +114,7 @@ def check_reference(policy_run, ref_run, where: str) -> None:
     if diff:
         shown = ", ".join(f"{k} {b.get(k)!r} vs {a.get(k)!r}" for k in diff[:3])
         raise AdlError(f"{where}: the reference and the policy differ in shape ({shown}); the reference must be the policy's architecture")
-    ta, tb = policy_run.tokenizer, ref_run.tokenizer
-    if tb is None or ta.vocab_size != tb.vocab_size or ta.chat != tb.chat or ta.specials != tb.specials or \
-            ta.encode("What is 12 + 34? The answer is 46.").tolist() != tb.encode("What is 12 + 34? The answer is 46.").tolist():
-        raise AdlError(f"{where}: the reference was trained with another tokenizer (or chat template) than the policy")
+    check_same_tokenizer(policy_run.tokenizer, ref_run.tokenizer, f"{where}: the reference")
 
 
 def reference_cache(out: Path, n_train: int, n_val: int) -> dict[str, torch.Tensor] | None:
@@ -135,7 +140,9 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
     template = ChatTemplate.of(tok)
     ref_run = base
     if d.reference:
-        ref_run = chat_base(d.reference, "dpo.reference")
+        if not Path(d.reference).is_dir():
+            raise AdlError(f"dpo.reference {d.reference}: no run folder there")
+        ref_run = load_run(d.reference)
         check_reference(base, ref_run, f"dpo.reference {d.reference}")
     data = build_pairs(recipe.data, template, base.config.block_size)
     c = data.counts
@@ -161,12 +168,7 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
     batches = pair_batches(data.train, tc.batch_size, accum, tc.seed, world)
     ref: dict[str, torch.Tensor] = {}
 
-    def loss_fn(m, batch):
-        pw, pl = split_pair(answer_logps(m, batch["inputs"], batch["targets"]))
-        rw = ref["train"][batch["index"]].to(pw.device)
-        return preference_loss(pw, pl, rw[:, 0], rw[:, 1], beta=d.beta, kind=d.loss, label_smoothing=d.label_smoothing)
-
-    kl_prompts = [template.prompt(p.prompt) for p in data.val_pairs[: d.kl_prompts]]
+    kl_prompts = [template.prompt(p.prompt) for p in spread(data.val_pairs, d.kl_prompts)]
 
     def reference_view():
         """What KL is measured against: a context that turns the policy's adapters off, or the reference model."""
@@ -176,11 +178,14 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
             return lambda: adapters_off(policy)
         return ref_run.model
 
+    keep_reference = (d.kl_prompts or d.step_kl) and not adapter_reference  # KL needs the reference's whole distribution
+    loss_fn = dpo_loss(ref, d, (lambda: reference_view(), policy) if d.step_kl else None)
+
     def eval_fn(m):
         metrics = {}
         if data.val is not None:
             metrics.update(heldout_metrics(m, data.val, ref["val"], d, tc.batch_size))
-        if kl_prompts and (adapter_reference or ref_run.model is not None):
+        if kl_prompts and (adapter_reference or ref_run.model is not None):  # KL on answers the policy samples
             metrics.update({k: v for k, v in sampled_kl(m, reference_view(), kl_prompts, max_new_tokens=d.kl_tokens,
                                                         eos=sorted(template.stop_ids), seed=tc.seed).items()})
         return metrics
@@ -204,10 +209,10 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
     if main and evaluate_base and d.match_prompts and data.val_pairs:
         start_model = policy if adapter_reference else base.model
         with _adapters_off_if(adapter_reference, policy), trainer.autocast():
-            base_match = chosen_match(start_model.to(trainer.device), template, data.val_pairs[: d.match_prompts])
+            base_match = chosen_match(start_model.to(trainer.device), template, spread(data.val_pairs, d.match_prompts))
     if ref_run is not base:
         base.model = None
-    if d.kl_prompts and not adapter_reference:  # KL needs the reference's whole distribution: it stays, frozen
+    if keep_reference:  # it stays, frozen, for the KL
         ref_run.model = disable_dropout(ref_run.model).to(trainer.device)
     else:
         ref_run.model = None  # the reference lives in the cache (and the adapters-off policy): no second copy
@@ -220,7 +225,7 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
     final.eval()
     with torch.no_grad(), trainer.autocast():
         held = heldout_metrics(final, data.val, ref["val"], d, tc.batch_size, detail=True) if data.val is not None else None
-        match = chosen_match(final, template, data.val_pairs[: d.match_prompts]) if d.match_prompts and data.val_pairs else None
+        match = chosen_match(final, template, spread(data.val_pairs, d.match_prompts)) if d.match_prompts and data.val_pairs else None
     from adl_cli.engine.report import read_metrics
 
     history = [r for r in read_metrics(out / "metrics.jsonl") if "val_margin" in r]
@@ -230,7 +235,8 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
         "trainable_parameters": counts["trainable"], "parameters": counts["total"], "steps": result.steps, "pairs_seen": result.units,
         "train_wall_s": result.wall_s, "wall_s": time.perf_counter() - t0, "step_s": result.wall_s / max(1, result.steps),
         "train_loss": result.train_loss, "precision": result.precision, "device": result.device, "world_size": result.world_size,
-        "counts": data.counts, "heldout": held, "kl": result.metrics.get("kl"), "sample_tokens": result.metrics.get("sample_tokens"),
+        "counts": data.counts, "heldout": held, "sampled_kl": result.metrics.get("sampled_kl"),
+        "sample_tokens": result.metrics.get("sample_tokens"), "ref_kl": result.train_metrics.get("ref_kl"),
         "margin_by_eval": [[r["step"], r["val_margin"]] for r in history],
         "length_baselines": baselines_by_source(data.val) if data.val is not None else {},
         "chosen_match": {"before": base_match, "after": match},
@@ -238,6 +244,34 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "report.md", report_markdown(summary))
     return Outcome(out, result, summary)
+
+
+def dpo_loss(ref: dict[str, torch.Tensor], d: DPOSection, live=None):
+    """The trainer's loss: the policy's summed answer log-probs of a batch of pairs against the
+    reference's cached ones (``ref["train"]``, (N, 2), read by the batch's pair indices). With
+    ``live = (a function giving the reference, the raw policy)`` it also logs ``ref_kl``: the exact
+    KL(policy || reference) of the next-token distributions summed over each chosen answer's
+    positions, averaged over the batch's pairs."""
+
+    def loss_fn(m, batch):
+        logps, logits = answer_logps(m, batch["inputs"], batch["targets"], with_logits=True)
+        pw, pl = split_pair(logps)
+        rw = ref["train"][batch["index"]].to(pw.device)
+        loss, metrics = preference_loss(pw, pl, rw[:, 0], rw[:, 1], beta=d.beta, kind=d.loss, label_smoothing=d.label_smoothing)
+        if d.sft_weight:  # the chosen answers' negative log-likelihood per token, beside the preference loss
+            tokens = (batch["targets"][: pw.shape[0]] != IGNORE).sum()
+            nll = -pw.sum() / tokens.clamp_min(1)
+            loss = loss + d.sft_weight * nll
+            metrics["chosen_nll"] = nll.detach()
+        if live is not None:  # the chosen answers' positions: contexts the data prefers (a rejected answer's are off the policy)
+            reference, policy = live
+            chosen = slice(0, pw.shape[0])
+            with torch.no_grad():
+                q = reference_logits(reference(), policy, batch["inputs"][chosen])
+                metrics["ref_kl"] = token_kl(logits[chosen].detach(), q, batch["targets"][chosen] != IGNORE).mean()
+        return loss, metrics
+
+    return loss_fn
 
 
 def _adapters_off_if(flag: bool, model):
@@ -265,7 +299,7 @@ def heldout_metrics(model, rows, ref: torch.Tensor, d: DPOSection, batch_size: i
     lp = rows_logps(model, rows, batch_size)
     loss, m = preference_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta=d.beta, kind=d.loss, label_smoothing=d.label_smoothing)
     out = {"val_loss": float(loss), "val_accuracy": float(m["accuracy"]), "val_margin": float(m["margin"]),
-           "val_reward_chosen": float(m["reward_chosen"]), "val_reward_rejected": float(m["reward_rejected"]), "val_logratio": float(m["logratio"])}
+           "val_reward_chosen": float(m["reward_chosen"]), "val_reward_rejected": float(m["reward_rejected"]), "val_mean_logratio": float(m["mean_logratio"])}
     if detail:
         correct = ((lp[:, 0] - ref[:, 0]) > (lp[:, 1] - ref[:, 1])).float()
         out["by_source"] = per_source(correct, rows.sources)
@@ -279,7 +313,7 @@ def report_markdown(s: dict[str, Any]) -> str:
              f"{s['train_wall_s']:.0f} s on {s['device']} ({s['precision']}).", ""]
     h = s["heldout"]
     if h:
-        kl = "-" if s.get("kl") is None else f"{s['kl']:.3f} nats per sampled answer"
+        kl = "-" if s.get("sampled_kl") is None else f"{s['sampled_kl']:.3f} nats per sampled answer"
         lines += [f"Held-out: loss {h['val_loss']:.3f}, preference accuracy {h['val_accuracy']:.1%}, reward margin {h['val_margin']:.3f} "
                   f"(chosen {h['val_reward_chosen']:+.3f}, rejected {h['val_reward_rejected']:+.3f}); KL(policy || reference) {kl}.", "",
                   "| set | held-out pairs | DPO preference accuracy | prefer shorter | prefer longer | greedy reply = chosen, before | after |",

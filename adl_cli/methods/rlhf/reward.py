@@ -1,7 +1,7 @@
 """`adl rlhf reward`: a reward model trained on preference pairs (Bradley-Terry).
 
 The recipe starts from a chat run (``init.from``, an SFT run): its GPT becomes the trunk of a
-reward model (``models/reward.py``: a scalar head on the answer's last token),
+reward model (``models/reward.py``: a scalar head on the last token, the answer's end marker),
 trained on ``[data]``'s pairs with -log sigma(r_w - r_l - margin) (``nn/preference.py``). Every
 trunk weight trains (``train.lr``); the head takes ``head_lr`` when set. Evaluation: held-out pair
 accuracy (r_w > r_l) per set beside the length-only baselines, the held-out loss, the reward
@@ -26,7 +26,8 @@ from adl_cli.engine.distributed import resolve_grad_accum
 from adl_cli.engine.trainer import TrainConfig, Trainer
 from adl_cli.errors import AdlError
 from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.rlhf.common import PairData, baselines_by_source, build_pairs, chat_base, disable_dropout, pair_batches, per_source, split_pair
+from adl_cli.methods.rlhf.common import (PairData, baselines_by_source, build_pairs, chat_base, check_same_tokenizer, disable_dropout, pair_batches,
+                                         per_source, split_pair)
 from adl_cli.methods.sft import Outcome
 from adl_cli.models.reward import RewardModel, from_language_model
 from adl_cli.nn.preference import bradley_terry_loss
@@ -58,9 +59,21 @@ def load_reward_recipe(path: str | Path, overrides: list[str] | None = None) -> 
     return recipe
 
 
+def load_reward(path: str | Path, tokenizer, device: str | torch.device = "cpu"):
+    """A reward run (family "reward") to score answers written with ``tokenizer``: its model in
+    eval mode, checked to read the same tokens (the RL methods score rollouts with it)."""
+    from adl_cli.runs import load_run
+
+    run = load_run(Path(path), device)
+    if run.config.family != "reward":
+        raise AdlError(f"{path} is not a reward run (its family is '{run.config.family}'); `adl rlhf reward` trains one")
+    check_same_tokenizer(tokenizer, run.tokenizer, f"the reward run {path}")
+    return run
+
+
 def reward_loss(margin: float):
     def loss_fn(model, batch):
-        r_w, r_l = split_pair(model(batch["inputs"], last=batch["last"]))
+        r_w, r_l = split_pair(model(batch["full"], last=batch["last"]))
         return bradley_terry_loss(r_w, r_l, margin)
 
     return loss_fn
@@ -74,7 +87,7 @@ def pair_rewards(model, rows, batch_size: int) -> torch.Tensor:
     for start in range(0, len(rows), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(rows)))
         b = rows.collate(idx)
-        r = model(b["inputs"].to(device), last=b["last"].to(device)).float().cpu()
+        r = model(b["full"].to(device), last=b["last"].to(device)).float().cpu()
         out[idx, 0], out[idx, 1] = split_pair(r)
     return out
 
