@@ -37,6 +37,13 @@ class RewardModel(GPT):
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(cfg.n_embd + 1))
         self.score.weight._muon_excluded = True  # a head: Muon (train.optimizer = "muon") leaves it to AdamW
+        # What the reward never reads stays as it came and out of the optimizer (and of DDP, which
+        # refuses parameters without gradients): an untied language-model head, multi-token heads.
+        unused = [self.mtp] if cfg.mtp_heads else []
+        if not cfg.tie_embeddings:
+            unused.append(self.lm_head)
+        for module in unused:
+            module.requires_grad_(False)
 
     def forward(self, idx, targets=None, state=None, segment_ids=None, last=None):
         """With ``last`` (B,): the rewards (B,) (through ``__call__``, so DDP sees the forward);

@@ -202,3 +202,21 @@ def test_rpo_adds_the_chosen_answers_nll_to_the_first_loss(chat_run, tmp_path):
     first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["chosen_nll"] > 0 and "ref_kl" not in first
     assert first["loss"] == pytest.approx(0.6931472 + 0.5 * first["chosen_nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize("tied,mtp", [(True, 0), (False, 1)])
+def test_every_trainable_tensor_of_a_reward_model_gets_a_gradient(tied, mtp):
+    """DDP refuses parameters that train without a gradient: what the reward never reads (an
+    untied language-model head, multi-token heads) is frozen, everything else gets one."""
+    from adl_cli.models.gpt import GPT, GPTConfig
+    from adl_cli.models.reward import from_language_model
+    from adl_cli.nn.preference import bradley_terry_loss
+
+    lm = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=32, tie_embeddings=tied, mtp_heads=mtp))
+    model = from_language_model(lm).train()
+    x = torch.randint(0, 32, (4, 10))
+    r = model(x, last=torch.tensor([9, 7, 9, 5]))
+    bradley_terry_loss(r[:2], r[2:])[0].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert model.lm_head.weight.requires_grad == tied

@@ -151,6 +151,8 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
     torch.manual_seed(tc.seed)
     prep = prepare_model(recipe, base, tok)
     policy = disable_dropout(prep.model)
+    if getattr(policy.config, "mtp_heads", 0):  # DPO reads the next-token head only: multi-token heads stay as they are (and out of DDP)
+        policy.mtp.requires_grad_(False)
     counts = trainable_counts(policy)
     adapter_reference = recipe.method != "full" and not d.reference
     log(f"policy: {recipe.method} on {recipe.init.from_}, {counts['trainable']:,} of {counts['total']:,} parameters train; "
