@@ -185,6 +185,11 @@ def per_source(correct: torch.Tensor, sources: list[str]) -> dict[str, float]:
     return {s: sum(v) / len(v) for s, v in out.items()}
 
 
+def source_counts(sources: list[str]) -> dict[str, int]:
+    """How many rows each source (built-in set or file) holds."""
+    return {s: sources.count(s) for s in sorted(set(sources))}
+
+
 def baselines_by_source(rows: PairRows) -> dict[str, dict[str, float]]:
     """Length-only baselines (prefer the shorter / the longer answer) within each source."""
     out = {}

@@ -39,7 +39,7 @@ from adl_cli.methods.finetune import param_groups, prepare_model, save_result, t
 from adl_cli.methods.pretrain import InitSection, start_run
 from adl_cli.methods.rlhf.common import (PairData, answer_logps, baselines_by_source, build_pairs, chat_base, check_same_tokenizer, chosen_match,
                                          disable_dropout,
-                                         pair_batches, per_source, reference_logits, rows_logps, sampled_kl, split_pair, spread,
+                                         pair_batches, per_source, reference_logits, rows_logps, sampled_kl, source_counts, split_pair, spread,
                                          token_kl)
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.preference import PREFERENCE_LOSSES, preference_loss
@@ -305,7 +305,7 @@ def heldout_metrics(model, rows, ref: torch.Tensor, d: DPOSection, batch_size: i
     if detail:
         correct = ((lp[:, 0] - ref[:, 0]) > (lp[:, 1] - ref[:, 1])).float()
         out["by_source"] = per_source(correct, rows.sources)
-        out["n_by_source"] = {s: rows.sources.count(s) for s in sorted(set(rows.sources))}
+        out["n_by_source"] = source_counts(rows.sources)
     return out
 
 

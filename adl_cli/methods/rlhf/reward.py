@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from adl_cli.engine.trainer import TrainConfig, Trainer
 from adl_cli.errors import AdlError
 from adl_cli.methods.pretrain import InitSection, start_run
 from adl_cli.methods.rlhf.common import (PairData, baselines_by_source, build_pairs, chat_base, check_same_tokenizer, disable_dropout, pair_batches,
-                                         per_source, split_pair)
+                                         per_source, source_counts, split_pair)
 from adl_cli.methods.sft import Outcome
 from adl_cli.models.reward import RewardModel, from_language_model
 from adl_cli.nn.preference import bradley_terry_loss
@@ -97,7 +96,7 @@ def evaluate_rewards(model, rows, batch_size: int, margin: float) -> dict[str, A
     loss, _ = bradley_terry_loss(r[:, 0], r[:, 1], margin)
     correct = (r[:, 0] > r[:, 1]).float()
     return {"val_loss": float(loss), "val_accuracy": float(correct.mean()), "val_margin": float((r[:, 0] - r[:, 1]).mean()),
-            "by_source": per_source(correct, rows.sources), "n_by_source": dict(Counter(rows.sources)), "reward_chosen": float(r[:, 0].mean()), "reward_rejected": float(r[:, 1].mean()),
+            "by_source": per_source(correct, rows.sources), "n_by_source": source_counts(rows.sources), "reward_chosen": float(r[:, 0].mean()), "reward_rejected": float(r[:, 1].mean()),
             "reward_std": float(r.std())}
 
 
