@@ -1,5 +1,6 @@
-"""adl rlhf: learning from preferences. `reward` trains a Bradley-Terry reward model, `dpo` a policy
-by DPO / IPO / conservative DPO, `pairs` lists the built-in preference sets."""
+"""adl rlhf: learning from preferences and rewards. `reward` trains a Bradley-Terry reward model, `dpo`
+a policy by DPO / IPO / conservative DPO, `grpo` a policy by group-relative RL on verifiable tasks,
+`pairs` lists the built-in preference sets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 
 from adl_cli.cli.common import default_out, resolve_recipe, set_option
 
-rlhf_app = typer.Typer(help="Learn from preferences: reward models and direct preference optimisation.", no_args_is_help=True)
+rlhf_app = typer.Typer(help="Learn from preferences and rewards: reward models, DPO, GRPO.", no_args_is_help=True)
 
 RECIPE_HELP = "Recipe TOML or a shipped recipe's name ({names}); it starts from a chat run (init.from: an SFT run such as runs/addition)."
 
@@ -101,6 +102,48 @@ def dpo(
         what = "model.safetensors" if rec.method == "full" else "adapter.safetensors + adapter.json naming its base"
         console.print(f"[dim]run folder: {out} (report.md, loss.png, preference.png, summary.json, {what}, reference_logps.safetensors); "
                       f"talk to it: adl chat {out}[/]", highlight=False)
+
+
+@rlhf_app.command("grpo")
+def grpo(
+    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="grpo").replace("runs/addition", "runs/sft-tiny"), show_default=False),
+    set_: list[str] = set_option(),
+    out: Path = _out_option(),
+    resume: bool = _resume_option(),
+    force: bool = _force_option(),
+    base: bool = typer.Option(True, "--base/--no-base", help="Also measure the starting run's exact match on the same held-out problems (the paired gain)."),
+    progress: bool = _progress_option(),
+) -> None:
+    """Reinforce a chat run on verifiable tasks with group-relative advantages: [bold]adl rlhf grpo grpo[/]"""
+    from rich.table import Table
+
+    from adl_cli.console import console
+    from adl_cli.engine.distributed import is_main_env
+    from adl_cli.methods.rlhf.grpo import load_grpo_recipe, run_grpo
+
+    path = resolve_recipe(Path(recipe), command="rlhf")
+    rec = load_grpo_recipe(path, set_)
+    out = out or default_out(path, rec.name)
+    if is_main_env():
+        console.print(f"[bold]adl rlhf grpo[/] {path} ({rec.grpo.loss_type}, {rec.method}) -> {out}", highlight=False)
+    outcome = run_grpo(rec, out, resume=resume, force=force, progress=progress, log=console.print, evaluate_base=base)
+    if outcome.main and outcome.summary:
+        from adl_cli.engine.plots import loss_figure
+        from adl_cli.engine.report import read_metrics
+
+        s = outcome.summary
+        loss_figure(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"adl rlhf grpo {out.name}")
+        t = Table("task", "n", "before", "after", "paired gain (95% CI)", title="greedy exact match on held-out problems", title_justify="left")
+        for name, e in s["exact_match"].items():
+            b, a, p = e["before"], e["after"], e["paired"]
+            gain = "-" if not p else f"{p['gain']:+.1%} ({p['ci95'][0]:+.1%} to {p['ci95'][1]:+.1%})"
+            t.add_row(name, str(a["n"]), "-" if not b else f"{b['accuracy']:.1%}", f"{a['accuracy']:.1%}", gain)
+        console.print(t)
+        last = s.get("last_step") or {}
+        shown = ("reward", "accuracy", "format", "length", "kl", "clip_fraction", "flat_groups")
+        console.print("last step: " + ", ".join(f"{k} {last[k]:.3g}" for k in shown if k in last) + f"; {s['steps']} steps in {s['train_wall_s']:.0f} s",
+                      highlight=False)
+        console.print(f"[dim]run folder: {out} (report.md, loss.png, summary.json, metrics.jsonl); talk to it: adl chat {out}[/]", highlight=False)
 
 
 @rlhf_app.command("pairs")

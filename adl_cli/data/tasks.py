@@ -73,6 +73,14 @@ class Task:
     def verify(self, text: str, problem: Problem) -> bool:
         return self.final_of(text) == problem.final
 
+    def follows_format(self, text: str) -> bool:
+        """Whether a reply has the answer's form, right or wrong: a bare integer (with the
+        scratchpad, steps ending in "= <integer>") for numeric tasks, one non-empty line otherwise."""
+        text = (text or "").strip()
+        if self.numeric:
+            return bool(re.search(r"=\s*-?\d+$", text) if self.scratchpad else re.fullmatch(r"-?\d+", text))
+        return bool(text) and "\n" not in text
+
     def held_out(self, problem: Problem, seed: int) -> bool:
         h = hashlib.blake2b(f"{seed}\0{self.name}\0{problem.question}".encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") % 1000 < HELD_OUT_PER_MILLE

@@ -38,6 +38,7 @@ class TaskScore:
     correct: int = 0
     stopped: int = 0  # rows that ended on their own (end token), not at the length limit
     samples: list[tuple[str, str, bool]] = field(default_factory=list)  # (question, answer, correct)
+    outcomes: list[bool] = field(default_factory=list)  # per problem, in order (a question too long counts False)
 
     @property
     def accuracy(self) -> float:
@@ -76,6 +77,7 @@ def exact_match(model, tokenizer, task: Task, problems: list[Problem], *, batch_
         fits = [len(p) + 1 <= block for p in ids]
         if not all(fits):  # a question longer than the context cannot be asked: it counts as wrong
             score.n += fits.count(False)
+            score.outcomes += [False] * fits.count(False)
             group = [p for p, f in zip(group, fits) if f]
             ids = [i for i, f in zip(ids, fits) if f]
         if not ids:
@@ -87,6 +89,7 @@ def exact_match(model, tokenizer, task: Task, problems: list[Problem], *, batch_
             ok = task.verify(text, p)
             score.n += 1
             score.correct += ok
+            score.outcomes.append(bool(ok))
             score.stopped += c.finish in ("eos", "stop")
             if len(score.samples) < keep_samples:
                 score.samples.append((p.question, text, ok))
