@@ -133,3 +133,17 @@ def test_bad_grpo_settings_get_one_clear_line(chat_run, tmp_path, capsys, sets, 
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code and message in err and "Traceback" not in err
+
+
+def test_with_iterations_the_same_rollouts_serve_consecutive_steps(chat_run):
+    import contextlib
+
+    from adl_cli.data.chat import ChatTemplate
+    from adl_cli.methods.rlhf.grpo import GRPOSection, Rollouts
+    from adl_cli.runs import load_run
+
+    run = load_run(chat_run)
+    source = Rollouts(run.model, ChatTemplate.of(run.tokenizer), {"addition": make_task("addition", operand_digits=2)},
+                      GRPOSection(group=2, max_new_tokens=3, iterations=2), 2, 0, contextlib.nullcontext)
+    a, b, c = source(0, 0, 0, 1), source(1, 0, 0, 1), source(2, 0, 0, 1)
+    assert a is b and c is not a

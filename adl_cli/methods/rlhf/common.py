@@ -73,6 +73,29 @@ def build_pairs(data: PairData, template: ChatTemplate, block: int) -> PairDatas
     return PairDataset(train_rows, val_rows if val_rows is not None and len(val_rows) else None, kept_val, counts)
 
 
+POLICY_METHODS = ("full", "lora", "dora", "qlora")  # how a policy trains (the adapters of `adl lora` that peft disables)
+
+
+def check_policy(recipe) -> None:
+    """A policy recipe's ``method``, ``adapter_lr`` and ``[lora]`` (DPO, GRPO)."""
+    if recipe.method not in POLICY_METHODS:
+        raise ValueError(f"method must be one of {', '.join(POLICY_METHODS)}, got {recipe.method!r}")
+    if recipe.adapter_lr < 0:
+        raise ValueError(f"adapter_lr must be >= 0 (0: train.lr), got {recipe.adapter_lr}")
+    if recipe.method != "full":
+        recipe.lora.validate()
+
+
+def load_policy_recipe(path, cls, overrides, example: str):
+    """A recipe of ``cls`` whose ``init.from`` names the chat run to start from."""
+    from adl_cli.recipe import load_recipe
+
+    recipe = load_recipe(path, cls, overrides)
+    if not recipe.init.from_:
+        raise AdlError(f"{path}: init.from must name the chat run to start from (e.g. --set init.from={example})")
+    return recipe
+
+
 def spread(pairs: list[Pair], n: int) -> list[Pair]:
     """Up to ``n`` of ``pairs`` taken in turn from each source (set or file), so a sample of prompts
     covers every set rather than the first."""

@@ -37,16 +37,14 @@ from adl_cli.engine.trainer import TrainConfig, Trainer
 from adl_cli.errors import AdlError
 from adl_cli.methods.finetune import param_groups, prepare_model, save_result, trainable_counts
 from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.rlhf.common import (PairData, answer_logps, baselines_by_source, build_pairs, chat_base, check_same_tokenizer, chosen_match,
-                                         disable_dropout,
-                                         pair_batches, per_source, reference_logits, rows_logps, sampled_kl, source_counts, split_pair, spread,
-                                         token_kl)
+from adl_cli.methods.rlhf.common import (PairData, answer_logps, baselines_by_source, build_pairs, chat_base, check_policy, check_same_tokenizer,
+                                         chosen_match, disable_dropout, load_policy_recipe, pair_batches, per_source, reference_logits,
+                                         rows_logps, sampled_kl, source_counts, split_pair, spread, token_kl)
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.preference import PREFERENCE_LOSSES, preference_loss
-from adl_cli.recipe import dump_recipe, load_recipe
+from adl_cli.recipe import dump_recipe
 from adl_cli.runs import load_run, parent_entry, write_lineage
 
-METHODS = ("full", "lora", "dora", "qlora")
 REFERENCE_FILE = "reference_logps.safetensors"
 
 
@@ -92,19 +90,11 @@ class DPORecipe:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=16, lr=1e-5, min_lr=1e-6, warmup=10, weight_decay=0.0))
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.adapter_lr < 0:
-            raise ValueError(f"adapter_lr must be >= 0 (0: train.lr), got {self.adapter_lr}")
-        if self.method != "full":
-            self.lora.validate()
+        check_policy(self)
 
 
 def load_dpo_recipe(path: str | Path, overrides: list[str] | None = None) -> DPORecipe:
-    recipe = load_recipe(path, DPORecipe, overrides)
-    if not recipe.init.from_:
-        raise AdlError(f"{path}: init.from must name the chat run to start from (e.g. --set init.from=runs/addition)")
-    return recipe
+    return load_policy_recipe(path, DPORecipe, overrides, "runs/addition")
 
 
 def check_reference(policy_run, ref_run, where: str) -> None:

@@ -34,17 +34,15 @@ from adl_cli.data.packing import IGNORE
 from adl_cli.data.tasks import TASKS, make_task, split_problems
 from adl_cli.engine.checkpoint import atomic_write_text
 from adl_cli.engine.trainer import TrainConfig, Trainer
-from adl_cli.errors import AdlError
 from adl_cli.methods.exact_match import exact_match
 from adl_cli.methods.finetune import param_groups, prepare_model, save_result, trainable_counts
 from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.rlhf.common import chat_base, disable_dropout, reference_logits
+from adl_cli.methods.rlhf.common import chat_base, check_policy, disable_dropout, load_policy_recipe, reference_logits
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.policy_gradient import LOSS_TYPES, group_advantages, kl_k3, policy_loss, token_weights
-from adl_cli.recipe import dump_recipe, load_recipe
+from adl_cli.recipe import dump_recipe
 from adl_cli.runs import parent_entry, write_lineage
 
-METHODS = ("full", "lora", "dora", "qlora")
 
 
 @dataclass
@@ -115,17 +113,11 @@ class GRPORecipe:
                                                                    grad_clip=1.0, eval_every=25, checkpoint_every=50, log_every=1))
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method != "full":
-            self.lora.validate()
+        check_policy(self)
 
 
 def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GRPORecipe:
-    recipe = load_recipe(path, GRPORecipe, overrides)
-    if not recipe.init.from_:
-        raise AdlError(f"{path}: init.from must name the chat run to start from (e.g. --set init.from=runs/sft-tiny)")
-    return recipe
+    return load_policy_recipe(path, GRPORecipe, overrides, "runs/sft-tiny")
 
 
 # ----------------------------------------------------------------------------- rollouts
