@@ -132,7 +132,9 @@ def grpo(
         from adl_cli.engine.report import read_metrics
 
         s = outcome.summary
-        loss_figure(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"adl rlhf grpo {out.name}")
+        rows = read_metrics(out / "metrics.jsonl")
+        loss_figure(rows, out / "loss.png", title=f"adl rlhf grpo {out.name}")
+        _rl_figure(rows, out / "rl.png", f"adl rlhf grpo {out.name}")
         t = Table("task", "n", "before", "after", "paired gain (95% CI)", title="greedy exact match on held-out problems", title_justify="left")
         for name, e in s["exact_match"].items():
             b, a, p = e["before"], e["after"], e["paired"]
@@ -143,7 +145,23 @@ def grpo(
         shown = ("reward", "accuracy", "format", "length", "kl", "clip_fraction", "flat_groups")
         console.print("last step: " + ", ".join(f"{k} {last[k]:.3g}" for k in shown if k in last) + f"; {s['steps']} steps in {s['train_wall_s']:.0f} s",
                       highlight=False)
-        console.print(f"[dim]run folder: {out} (report.md, loss.png, summary.json, metrics.jsonl); talk to it: adl chat {out}[/]", highlight=False)
+        console.print(f"[dim]run folder: {out} (report.md, rl.png, loss.png, summary.json, metrics.jsonl); talk to it: adl chat {out}[/]", highlight=False)
+
+
+def _rl_figure(rows: list, path: Path, title: str) -> None:
+    """rl.png: the sampled answers' reward, accuracy and format rate, held-out greedy exact match,
+    KL to the reference and the share of groups with equal rewards, by step."""
+    from adl_cli.engine.plots import series_figure
+
+    def pts(key):
+        return [(r["step"], r[key]) for r in rows if key in r]
+
+    exact = {k.removeprefix("exact_"): pts(k) for k in sorted({k for r in rows for k in r if k.startswith("exact_")})}
+    panels = {"sampled answers": {"reward": pts("reward"), "accuracy": pts("accuracy"), "format rate": pts("format")},
+              "held-out greedy exact match": exact or {"-": []},
+              "KL(policy || reference), k3 per token": {"kl": pts("kl")},
+              "groups with equal rewards (no signal)": {"share": pts("flat_groups")}}
+    series_figure(path, {}, title=title, xlabel="optimizer step", ylabel="", panels=panels)
 
 
 @rlhf_app.command("pairs")

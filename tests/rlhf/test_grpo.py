@@ -101,6 +101,7 @@ def test_grpo_runs_through_the_cli_changes_the_policy_and_resumes(chat_run, tmp_
         assert not e.code
     text = capsys.readouterr().out
     assert "greedy exact match on held-out problems" in text and "paired gain" in text
+    assert (out / "rl.png").exists() and (out / "report.md").exists()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     assert len(train) == 3 and all(k in train[0] for k in ("reward", "accuracy", "format", "length", "kl", "clip_fraction", "flat_groups"))
