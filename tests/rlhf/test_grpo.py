@@ -77,7 +77,7 @@ def test_rollouts_are_reproducible_and_their_old_logps_are_the_policys(chat_run,
     tasks = {"addition": make_task("addition", operand_digits=2)}
     import contextlib
 
-    cfg = GRPOSection(group=4, max_new_tokens=5)
+    cfg = GRPOSection(group=4, max_new_tokens=5, iterations=2)  # old log-probs are kept when rollouts serve several updates
     a = Rollouts(run.model, ChatTemplate.of(run.tokenizer), tasks, cfg, 3, 7, contextlib.nullcontext)(0, 0, 0, 1)
     b = Rollouts(run.model, ChatTemplate.of(run.tokenizer), tasks, cfg, 3, 7, contextlib.nullcontext)(0, 0, 0, 1)
     assert torch.equal(a["inputs"], b["inputs"]) and torch.equal(a["advantages"], b["advantages"])
@@ -148,3 +148,16 @@ def test_with_iterations_the_same_rollouts_serve_consecutive_steps(chat_run):
                       GRPOSection(group=2, max_new_tokens=3, iterations=2), 2, 0, contextlib.nullcontext)
     a, b, c = source(0, 0, 0, 1), source(1, 0, 0, 1), source(2, 0, 0, 1)
     assert a is b and c is not a
+
+
+def test_with_one_update_per_rollout_no_old_logps_are_computed(chat_run):
+    import contextlib
+
+    from adl_cli.data.chat import ChatTemplate
+    from adl_cli.methods.rlhf.grpo import GRPOSection, Rollouts
+    from adl_cli.runs import load_run
+
+    run = load_run(chat_run)
+    batch = Rollouts(run.model, ChatTemplate.of(run.tokenizer), {"addition": make_task("addition", operand_digits=2)},
+                     GRPOSection(group=2, max_new_tokens=3), 2, 0, contextlib.nullcontext)(0, 0, 0, 1)
+    assert "old_logps" not in batch  # the loss uses its own log-probs, detached: ratio 1, no extra forward

@@ -171,7 +171,7 @@ def run_dpo(recipe: DPORecipe, out: Path, *, resume: bool = False, force: bool =
         return ref_run.model
 
     keep_reference = (d.kl_prompts or d.step_kl) and not adapter_reference  # KL needs the reference's whole distribution
-    loss_fn = dpo_loss(ref, d, (lambda: reference_view(), policy) if d.step_kl else None)
+    loss_fn = dpo_loss(ref, d, (reference_view, policy) if d.step_kl else None)
 
     def eval_fn(m):
         metrics = {}

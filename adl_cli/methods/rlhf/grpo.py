@@ -7,9 +7,10 @@ each through the inference engine (cached decoding, temperature ``grpo.temperatu
 and scores every answer with the task's verifier: reward = correct + ``format_weight`` x follows
 the answer's format, the two logged apart. Advantages are group-relative (nn/policy_gradient.py);
 the clipped surrogate is weighted per token by ``loss_type``; ``kl_beta`` > 0 adds k3 KL to the
-reference (the starting run, or the same model with its adapters off for a LoRA policy). The old
-log-probs are the policy's own at rollout time (one forward, no gradient), reused for
-``grpo.iterations`` updates. Logged every step: reward, accuracy, format rate, completion length,
+reference (the starting run, or the same model with its adapters off for a LoRA policy). With
+``grpo.iterations`` > 1 the old log-probs are the policy's own at rollout time (one forward, no
+gradient), reused for that many updates; with 1 they are the update's own log-probs, detached (the
+same values, without the extra forward). Logged every step: reward, accuracy, format rate, completion length,
 KL to the reference, clip fraction and the share of groups whose rewards are all equal (they carry
 no signal). Evaluation: greedy exact match on held-out problems; at the end, before and after on
 the same problems with a paired 95% interval.
@@ -186,18 +187,23 @@ class Rollouts:
                 ids = p + t
                 inputs[r, : len(ids) - 1] = torch.tensor(ids[:-1])
                 targets[r, len(p) - 1: len(ids) - 1] = torch.tensor(t)
-            device = next(model.parameters()).device
-            with self.autocast():
-                old = completion_logps(model, inputs.to(device), targets.to(device)).float().cpu()
+            old = None  # one update per rollout: the loss's own log-probs, detached, are the old ones
+            if cfg.iterations > 1:
+                device = next(model.parameters()).device
+                with self.autocast():
+                    old = completion_logps(model, inputs.to(device), targets.to(device)).float().cpu()
         finally:
             model.train(was)
         correct_t, format_t = torch.tensor(correct), torch.tensor(formatted)
         rewards = correct_t + cfg.format_weight * format_t
         adv = group_advantages(rewards, cfg.group, scale=cfg.scale_std, rloo=cfg.advantage == "rloo")
         flat = (rewards.view(-1, cfg.group).std(1) == 0).float().mean()
-        return {"inputs": inputs, "targets": targets, "old_logps": old, "advantages": adv,
+        out = {"inputs": inputs, "targets": targets, "advantages": adv,
                 "stats": {"reward": rewards.mean(), "accuracy": correct_t.mean(), "format": format_t.mean(),
                           "length": torch.tensor(lengths, dtype=torch.float32).mean(), "flat_groups": flat}}
+        if old is not None:
+            out["old_logps"] = old
+        return out
 
 
 def grpo_loss(cfg: GRPOSection, reference, policy):
@@ -207,7 +213,8 @@ def grpo_loss(cfg: GRPOSection, reference, policy):
         targets = batch["targets"]
         mask = targets != IGNORE
         logps = completion_logps(m, batch["inputs"], targets)
-        loss, metrics = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss_type=cfg.loss_type,
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        loss, metrics = policy_loss(logps, old, batch["advantages"], mask, loss_type=cfg.loss_type,
                                     eps_low=cfg.eps_low, eps_high=cfg.eps_high)
         if reference is not None:
             with torch.no_grad():
