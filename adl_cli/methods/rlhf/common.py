@@ -126,7 +126,7 @@ def chat_base(path: str, what: str):
     base = load_base(path, what)
     if ChatTemplate.of(base.tokenizer) is None:
         raise AdlError(f"init.from {path}: the run has no chat template; {what} starts from a chat model "
-                       "(an SFT run: `adl sft addition` writes runs/addition)")
+                       "(an SFT run: `adl sft addition` writes runs/addition, `adl sft tiny` runs/sft-tiny)")
     return base
 
 
