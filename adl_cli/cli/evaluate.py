@@ -17,10 +17,17 @@ def evaluate(
     quant: str = typer.Option(None, "--quant", help="Score with weight-only int8 or int4 weights (what quantization costs in bits per byte).", show_default=False),
     task: list[str] = typer.Option(None, "--task", help="Instead of text: exact match of greedy answers on a built-in task's held-out problems (adl sft tasks lists them); repeatable.", show_default=False),
     examples: int = typer.Option(1000, "--examples", help="With --task: held-out problems per task."),
+    samples: int = typer.Option(0, "--samples", help="With --task: also sample N answers per problem and report pass@k, majority vote (self-consistency) and best-of-k for k = 1, 2, 4 ... N."),
+    temperature: float = typer.Option(1.0, "--temperature", help="With --samples: the sampling temperature."),
+    reward_model: Path = typer.Option(None, "--reward-model", help="With --samples: a reward run (adl rlhf reward) that picks the best of k answers.", show_default=False),
+    seed: int = typer.Option(0, "--seed", help="With --samples: the seed of the draws (one generator per problem and sample)."),
+    plot: Path = typer.Option(None, "--plot", help="With --samples: draw accuracy against samples per problem into this PNG.", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Replace the --plot file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     """Loss, perplexity and bits per byte on a text: [bold]adl eval runs/tiny[/] (its held-out split);
-    exact match on tasks: [bold]adl eval runs/addition --task addition[/]"""
+    exact match on tasks: [bold]adl eval runs/addition --task addition[/]; inference-time scaling:
+    [bold]adl eval runs/sft-tiny --task count --samples 8 --plot scaling.png[/]"""
     import json
 
     from rich.table import Table
@@ -30,12 +37,27 @@ def evaluate(
     from adl_cli.methods.evaluate import evaluate_tokens, evaluation_tokens
     from adl_cli.methods.generate import load_decoding_run
 
+    from adl_cli.cli.common import new_output
+
     if max_tokens is not None and max_tokens < 2:
         raise AdlError(f"--max-tokens must be >= 2, got {max_tokens}")
+    if samples < 0:
+        raise AdlError(f"--samples must be >= 0, got {samples}")
+    if not samples and (reward_model is not None or plot is not None):
+        raise AdlError("--reward-model and --plot go with --samples N (answers sampled per problem)")
+    if samples and not task:
+        raise AdlError("--samples goes with --task: it samples answers to a task's problems")
+    if not temperature > 0:
+        raise AdlError(f"--temperature must be > 0 (answers are sampled), got {temperature}")
+    plot = new_output(plot, force, "PNG", ".png")
     run = load_decoding_run(run_dir, quant=quant, command="eval")
     if task:
         if data is not None:
             raise AdlError("--task scores answers to problems and --data scores text: give one")
+        if samples:
+            from adl_cli.cli.eval_scaling import scaling_report
+
+            return scaling_report(run, run_dir, task, examples, samples, temperature, reward_model, seed, plot, as_json)
         return _task_report(run, run_dir, task, examples, quant, as_json)
     tokens, what = evaluation_tokens(run, data, split)
     if max_tokens is not None:

@@ -135,22 +135,86 @@ def grpo(
         rows = read_metrics(out / "metrics.jsonl")
         loss_figure(rows, out / "loss.png", title=f"adl rlhf grpo {out.name}")
         _rl_figure(rows, out / "rl.png", f"adl rlhf grpo {out.name}")
-        t = Table("task", "n", "before", "after", "paired gain (95% CI)", title="greedy exact match on held-out problems", title_justify="left")
-        for name, e in s["exact_match"].items():
-            b, a, p = e["before"], e["after"], e["paired"]
-            gain = "-" if not p else f"{p['gain']:+.1%} ({p['ci95'][0]:+.1%} to {p['ci95'][1]:+.1%})"
-            t.add_row(name, str(a["n"]), "-" if not b else f"{b['accuracy']:.1%}", f"{a['accuracy']:.1%}", gain)
-        console.print(t)
-        last = s.get("last_step") or {}
-        shown = ("reward", "accuracy", "format", "length", "kl", "clip_fraction", "flat_groups")
-        console.print("last step: " + ", ".join(f"{k} {last[k]:.3g}" for k in shown if k in last) + f"; {s['steps']} steps in {s['train_wall_s']:.0f} s",
-                      highlight=False)
+        _exact_table(s)
+        _last_step(s, ("reward", "accuracy", "format", "length", "kl", "clip_fraction", "flat_groups"))
         console.print(f"[dim]run folder: {out} (report.md, rl.png, loss.png, summary.json, metrics.jsonl); talk to it: adl chat {out}[/]", highlight=False)
 
 
-def _rl_figure(rows: list, path: Path, title: str) -> None:
+@rlhf_app.command("ppo")
+def ppo(
+    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="ppo, ppo-rm").replace("runs/addition", "runs/sft-tiny"), show_default=False),
+    set_: list[str] = set_option(),
+    out: Path = _out_option(),
+    resume: bool = _resume_option(),
+    force: bool = _force_option(),
+    base: bool = typer.Option(True, "--base/--no-base", help="Also measure the starting run on the same held-out problems (exact match and sampled reward)."),
+    progress: bool = _progress_option(),
+) -> None:
+    """Reinforce a chat run by PPO with a value head, GAE and a KL penalty: [bold]adl rlhf ppo ppo[/]"""
+    from adl_cli.console import console
+    from adl_cli.engine.distributed import is_main_env
+    from adl_cli.methods.rlhf.ppo import load_ppo_recipe, run_ppo
+
+    path = resolve_recipe(Path(recipe), command="rlhf")
+    rec = load_ppo_recipe(path, set_)
+    out = out or default_out(path, rec.name)
+    if is_main_env():
+        console.print(f"[bold]adl rlhf ppo[/] {path} (reward: {rec.ppo.reward}, {rec.method}) -> {out}", highlight=False)
+    outcome = run_ppo(rec, out, resume=resume, force=force, progress=progress, log=console.print, evaluate_base=base)
+    if outcome.main and outcome.summary:
+        from rich.table import Table
+
+        from adl_cli.engine.plots import loss_figure
+        from adl_cli.engine.report import read_metrics
+
+        s = outcome.summary
+        rows = read_metrics(out / "metrics.jsonl")
+        loss_figure(rows, out / "loss.png", title=f"adl rlhf ppo {out.name}")
+        _rl_figure(rows, out / "rl.png", f"adl rlhf ppo {out.name}", kl_target=rec.ppo.kl_target)
+        _exact_table(s)
+        if s["sampled_reward"]:
+            t = Table("task", "n", "reward before", "after", "accuracy before", "after",
+                      title=f"one answer sampled per held-out problem (temperature {rec.ppo.temperature:g})", title_justify="left")
+            for name, e in s["sampled_reward"].items():
+                b, a = e["before"], e["after"]
+                t.add_row(name, str(a["n"]), "-" if not b else f"{b['reward']:.3f}", f"{a['reward']:.3f}",
+                          "-" if not b else f"{b['accuracy']:.1%}", f"{a['accuracy']:.1%}")
+            console.print(t)
+        if s["sampled_kl"] is not None:
+            target = f" (target {s['kl_target']:g}: {'within' if s['sampled_kl'] <= s['kl_target'] else 'above'})" if s["kl_target"] else ""
+            console.print(f"KL(policy || reference) per sampled held-out answer: {s['sampled_kl']:.3f} nats{target}; final beta {s['final_kl_coef']:.4g}",
+                          highlight=False)
+        _last_step(s, ("reward", "accuracy", "format", "length", "kl", "clip_fraction", "value_loss", "explained_var"))
+        what = "model.safetensors" if rec.method == "full" else "adapter.safetensors + adapter.json naming its base"
+        console.print(f"[dim]run folder: {out} (report.md, rl.png, loss.png, summary.json, metrics.jsonl, {what}); talk to it: adl chat {out}[/]",
+                      highlight=False)
+
+
+def _exact_table(s: dict) -> None:
+    from rich.table import Table
+
+    from adl_cli.console import console
+
+    t = Table("task", "n", "before", "after", "paired gain (95% CI)", title="greedy exact match on held-out problems", title_justify="left")
+    for name, e in s["exact_match"].items():
+        b, a, p = e["before"], e["after"], e["paired"]
+        gain = "-" if not p else f"{p['gain']:+.1%} ({p['ci95'][0]:+.1%} to {p['ci95'][1]:+.1%})"
+        t.add_row(name, str(a["n"]), "-" if not b else f"{b['accuracy']:.1%}", f"{a['accuracy']:.1%}", gain)
+    console.print(t)
+
+
+def _last_step(s: dict, shown: tuple[str, ...]) -> None:
+    from adl_cli.console import console
+
+    last = s.get("last_step") or {}
+    console.print("last step: " + ", ".join(f"{k} {last[k]:.3g}" for k in shown if k in last) + f"; {s['steps']} steps in {s['train_wall_s']:.0f} s",
+                  highlight=False)
+
+
+def _rl_figure(rows: list, path: Path, title: str, kl_target: float = 0.0) -> None:
     """rl.png: the sampled answers' reward, accuracy and format rate, held-out greedy exact match,
-    KL to the reference and the share of groups with equal rewards, by step."""
+    KL to the reference, and the share of groups with equal rewards (GRPO) or the value head's
+    explained variance (PPO), by step."""
     from adl_cli.engine.plots import series_figure
 
     def pts(key):
@@ -161,6 +225,15 @@ def _rl_figure(rows: list, path: Path, title: str) -> None:
               "held-out greedy exact match": exact or {"-": []},
               "KL(policy || reference), k3 per token": {"kl": pts("kl")},
               "groups with equal rewards (no signal)": {"share": pts("flat_groups")}}
+    if any("explained_var" in r for r in rows):  # PPO: KL per answer (k1 summed) beside its target and beta; the value head
+        kl = {"sampled answers": pts("kl")}
+        steps = [x for x, _ in pts("kl")]
+        if kl_target and steps:
+            kl[f"target {kl_target:g}"] = [(steps[0], kl_target), (steps[-1], kl_target)]
+        panels.pop("KL(policy || reference), k3 per token")
+        panels.pop("groups with equal rewards (no signal)")
+        panels["KL(policy || reference), nats per answer"] = kl
+        panels["KL coefficient beta and value head"] = {"beta": pts("kl_coef"), "explained variance": pts("explained_var")}
     series_figure(path, {}, title=title, xlabel="optimizer step", ylabel="", panels=panels)
 
 

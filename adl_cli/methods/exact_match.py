@@ -61,36 +61,69 @@ def _prompts(tokenizer, template: ChatTemplate | None, problems: list[Problem]) 
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, task: Task, problems: list[Problem], *, batch_size: int = 64, keep_samples: int = 3) -> TaskScore:
-    """Greedy answers to ``problems`` of one task, scored by its verifier."""
+def answers(model, tokenizer, task: Task, problems: list[Problem], *, n: int = 1, params: SamplingParams = SamplingParams(temperature=0.0),
+            seed: int = 0, batch_size: int = 64) -> list[list | None]:
+    """``n`` answers (Completions, ``text`` set) to each problem, or None for a question longer than
+    the context (it cannot be asked). Sampled answers draw from one generator per (problem, sample),
+    seeded from ``seed`` and the problem's index: the same draws whatever the batch size."""
+    from adl_cli.inference.engine import row_generators
+
     template = ChatTemplate.of(tokenizer)
-    score = TaskScore(task.name)
     block = model.config.block_size
     prompts = _prompts(tokenizer, template, problems)
     if template is not None:
         eos, stop = sorted(template.stop_ids), ()
     else:
         eos, stop = tokenizer.eot_id, ("\n",)
-    for start in range(0, len(problems), batch_size):
-        group = problems[start:start + batch_size]
-        ids = prompts[start:start + batch_size]
-        fits = [len(p) + 1 <= block for p in ids]
-        if not all(fits):  # a question longer than the context cannot be asked: it counts as wrong
-            score.n += fits.count(False)
-            score.outcomes += [False] * fits.count(False)
-            group = [p for p, f in zip(group, fits) if f]
-            ids = [i for i, f in zip(ids, fits) if f]
-        if not ids:
+    out: list[list | None] = [None] * len(problems)
+    asked = [len(p) for p in prompts if len(p) + 1 <= block]
+    budget = min(task.max_answer_tokens, block - max(asked)) if asked else 0  # one budget for all: answers do not depend on the batch
+    per = max(1, batch_size // n)
+    device = next(model.parameters()).device
+    for start in range(0, len(problems), per):
+        idx = [i for i in range(start, min(start + per, len(problems))) if len(prompts[i]) + 1 <= block]
+        if not idx:
             continue
-        budget = min(task.max_answer_tokens, block - max(len(i) for i in ids))
-        done = generate_batch(model, ids, budget, SamplingParams(temperature=0.0), eos_id=eos, stop=stop, decode=tokenizer.decode)
-        for p, c in zip(group, done):
-            text = c.text if c.text is not None else tokenizer.decode(c.tokens)
-            ok = task.verify(text, p)
-            score.n += 1
-            score.correct += ok
-            score.outcomes.append(bool(ok))
-            score.stopped += c.finish in ("eos", "stop")
-            if len(score.samples) < keep_samples:
-                score.samples.append((p.question, text, ok))
+        ids = [prompts[i] for i in idx]
+        gens = None
+        if params.temperature > 0:
+            gens = [g for i in idx for g in row_generators(seed + 7919 * i, n, device)]
+        done = generate_batch(model, ids, budget, params, n=n, eos_id=eos, stop=stop, decode=tokenizer.decode, generator=gens)
+        for j, i in enumerate(idx):
+            rows = done[j * n:(j + 1) * n]
+            for c in rows:
+                if c.text is None:
+                    c.text = tokenizer.decode(c.tokens)
+            out[i] = rows
+    return out
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, task: Task, problems: list[Problem], *, batch_size: int = 64, keep_samples: int = 3) -> TaskScore:
+    """Greedy answers to ``problems`` of one task, scored by its verifier."""
+    score = TaskScore(task.name)
+    for p, got in zip(problems, answers(model, tokenizer, task, problems, batch_size=batch_size)):
+        score.n += 1
+        if got is None:  # a question longer than the context cannot be asked: it counts as wrong
+            score.outcomes.append(False)
+            continue
+        c = got[0]
+        ok = task.verify(c.text, p)
+        score.correct += ok
+        score.outcomes.append(bool(ok))
+        score.stopped += c.finish in ("eos", "stop")
+        if len(score.samples) < keep_samples:
+            score.samples.append((p.question, c.text, ok))
     return score
+
+
+def paired_interval(before: list[bool], after: list[bool]) -> dict[str, float]:
+    """The change in accuracy on the same problems, with a normal 95% interval of the paired differences."""
+    n = len(before)
+    if not n or len(after) != n:
+        return {"n": n, "gain": float("nan"), "ci95": [float("nan"), float("nan")]}
+    d = [float(a) - float(b) for a, b in zip(after, before)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = 1.959964 * sd / math.sqrt(n)
+    return {"n": n, "gain": mean, "ci95": [mean - half, mean + half]}

@@ -70,7 +70,8 @@ def _write(tmp_path, chat_run, extra=""):
 
 def test_rollouts_are_reproducible_and_their_old_logps_are_the_policys(chat_run, tmp_path):
     from adl_cli.data.chat import ChatTemplate
-    from adl_cli.methods.rlhf.grpo import GRPOSection, Rollouts, completion_logps
+    from adl_cli.methods.rlhf.grpo import GRPOSection, Rollouts
+    from adl_cli.methods.rlhf.rollouts import completion_logps
     from adl_cli.runs import load_run
 
     run = load_run(chat_run)

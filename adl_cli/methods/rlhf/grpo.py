@@ -19,7 +19,6 @@ the same problems with a paired 95% interval.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,39 +31,19 @@ from adl_cli.adapters.lora import LoraSection
 from adl_cli.adapters.qlora import QloraSection
 from adl_cli.data.chat import ChatTemplate
 from adl_cli.data.packing import IGNORE
-from adl_cli.data.tasks import TASKS, make_task, split_problems
+from adl_cli.data.tasks import make_task, split_problems
 from adl_cli.engine.checkpoint import atomic_write_text
 from adl_cli.engine.trainer import TrainConfig, Trainer
-from adl_cli.methods.exact_match import exact_match
+from adl_cli.methods.exact_match import exact_match, paired_interval
 from adl_cli.methods.finetune import param_groups, prepare_model, save_result, trainable_counts
 from adl_cli.methods.pretrain import InitSection, start_run
 from adl_cli.methods.rlhf.common import chat_base, check_policy, disable_dropout, load_policy_recipe, reference_logits
+from adl_cli.methods.rlhf.rollouts import TaskData, completion_logps, draw_problems, rollout_seed, sample_answers
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.policy_gradient import LOSS_TYPES, group_advantages, kl_k3, policy_loss, token_weights
 from adl_cli.recipe import dump_recipe
 from adl_cli.runs import parent_entry, write_lineage
 
-
-
-@dataclass
-class TaskData:
-    """The recipe's ``[data]``: which verifiable tasks ask the questions."""
-
-    tasks: list[str] = field(default_factory=lambda: ["addition"])
-    operand_digits: int = 3  # arithmetic operands below 10^k (as the SFT run was taught)
-    scratchpad: bool = False  # answers show their steps first (as the SFT run was taught)
-    eval_examples: int = 500  # held-out problems per task for the final exact match, before and after
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not self.tasks:
-            raise ValueError("data.tasks must name at least one task (`adl sft tasks` lists them)")
-        for name in self.tasks:
-            TASKS.get(name)
-        if not 1 <= self.operand_digits <= 9:
-            raise ValueError(f"data.operand_digits must be 1 to 9, got {self.operand_digits}")
-        if self.eval_examples < 0:
-            raise ValueError(f"data.eval_examples must be >= 0, got {self.eval_examples}")
 
 
 @dataclass
@@ -124,13 +103,6 @@ def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GR
 # ----------------------------------------------------------------------------- rollouts
 
 
-def completion_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probabilities (B, T) of ``targets`` (0 where IGNORE)."""
-    logits = model(inputs)[0]
-    lp = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return lp.view(targets.shape)
-
-
 class Rollouts:
     """The trainer's batch source: a step's problems, their sampled answers, rewards, advantages
     and old log-probs. Rollouts are a function of (seed, step, micro-batch, rank) and the policy;
@@ -150,59 +122,25 @@ class Rollouts:
 
     @torch.no_grad()
     def rollout(self, batch: int, micro: int, rank: int) -> dict:
-        from adl_cli.inference.engine import generate_batch, row_generators
-        from adl_cli.inference.sampling import SamplingParams
-
-        cfg, tok, model = self.cfg, self.template.tokenizer, self.policy
-        names = list(self.tasks)
-        problems, owners = [], []
-        for k in range(self.problems):  # tasks in turn
-            name = names[k % len(names)]
-            problems += split_problems(self.tasks[name], 1, held_out=False, seed=self.seed, stream=f"rl:{batch}:{micro}:{rank}:{k}")
-            owners.append(name)
-        prompts = [self.template.question(p.question) for p in problems]
-        block = model.config.block_size
-        budget = cfg.max_new_tokens or max(self.tasks[n].max_answer_tokens for n in names)
-        budget = max(1, min(budget, block - max(len(p) for p in prompts)))
-        was = model.training
-        model.eval()
-        try:
-            with self.autocast():
-                done = generate_batch(model, prompts, budget, SamplingParams(temperature=cfg.temperature), n=cfg.group,
-                                      eos_id=sorted(self.template.stop_ids), decode=tok.decode,
-                                      generator=row_generators(self.seed * 1_000_003 + batch * 7919 + micro * 131 + rank, len(prompts) * cfg.group))
-            rows, correct, formatted, lengths = [], [], [], []
-            for j, c in enumerate(done):
-                i = j // cfg.group
-                task, problem = self.tasks[owners[i]], problems[i]
-                text = c.text if c.text is not None else tok.decode(c.tokens)
-                correct.append(float(task.verify(text, problem)))
-                formatted.append(float(c.finish == "eos" and task.follows_format(text)))
-                rows.append((prompts[i], list(c.tokens)))
-                lengths.append(len(c.tokens))
-            width = max(len(p) + len(t) for p, t in rows) - 1
-            inputs = torch.zeros(len(rows), width, dtype=torch.long)
-            targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-            for r, (p, t) in enumerate(rows):
-                ids = p + t
-                inputs[r, : len(ids) - 1] = torch.tensor(ids[:-1])
-                targets[r, len(p) - 1: len(ids) - 1] = torch.tensor(t)
-            old = None  # one update per rollout: the loss's own log-probs, detached, are the old ones
-            if cfg.iterations > 1:
-                device = next(model.parameters()).device
-                with self.autocast():
-                    old = completion_logps(model, inputs.to(device), targets.to(device)).float().cpu()
-        finally:
-            model.train(was)
-        correct_t, format_t = torch.tensor(correct), torch.tensor(formatted)
-        rewards = correct_t + cfg.format_weight * format_t
+        cfg, model = self.cfg, self.policy
+        problems, owners = draw_problems(self.tasks, self.problems, self.seed, f"rl:{batch}:{micro}:{rank}")
+        got = sample_answers(model, self.template, self.tasks, problems, owners, n=cfg.group, temperature=cfg.temperature,
+                             max_new_tokens=cfg.max_new_tokens, seed=rollout_seed(self.seed, batch, micro, rank), autocast=self.autocast)
+        rewards = got.correct + cfg.format_weight * got.formatted
         adv = group_advantages(rewards, cfg.group, scale=cfg.scale_std, rloo=cfg.advantage == "rloo")
         flat = (rewards.view(-1, cfg.group).std(1) == 0).float().mean()
-        out = {"inputs": inputs, "targets": targets, "advantages": adv,
-                "stats": {"reward": rewards.mean(), "accuracy": correct_t.mean(), "format": format_t.mean(),
-                          "length": torch.tensor(lengths, dtype=torch.float32).mean(), "flat_groups": flat}}
-        if old is not None:
-            out["old_logps"] = old
+        out = {"inputs": got.inputs, "targets": got.targets, "advantages": adv,
+               "stats": {"reward": rewards.mean(), "accuracy": got.correct.mean(), "format": got.formatted.mean(),
+                         "length": got.lengths.mean(), "flat_groups": flat}}
+        if cfg.iterations > 1:  # old log-probs at rollout time; with one update the loss's own, detached, are the same values
+            was = model.training
+            model.eval()
+            try:
+                device = next(model.parameters()).device
+                with torch.no_grad(), self.autocast():
+                    out["old_logps"] = completion_logps(model, got.inputs.to(device), got.targets.to(device)).float().cpu()
+            finally:
+                model.train(was)
         return out
 
 
@@ -231,18 +169,6 @@ def grpo_loss(cfg: GRPOSection, reference, policy):
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def paired_interval(before: list[bool], after: list[bool]) -> dict[str, float]:
-    """The change in accuracy on the same problems, with a normal 95% interval of the paired differences."""
-    n = len(before)
-    if not n or len(after) != n:
-        return {"n": n, "gain": float("nan"), "ci95": [float("nan"), float("nan")]}
-    d = [float(a) - float(b) for a, b in zip(after, before)]
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-    half = 1.959964 * sd / math.sqrt(n)
-    return {"n": n, "gain": mean, "ci95": [mean - half, mean + half]}
 
 
 def run_grpo(recipe: GRPORecipe, out: Path, *, resume: bool = False, force: bool = False, progress: bool | None = True,
@@ -330,10 +256,17 @@ def report_markdown(s: dict[str, Any]) -> str:
     last = s.get("last_step") or {}
     if last:
         lines += ["Last logging step: " + ", ".join(f"{k} {v:.3g}" for k, v in last.items()) + ".", ""]
-    if s["exact_match"]:
-        lines += ["| task | n | before | after | paired gain (95% CI) |", "|---|---|---|---|---|"]
-        for n, e in s["exact_match"].items():
-            b, a, p = e["before"], e["after"], e["paired"]
-            gain = "-" if not p else f"{p['gain']:+.1%} ({p['ci95'][0]:+.1%} to {p['ci95'][1]:+.1%})"
-            lines.append(f"| {n} | {a['n']} | {'-' if not b else format(b['accuracy'], '.1%')} | {a['accuracy']:.1%} | {gain} |")
+    lines += exact_match_lines(s["exact_match"])
     return "\n".join(lines) + "\n"
+
+
+def exact_match_lines(exact: dict[str, Any]) -> list[str]:
+    """The report's table of greedy exact match before and after, with the paired gain."""
+    if not exact:
+        return []
+    lines = ["| task | n | before | after | paired gain (95% CI) |", "|---|---|---|---|---|"]
+    for n, e in exact.items():
+        b, a, p = e["before"], e["after"], e["paired"]
+        gain = "-" if not p else f"{p['gain']:+.1%} ({p['ci95'][0]:+.1%} to {p['ci95'][1]:+.1%})"
+        lines.append(f"| {n} | {a['n']} | {'-' if not b else format(b['accuracy'], '.1%')} | {a['accuracy']:.1%} | {gain} |")
+    return lines
