@@ -134,7 +134,7 @@ def grpo(
         s = outcome.summary
         rows = read_metrics(out / "metrics.jsonl")
         loss_figure(rows, out / "loss.png", title=f"adl rlhf grpo {out.name}")
-        _rl_figure(rows, out / "rl.png", f"adl rlhf grpo {out.name}")
+        _rl_figure(rows, out / "rl.png", f"adl rlhf grpo {out.name}", start=s.get("exact_start"))
         _exact_table(s)
         _last_step(s, ("reward", "accuracy", "format", "length", "kl", "clip_fraction", "flat_groups"))
         console.print(f"[dim]run folder: {out} (report.md, rl.png, loss.png, summary.json, metrics.jsonl); talk to it: adl chat {out}[/]", highlight=False)
@@ -170,7 +170,7 @@ def ppo(
         s = outcome.summary
         rows = read_metrics(out / "metrics.jsonl")
         loss_figure(rows, out / "loss.png", title=f"adl rlhf ppo {out.name}")
-        _rl_figure(rows, out / "rl.png", f"adl rlhf ppo {out.name}", kl_target=rec.ppo.kl_target)
+        _rl_figure(rows, out / "rl.png", f"adl rlhf ppo {out.name}", kl_target=rec.ppo.kl_target, start=s.get("exact_start"))
         _exact_table(s)
         if s["sampled_reward"]:
             t = Table("task", "n", "reward before", "after", "accuracy before", "after",
@@ -211,18 +211,20 @@ def _last_step(s: dict, shown: tuple[str, ...]) -> None:
                   highlight=False)
 
 
-def _rl_figure(rows: list, path: Path, title: str, kl_target: float = 0.0) -> None:
+def _rl_figure(rows: list, path: Path, title: str, kl_target: float = 0.0, start: dict | None = None) -> None:
     """rl.png: the sampled answers' reward, accuracy and format rate, held-out greedy exact match,
     KL to the reference, and the share of groups with equal rewards (GRPO) or the value head's
-    explained variance (PPO), by step."""
+    explained variance (PPO), by step; ``start``: the starting run's exact match, drawn at step 0."""
     from adl_cli.engine.plots import series_figure
 
     def pts(key):
         return [(r["step"], r[key]) for r in rows if key in r]
 
     exact = {k.removeprefix("exact_"): pts(k) for k in sorted({k for r in rows for k in r if k.startswith("exact_")})}
+    for name, acc in (start or {}).items():  # the starting run on the same problems, at step 0
+        exact[name] = [(0, acc)] + exact.get(name, [])
     panels = {"sampled answers": {"reward": pts("reward"), "accuracy": pts("accuracy"), "format rate": pts("format")},
-              "held-out greedy exact match": exact or {"-": []},
+              "held-out greedy exact match (the evaluation problems)": exact or {"-": []},
               "KL(policy || reference), k3 per token": {"kl": pts("kl")},
               "groups with equal rewards (no signal)": {"share": pts("flat_groups")}}
     if any("explained_var" in r for r in rows):  # PPO: KL per answer (k1 summed) beside its target and beta; the value head

@@ -113,7 +113,12 @@ class Addition(Task):
     name = "addition"
     description = "a + b with operands uniform below 10^operand_digits; scratchpad: digit sums from the right with carries"
     numeric = True
-    max_answer_tokens = 64
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """64; with the scratchpad, room for its column steps (about 17 tokens each, one per digit
+        and the carry's) and the closing sum."""
+        return 18 * (self.operand_digits + 1) + 32 if self.scratchpad else 64
 
     def draw(self, rng):
         a, b = self.operand(rng, self.operand_digits), self.operand(rng, self.operand_digits)

@@ -6,12 +6,13 @@ With c of the n = N samples correct, for every k in 1, 2, 4, ..., N:
 
     pass@k        1 - C(n - c, k) / C(n, k), the unbiased estimate of "one of k samples is right"
                   (Chen et al. 2021): an oracle verifier picking among k samples
-    majority@k    the most frequent final answer among the first k samples is right
-                  (self-consistency, Wang et al. 2023); ties go to the answer seen first
-    best-of-k     the first k samples' answer with the highest reward-model score is right
+    majority@k    the most frequent final answer among k samples is right (self-consistency,
+                  Wang et al. 2023); ties go to the answer seen first
+    best-of-k     the answer with the highest reward-model score among k samples is right
                   (with a reward run); the verifier's own best-of-k is pass@k
 
-Each figure is averaged over problems; majority@N is compared with greedy on the same problems by a
+majority@k and best-of-k are averaged over the N // k disjoint blocks of k samples (at k = 1 every
+sample counts, as in pass@1), then over problems; majority@N is compared with greedy on the same problems by a
 paired 95% interval.
 """
 
@@ -71,22 +72,28 @@ class Scaling:
         out = []
         for k in sample_budgets(self.samples):
             row = {"k": k, "pass": sum(pass_at_k(self.samples, sum(c), k) for c in self.correct) / self.n,
-                   "majority": sum(self._vote(i, k) for i in range(self.n)) / self.n}
+                   "majority": sum(self._blocks(self._vote, i, k) for i in range(self.n)) / self.n}
             if self.rewards is not None:
-                row["best_of"] = sum(self._best(i, k) for i in range(self.n)) / self.n
+                row["best_of"] = sum(self._blocks(self._best, i, k) for i in range(self.n)) / self.n
             out.append(row)
         return out
 
-    def _vote(self, i: int, k: int) -> bool:
-        pick = majority(self.finals[i][:k])
-        return pick is not None and any(f == pick and ok for f, ok in zip(self.finals[i][:k], self.correct[i][:k]))
+    def _blocks(self, rule, i: int, k: int) -> float:
+        """``rule`` on each disjoint block of k of problem i's samples, averaged (N // k blocks: every
+        sample counts at k = 1, as in pass@1)."""
+        blocks = range(0, self.samples - k + 1, k)
+        return sum(rule(i, s, s + k) for s in blocks) / len(blocks)
 
-    def _best(self, i: int, k: int) -> bool:
-        r = self.rewards[i][:k]
-        return self.correct[i][max(range(len(r)), key=r.__getitem__)]
+    def _vote(self, i: int, lo: int, hi: int) -> bool:
+        pick = majority(self.finals[i][lo:hi])
+        return pick is not None and any(f == pick and ok for f, ok in zip(self.finals[i][lo:hi], self.correct[i][lo:hi]))
+
+    def _best(self, i: int, lo: int, hi: int) -> bool:
+        r = self.rewards[i][lo:hi]
+        return self.correct[i][lo + max(range(len(r)), key=r.__getitem__)]
 
     def to_dict(self) -> dict:
-        votes = [self._vote(i, self.samples) for i in range(self.n)]
+        votes = [self._vote(i, 0, self.samples) for i in range(self.n)]
         return {"task": self.task, "n": self.n, "samples": self.samples, "temperature": self.temperature,
                 "greedy": sum(self.greedy) / self.n, "sample_accuracy": sum(map(sum, self.correct)) / (self.n * self.samples),
                 "rows": self.rows(), "majority_vs_greedy": paired_interval(self.greedy, votes)}

@@ -71,15 +71,17 @@ def test_the_scaling_table_matches_a_recount_of_the_samples(chat_run):
     # k = n: pass@n is "any sample right"; k = 1: the mean sample accuracy
     assert d["rows"][-1]["pass"] == pytest.approx(sum(any(c) for c in s.correct) / 6)
     assert d["rows"][0]["pass"] == pytest.approx(d["sample_accuracy"])
+    assert d["rows"][0]["majority"] == pytest.approx(d["sample_accuracy"])  # a vote of one is the sample
     for row in d["rows"]:
         k = row["k"]
-        votes = []
-        for p, finals in zip(problems, s.finals):
-            seen = [f for f in finals[:k] if f is not None]
-            best = max(seen, key=lambda f: (seen.count(f), -seen.index(f))) if seen else None
-            votes.append(best == p.final)
+        votes, picks = [], []
+        for p, finals, correct, r in zip(problems, s.finals, s.correct, s.rewards):
+            for lo in range(0, 4 - k + 1, k):  # disjoint blocks of k samples
+                seen = [f for f in finals[lo:lo + k] if f is not None]
+                best = max(seen, key=lambda f: (seen.count(f), -seen.index(f))) if seen else None
+                votes.append((best == p.final) / (4 // k))
+                picks.append(correct[lo + max(range(k), key=lambda j: r[lo + j])] / (4 // k))
         assert row["majority"] == pytest.approx(sum(votes) / 6)
-        picks = [c[max(range(k), key=lambda j: r[j])] for c, r in zip(s.correct, s.rewards)]
         assert row["best_of"] == pytest.approx(sum(picks) / 6)
     # the reward model's scores are its own reading of prompt + answer
     from adl_cli.data.chat import ChatTemplate

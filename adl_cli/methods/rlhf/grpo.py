@@ -11,8 +11,8 @@ reference (the starting run, or the same model with its adapters off for a LoRA 
 ``grpo.iterations`` > 1 the old log-probs are the policy's own at rollout time (one forward, no
 gradient), reused for that many updates; with 1 they are the update's own log-probs, detached (the
 same values, without the extra forward). Logged every step: reward, accuracy, format rate, completion length,
-KL to the reference, clip fraction and the share of groups whose rewards are all equal (they carry
-no signal). Evaluation: greedy exact match on held-out problems; at the end, before and after on
+KL to the reference, clip fraction, the share of groups whose rewards are all equal (they carry
+no signal) and the seconds the step's rollouts took (sampling and scoring). Evaluation: greedy exact match on held-out problems; at the end, before and after on
 the same problems with a paired 95% interval.
 """
 
@@ -123,6 +123,7 @@ class Rollouts:
     @torch.no_grad()
     def rollout(self, batch: int, micro: int, rank: int) -> dict:
         cfg, model = self.cfg, self.policy
+        t0 = time.perf_counter()
         problems, owners = draw_problems(self.tasks, self.problems, self.seed, f"rl:{batch}:{micro}:{rank}")
         got = sample_answers(model, self.template, self.tasks, problems, owners, n=cfg.group, temperature=cfg.temperature,
                              max_new_tokens=cfg.max_new_tokens, seed=rollout_seed(self.seed, batch, micro, rank), autocast=self.autocast)
@@ -141,6 +142,7 @@ class Rollouts:
                     out["old_logps"] = completion_logps(model, got.inputs.to(device), got.targets.to(device)).float().cpu()
             finally:
                 model.train(was)
+        out["stats"]["rollout_s"] = torch.tensor(time.perf_counter() - t0)
         return out
 
 
@@ -240,6 +242,7 @@ def run_grpo(recipe: GRPORecipe, out: Path, *, resume: bool = False, force: bool
         "steps": result.steps, "completions": result.units, "train_wall_s": result.wall_s, "wall_s": time.perf_counter() - t0,
         "step_s": result.wall_s / max(1, result.steps), "precision": result.precision, "device": result.device, "world_size": result.world_size,
         "last_step": result.train_metrics,
+        "exact_start": {n: sum(before[n].outcomes[: g.eval_prompts]) / max(1, len(before[n].outcomes[: g.eval_prompts])) for n in before},
         "exact_match": {n: {"before": before[n].to_dict() if n in before else None, "after": after[n].to_dict(),
                             "paired": paired_interval(before[n].outcomes, after[n].outcomes) if n in before else None} for n in after},
     }

@@ -21,7 +21,8 @@ the sampled KL per answer near the target; beta travels in the checkpoints.
 
 Logged each step: reward (the score, before the KL penalty), accuracy and format rate of the
 sampled answers, completion length, KL per answer (k1 summed over its tokens), beta, clip
-fraction, value loss and the value's explained variance. At the end, on held-out problems:
+fraction, value loss, the value's explained variance and the seconds the rollouts took (sampling,
+scoring, the old and reference forwards). At the end, on held-out problems:
 greedy exact match before and after (paired 95% interval), the mean verifier reward of sampled
 answers before and after, and the exact KL per sampled answer against the recipe's target.
 """
@@ -206,6 +207,7 @@ class PPORollouts:
     @torch.no_grad()
     def rollout(self, batch: int, micro: int, rank: int) -> dict:
         cfg, policy = self.cfg, self.model.policy
+        t0 = time.perf_counter()
         problems, owners = draw_problems(self.tasks, self.problems, self.seed, f"ppo:{batch}:{micro}:{rank}")
         got = sample_answers(policy, self.template, self.tasks, problems, owners, n=cfg.samples, temperature=cfg.temperature,
                              max_new_tokens=cfg.max_new_tokens, seed=rollout_seed(self.seed, batch, micro, rank), autocast=self.autocast)
@@ -239,6 +241,7 @@ class PPORollouts:
             out.update(self.ptx_rows(batch, micro, rank))
         if self.kl is not None:
             self.beta = self.kl.update(mean_over_ranks(float(per_answer.mean())), len(inputs))
+        out["stats"]["rollout_s"] = torch.tensor(time.perf_counter() - t0)
         return out
 
     def ptx_rows(self, batch: int, micro: int, rank: int) -> dict:
@@ -391,6 +394,7 @@ def run_ppo(recipe: PPORecipe, out: Path, *, resume: bool = False, force: bool =
         "wall_s": time.perf_counter() - t0, "step_s": result.wall_s / max(1, result.steps), "precision": result.precision,
         "device": result.device, "world_size": result.world_size, "last_step": result.train_metrics, "final_kl_coef": rollouts.beta,
         "sampled_kl": kl.get("sampled_kl"), "kl_target": p.kl_target or None,
+        "exact_start": {n: sum(before[n].outcomes[: p.eval_prompts]) / max(1, len(before[n].outcomes[: p.eval_prompts])) for n in before},
         "exact_match": {n: {"before": before[n].to_dict() if n in before else None, "after": after[n].to_dict(),
                             "paired": paired_interval(before[n].outcomes, after[n].outcomes) if n in before else None} for n in after},
         "sampled_reward": {n: {"before": before_sampled.get(n), "after": a} for n, a in after_sampled.items()},
