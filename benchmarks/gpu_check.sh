@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check for adl's pretraining and decoding paths (written for one H100/H200; any CUDA GPU works).
-# Run from the repository root:   bash benchmarks/gpu_check.sh        (about 8-10 minutes on an H200)
+# Run from the repository root:   bash benchmarks/gpu_check.sh        (about 10-12 minutes on an H200)
 #
 #   1. environment: GPU, torch, CUDA
 #   2. the tests that exercise CUDA: tests/distributed (CUDA-only ones included; the 2-process
@@ -18,6 +18,8 @@
 #  4e. adl lora (LoRA, QLoRA) on CUDA and the GPT-2-124M memory table (allocator peaks)
 #      from a 600-step main job (exact match on 1,000 held-out sums)
 #  4f. adl rlhf reward and dpo (full, LoRA) on CUDA from 4d's SFT run
+#  4g. adl rlhf ppo and grpo on CUDA (rollouts through the engine on the GPU, value head, adaptive
+#      KL) from a short all-tasks SFT run, then `adl eval --samples 8` (pass@k, majority vote)
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
 #
@@ -140,6 +142,16 @@ for r in dpo dpo-lora; do
   timeout 150 $PY -m adl_cli rlhf dpo $r --out "$OUTDIR/$r" --set init.from="$OUTDIR/addition" --set train.steps=300 --no-progress 2>&1 | tail -8
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
+
+echo "== 4g. adl rlhf ppo and grpo on CUDA from a short all-tasks SFT run; inference-time scaling"
+timeout 200 $PY -m adl_cli sft tiny --out "$OUTDIR/sft-tiny" --set init.from="$OUTDIR/tiny" --set train.steps=600 --no-progress 2>&1 | tail -10
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+for r in ppo grpo; do
+  timeout 150 $PY -m adl_cli rlhf $r $r --out "$OUTDIR/$r" --set init.from="$OUTDIR/sft-tiny" --set train.steps=200 --no-progress 2>&1 | tail -10
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+timeout 120 $PY -m adl_cli eval "$OUTDIR/sft-tiny" --task count --task reverse --examples 500 --samples 8 --plot "$OUTDIR/scaling.png" --force 2>&1 | tail -24
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 5. summary"
 $PY - "$OUTDIR" "$PEAK" <<'EOF'

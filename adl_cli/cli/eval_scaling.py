@@ -65,6 +65,6 @@ def _figure(results: list[dict], path: Path, title: str) -> None:
         if "best_of" in r["rows"][0]:
             lines["best-of-k (reward model picks)"] = [(x["k"], x["best_of"]) for x in r["rows"]]
         ks = [x["k"] for x in r["rows"]]
-        lines["greedy"] = [(ks[0], r["greedy"]), (ks[-1], r["greedy"])]
+        lines["baseline: greedy"] = [(ks[0], r["greedy"]), (ks[-1], r["greedy"])]
         panels[f"{r['task']} (n = {r['n']})"] = lines
     series_figure(path, {}, title=title, xlabel="samples per problem k", ylabel="accuracy", logx=True, panels=panels)

@@ -106,7 +106,7 @@ def dpo(
 
 @rlhf_app.command("grpo")
 def grpo(
-    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="grpo").replace("runs/addition", "runs/sft-tiny"), show_default=False),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="grpo, grpo-scratchpad").replace("runs/addition", "runs/sft-tiny"), show_default=False),
     set_: list[str] = set_option(),
     out: Path = _out_option(),
     resume: bool = _resume_option(),
@@ -142,7 +142,7 @@ def grpo(
 
 @rlhf_app.command("ppo")
 def ppo(
-    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="ppo, ppo-rm").replace("runs/addition", "runs/sft-tiny"), show_default=False),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP.format(names="ppo").replace("runs/addition", "runs/sft-tiny"), show_default=False),
     set_: list[str] = set_option(),
     out: Path = _out_option(),
     resume: bool = _resume_option(),

@@ -196,3 +196,19 @@ def dpo_scenario(rank: int, world: int, port: int, recipe: str, out: str) -> Non
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rl_scenario(rank: int, world: int, port: int, method: str, recipe: str, out: str) -> None:
+    """`adl rlhf ppo` or `adl rlhf grpo`'s method on ``world`` processes (DDP over gloo), fp32."""
+    _env(rank, world, port)
+    import torch.distributed as dist
+
+    from adl_cli.methods.rlhf import grpo, ppo
+
+    no_peak_measurement()
+    load, run = (ppo.load_ppo_recipe, ppo.run_ppo) if method == "ppo" else (grpo.load_grpo_recipe, grpo.run_grpo)
+    try:
+        run(load(recipe), Path(out), progress=False, log=lambda *a, **k: None, evaluate_base=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -59,3 +59,54 @@ def test_two_processes_train_what_one_trains_with_the_same_global_batch(chat_run
     s2, s1 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ddp", "single"))
     assert s2["world_size"] == 2 and s2["pairs_seen"] == s1["pairs_seen"] == 4 * 4
     assert s2["heldout"]["val_accuracy"] == pytest.approx(s1["heldout"]["val_accuracy"])
+
+
+RL = """
+name = "rl-dist"
+[init]
+from = "{base}"
+[data]
+tasks = ["addition"]
+operand_digits = 2
+eval_examples = 4
+[{method}]
+{group} = 2
+max_new_tokens = 4
+eval_prompts = 2
+{extra}
+[train]
+steps = 3
+batch_size = 2
+precision = "fp32"
+lr = 1e-3
+min_lr = 1e-4
+warmup = 1
+eval_every = 0
+checkpoint_every = 2
+log_every = 1
+seed = 5
+"""
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_ppo_and_grpo_run_on_two_processes(chat_run, tmp_path, method):
+    """Each rank samples answers to its own problems; the step's completions count both ranks; the
+    adaptive KL coefficient moves (on the KL averaged over the ranks)."""
+    import torch
+
+    from _dist_workers import rl_scenario
+    from adl_cli.runs import load_run
+
+    extra = "kl_target = 0.5\nkl_horizon = 50" if method == "ppo" else ""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RL.format(base=chat_run.as_posix(), method=method, group="samples" if method == "ppo" else "group", extra=extra),
+                      encoding="utf-8")
+    launch(rl_scenario, (2, 29651 if method == "ppo" else 29652, method, str(recipe), str(tmp_path / "run")))
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["steps"] == 3 and s["completions"] == 3 * 2 * 2 * 2
+    tuned, base = load_run(tmp_path / "run").model.state_dict(), load_run(chat_run).model.state_dict()
+    assert any(not torch.equal(v, tuned[k]) for k, v in base.items())
+    if method == "ppo":
+        rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        betas = [r["kl_coef"] for r in rows if "kl_coef" in r]
+        assert len(betas) == 3 and betas[0] == pytest.approx(0.05) and betas[1] != betas[0]

@@ -162,3 +162,34 @@ def test_with_one_update_per_rollout_no_old_logps_are_computed(chat_run):
     batch = Rollouts(run.model, ChatTemplate.of(run.tokenizer), {"addition": make_task("addition", operand_digits=2)},
                      GRPOSection(group=2, max_new_tokens=3), 2, 0, contextlib.nullcontext)(0, 0, 0, 1)
     assert "old_logps" not in batch  # the loss uses its own log-probs, detached: ratio 1, no extra forward
+
+
+def test_rollouts_through_the_cache_equal_uncached_greedy_decoding(chat_run):
+    """The rollouts' batched, left-padded, KV-cached decoding writes what a plain loop writes that
+    re-reads the whole sequence at every step and takes the argmax."""
+    import contextlib
+
+    from adl_cli.data.chat import ChatTemplate
+    from adl_cli.methods.rlhf.rollouts import draw_problems, sample_answers
+    from adl_cli.runs import load_run
+
+    run = load_run(chat_run)
+    model = run.model.eval()
+    template = ChatTemplate.of(run.tokenizer)
+    tasks = {"addition": make_task("addition", operand_digits=2), "reverse": make_task("reverse")}
+    problems, owners = draw_problems(tasks, 6, 0, "cache-test")
+    got = sample_answers(model, template, tasks, problems, owners, n=1, temperature=0.0, max_new_tokens=8, seed=0, autocast=contextlib.nullcontext)
+    stop = template.stop_ids
+    for r, p in enumerate(problems):
+        ids = list(template.question(p.question))
+        written = []
+        with torch.no_grad():
+            for _ in range(8):
+                nxt = int(model(torch.tensor([ids]))[0][0, -1].argmax())
+                written.append(nxt)
+                ids.append(nxt)
+                if nxt in stop:
+                    break
+        mask = got.targets[r] != -100
+        assert got.targets[r][mask].tolist() == written
+        assert got.inputs[r, : len(ids) - 1].tolist() == ids[:-1]
