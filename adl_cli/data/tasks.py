@@ -143,7 +143,8 @@ def addition_steps(a: int, b: int) -> str:
 @TASKS.register("multiplication")
 class Multiplication(Task):
     name = "multiplication"
-    description = "a * b, operands below 10^min(operand_digits, 2); scratchpad: partial products, then their sum"
+    description = ("a * b, operands below 10^min(operand_digits, 2); scratchpad: one operand times each digit of the other "
+                   "(either way round, drawn per problem), then the partial products' sum")
     numeric = True
     max_answer_tokens = 80
 
@@ -152,8 +153,11 @@ class Multiplication(Task):
         a, b = self.operand(rng, d), self.operand(rng, d)
         answer = str(a * b)
         if self.scratchpad:
-            parts = [(a * int(digit) * 10 ** k) for k, digit in enumerate(reversed(str(b)))]
-            steps = ", ".join(f"{a} * {int(digit) * 10 ** k} = {p}" for (k, digit), p in zip(enumerate(reversed(str(b))), parts))
+            # Two derivations of one product (split b's digits, or a's): different steps, and
+            # different slips, towards the same answer (what a vote over samples builds on).
+            x, y = (a, b) if rng.random() < 0.5 else (b, a)
+            parts = [(x * int(digit) * 10 ** k) for k, digit in enumerate(reversed(str(y)))]
+            steps = ", ".join(f"{x} * {int(digit) * 10 ** k} = {p}" for (k, digit), p in zip(enumerate(reversed(str(y))), parts))
             answer = f"{steps}; {' + '.join(map(str, parts))} = {a * b}"
         return Problem(self.name, f"What is {a} * {b}?", answer, str(a * b))
 

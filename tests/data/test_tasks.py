@@ -100,3 +100,20 @@ def test_short_operands_put_small_numbers_into_training_only_where_asked():
     assert max(ops(mixed)) <= 999
     held = split_problems(mixed, 50, held_out=True, seed=0)
     assert not {p.question for p in held} & {p.question for p in split_problems(mixed, 3000, held_out=False, seed=0)}
+
+
+def test_the_multiplication_scratchpad_splits_either_operand_and_its_steps_are_right():
+    task = make_task("multiplication", scratchpad=True)
+    rng = random.Random(3)
+    split_first = split_second = 0
+    for _ in range(300):
+        p = task.draw(rng)
+        a, b = map(int, re.findall(r"\d+", p.question))
+        steps, total = p.answer.split("; ")
+        partial = [tuple(map(int, m)) for m in re.findall(r"(\d+) \* (\d+) = (\d+)", steps)]
+        assert all(x * y == z for x, y, z in partial)
+        assert sum(z for _, _, z in partial) == a * b and total.endswith(f"= {a * b}")
+        kept = {x for x, _, _ in partial}
+        split_first += kept == {b} and a != b
+        split_second += kept == {a} and a != b
+    assert split_first > 50 and split_second > 50  # both derivations are taught
