@@ -31,7 +31,7 @@ def report(
         print_summary(summary)
         console.print("[bold]loss curve[/]")
         console.print(loss_curve(read_metrics(run_dir / "metrics.jsonl")), highlight=False, markup=False)
-    elif summary.get("kind") in ("finetune", "reward", "dpo", "grpo") and (run_dir / "report.md").exists():  # adl lora, adl rlhf: their report
+    elif summary.get("kind") in ("finetune", "reward", "dpo", "grpo", "ppo") and (run_dir / "report.md").exists():  # adl lora, adl rlhf: their report
         from rich.markdown import Markdown
 
         from adl_cli.engine.report import loss_curve

@@ -162,6 +162,18 @@ def test_a_reward_model_scores_each_whole_answer_at_its_last_token(chat_run):
         with torch.no_grad():
             expect.append(float(rm(ids, last=torch.tensor([last + 1]))))
     assert a["stats"]["reward"] == pytest.approx(sum(expect) / len(expect), abs=1e-4)
+    # normalised: the starting policy's own answers score mean 0, std 1, and every score is moved alike
+    norm = source.normalize_scores(answers=16)
+    assert norm["answers"] == 16 and norm["reward_scale"] > 0
+    from adl_cli.methods.rlhf.rollouts import draw_problems, rollout_seed, sample_answers
+
+    problems, owners = draw_problems(source.tasks, 8, source.seed, "ppo:normalise")
+    got = sample_answers(source.model.policy, source.template, source.tasks, problems, owners, n=2, temperature=1.0, max_new_tokens=5,
+                         seed=rollout_seed(source.seed, -1, 0, 0), autocast=contextlib.nullcontext)
+    scored = source.scores(got, "cpu")
+    assert abs(float(scored.mean())) < 1e-4 and float(scored.std()) == pytest.approx(1.0, abs=1e-4)
+    assert torch.allclose(scored * norm["reward_scale"] + norm["reward_shift"], source.scores(got, "cpu", raw=True), atol=1e-5)
+    assert source.state_dict()["reward_shift"] == norm["reward_shift"]
 
 
 def test_ppo_runs_through_the_cli_changes_the_policy_and_resumes_with_its_beta(chat_run, tmp_path, capsys):
@@ -189,6 +201,11 @@ def test_ppo_runs_through_the_cli_changes_the_policy_and_resumes_with_its_beta(c
     assert s["sampled_reward"]["reverse"]["before"]["n"] == 6
     base, tuned = load_run(chat_run).model.state_dict(), load_run(out).model.state_dict()
     assert any(not torch.equal(v, tuned[k]) for k, v in base.items())
+    try:
+        main(["report", str(out)])
+    except SystemExit as e:
+        assert not e.code
+    assert "PPO run p" in capsys.readouterr().out  # adl report shows the run's own report
     try:
         main(["rlhf", "ppo", str(recipe), "--out", str(out), "--no-progress", "--resume", "--force", "--set", "train.steps=4"])
     except SystemExit as e:

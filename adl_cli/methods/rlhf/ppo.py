@@ -5,7 +5,9 @@ penalty to the reference (fixed or adaptive) and optional PPO-ptx.
 Each step draws ``train.batch_size`` training problems of the recipe's tasks, samples
 ``ppo.samples`` answers to each (cached decoding, dropout off) and scores every answer: by the
 tasks' verifiers (correct + ``format_weight`` x well-formed) or, with ``ppo.reward`` naming a
-reward run (`adl rlhf reward`), by the reward model at the answer's last token. At rollout time
+reward run (`adl rlhf reward`), by the reward model at the answer's last token (shifted and scaled
+once, before the first step, so that the starting policy's answers score mean 0 and standard
+deviation 1: ``normalize_reward``). At rollout time
 one forward of the policy gives the old log-probs and the old values, one of the reference its
 log-probs; the per-token reward is
 
@@ -66,6 +68,7 @@ class PPOSection:
     max_new_tokens: int = 0  # 0: the task's own answer budget
     temperature: float = 1.0
     reward: str = "verifier"  # verifier (the tasks' own) | a reward run's folder (adl rlhf reward)
+    normalize_reward: bool = True  # a reward model's scores shifted and scaled to mean 0, std 1 on the starting policy's answers
     format_weight: float = 0.2  # verifier reward = correct + format_weight x follows the format
     kl_coef: float = 0.05  # beta of the per-token KL penalty (the start value when adaptive)
     kl_target: float = 0.0  # > 0: beta adapts to keep the KL per sampled answer near this many nats
@@ -176,15 +179,31 @@ class PPORollouts:
         self.problems, self.seed, self.autocast, self.scorer, self.ptx = problems, seed, autocast, scorer, ptx
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else None
         self.beta = cfg.kl_coef
+        self.shift, self.scale = 0.0, 1.0  # a reward model's scores become (score - shift) / scale
         self.cache: dict[tuple[int, int, int], dict] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta}
+        return {"beta": self.beta, "reward_shift": self.shift, "reward_scale": self.scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.beta = float(state["beta"])
+        self.shift, self.scale = float(state.get("reward_shift", 0.0)), float(state.get("reward_scale", 1.0))
         if self.kl is not None:
             self.kl.beta = self.beta
+
+    @torch.no_grad()
+    def normalize_scores(self, answers: int = 256) -> dict[str, float]:
+        """Fix the reward model's shift and scale so that the starting policy's own answers to
+        training problems score mean 0, standard deviation 1 (InstructGPT normalises its reward
+        model so its SFT model's answers average 0): the value head and the KL penalty then see
+        rewards of a known scale, whatever scale the reward model learned."""
+        n = self.cfg.samples
+        problems, owners = draw_problems(self.tasks, max(1, answers // n), self.seed, "ppo:normalise")
+        got = sample_answers(self.model.policy, self.template, self.tasks, problems, owners, n=n, temperature=self.cfg.temperature,
+                             max_new_tokens=self.cfg.max_new_tokens, seed=rollout_seed(self.seed, -1, 0, 0), autocast=self.autocast)
+        raw = self.scores(got, next(self.model.parameters()).device, raw=True)
+        self.shift, self.scale = float(raw.mean()), float(raw.std().clamp_min(1e-6)) if raw.numel() > 1 else 1.0
+        return {"reward_shift": self.shift, "reward_scale": self.scale, "answers": int(raw.numel())}
 
     def __call__(self, step: int, micro: int, rank: int, world: int) -> dict:
         key = (step // self.cfg.iterations, micro, rank)
@@ -193,7 +212,7 @@ class PPORollouts:
             self.cache[key] = self.rollout(*key)
         return self.cache[key]
 
-    def scores(self, got, device) -> torch.Tensor:
+    def scores(self, got, device, raw: bool = False) -> torch.Tensor:
         if self.scorer is None:
             return got.correct + self.cfg.format_weight * got.formatted
         full = torch.cat([got.inputs, torch.zeros(len(got.inputs), 1, dtype=torch.long)], 1)
@@ -202,7 +221,8 @@ class PPORollouts:
         rows = torch.arange(len(full))
         full[rows, last + 1] = got.targets[rows, last]
         with torch.no_grad(), self.autocast():
-            return self.scorer(full.to(device), last=(last + 1).to(device)).float().cpu()
+            score = self.scorer(full.to(device), last=(last + 1).to(device)).float().cpu()
+        return score if raw else (score - self.shift) / self.scale
 
     @torch.no_grad()
     def rollout(self, batch: int, micro: int, rank: int) -> dict:
@@ -374,8 +394,14 @@ def run_ppo(recipe: PPORecipe, out: Path, *, resume: bool = False, force: bool =
     holder["trainer"] = trainer
     if not adapters:
         ref_model.to(trainer.device)
+    norm = None
     if scorer is not None:
         scorer.to(trainer.device)
+        if p.normalize_reward:
+            norm = rollouts.normalize_scores()
+            log(f"reward model {p.reward}: the starting policy's {norm['answers']} answers score {norm['reward_shift']:.3f} "
+                f"+- {norm['reward_scale']:.3f}; rewards are (score {'+' if norm['reward_shift'] < 0 else '-'} {abs(norm['reward_shift']):.3f}) "
+                f"/ {norm['reward_scale']:.3f}")
     result = trainer.fit(resume=resume, checkpoint=checkpoint)
     if not main:
         return Outcome(out, result, {}, main=False)
@@ -393,7 +419,7 @@ def run_ppo(recipe: PPORecipe, out: Path, *, resume: bool = False, force: bool =
         "parameters": counts["total"], "steps": result.steps, "completions": result.units, "train_wall_s": result.wall_s,
         "wall_s": time.perf_counter() - t0, "step_s": result.wall_s / max(1, result.steps), "precision": result.precision,
         "device": result.device, "world_size": result.world_size, "last_step": result.train_metrics, "final_kl_coef": rollouts.beta,
-        "sampled_kl": kl.get("sampled_kl"), "kl_target": p.kl_target or None,
+        "sampled_kl": kl.get("sampled_kl"), "kl_target": p.kl_target or None, "reward_normalization": norm,
         "exact_start": {n: sum(before[n].outcomes[: p.eval_prompts]) / max(1, len(before[n].outcomes[: p.eval_prompts])) for n in before},
         "exact_match": {n: {"before": before[n].to_dict() if n in before else None, "after": after[n].to_dict(),
                             "paired": paired_interval(before[n].outcomes, after[n].outcomes) if n in before else None} for n in after},
@@ -419,7 +445,7 @@ def report_markdown(s: dict[str, Any]) -> str:
         lines += ["Last logging step: " + ", ".join(f"{k} {v:.3g}" for k, v in last.items()) + ".", ""]
     lines += exact_match_lines(s["exact_match"])
     if s["sampled_reward"]:
-        lines += ["", "| task | n | sampled verifier reward before | after | sampled accuracy before | after |", "|---|---|---|---|---|---|"]
+        lines += ["", "| task | n | sampled reward before | after | sampled accuracy before | after |", "|---|---|---|---|---|---|"]
         for n, e in s["sampled_reward"].items():
             b, a = e["before"], e["after"]
             lines.append(f"| {n} | {a['n']} | {'-' if not b else format(b['reward'], '.3f')} | {a['reward']:.3f} | "
