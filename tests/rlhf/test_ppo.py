@@ -126,6 +126,13 @@ def test_rollouts_hold_the_policys_log_probs_and_returns_as_gae_defines_them(cha
     assert sum(scores) / 6 == pytest.approx(float(a["stats"]["reward"]), abs=1e-5)
     assert torch.allclose(a["returns"][mask], (a["advantages"] + a["old_values"])[mask], atol=1e-5)
     assert (a["returns"][~mask] == 0).all() and (a["advantages"][~mask] == 0).all()
+    # the PPO loss on these rollouts moves the policy (not only the value head)
+    from adl_cli.methods.rlhf.ppo import ppo_loss
+
+    model.train()
+    loss, metrics = ppo_loss(source.cfg)(model, a)
+    loss.backward()
+    assert model.policy.transformer.h[0].attn.q_proj.weight.grad.abs().max() > 0 and metrics["clip_fraction"] == 0
 
 
 def test_with_the_policy_equal_to_its_reference_the_kl_is_zero_and_adaptive_beta_falls(chat_run):
@@ -244,3 +251,23 @@ def test_a_language_model_run_is_refused_as_the_reward(chat_run, tmp_path, capsy
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code and "is not a reward run" in err
+
+
+def test_a_lora_policy_trains_its_adapters_and_the_value_head_against_its_base(chat_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from adl_cli.cli import main
+
+    out = tmp_path / "lora"
+    try:
+        main(["rlhf", "ppo", str(_write(tmp_path, chat_run)), "--out", str(out), "--no-progress", "--no-base", "--set", "method=lora",
+              "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "train.checkpoint_every=0", "--set", "ppo.ptx_coef=1"])
+    except SystemExit as e:
+        assert not e.code
+    assert (out / "adapter.safetensors").exists() and not (out / "model.safetensors").exists()
+    tensors = load_file(out / "adapter.safetensors")
+    # B starts at 0: the adapters trained (the tiny model earns no reward, so PPO-ptx's LM loss moves them)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in tensors.items())
+    assert not any("value_head" in k for k in tensors)  # the value head is training machinery, not part of the policy
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "lora" and s["trainable_parameters"] < s["parameters"] // 5 and s["sampled_kl"] is not None
