@@ -27,22 +27,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adl_cli.adapters.lora import LoraSection
-from adl_cli.adapters.qlora import QloraSection
 from adl_cli.data.chat import ChatTemplate
 from adl_cli.data.packing import IGNORE
-from adl_cli.data.tasks import make_task, split_problems
 from adl_cli.engine.checkpoint import atomic_write_text
-from adl_cli.engine.trainer import TrainConfig, Trainer
-from adl_cli.methods.exact_match import exact_match, paired_interval
-from adl_cli.methods.finetune import param_groups, prepare_model, save_result, trainable_counts
-from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.rlhf.common import chat_base, check_policy, disable_dropout, load_policy_recipe, reference_logits
-from adl_cli.methods.rlhf.rollouts import TaskData, completion_logps, draw_problems, rollout_seed, sample_answers
+from adl_cli.engine.trainer import Trainer
+from adl_cli.methods.finetune import param_groups, save_result
+from adl_cli.methods.pretrain import start_run
+from adl_cli.methods.rlhf.common import load_policy_recipe, reference_logits
+from adl_cli.methods.rlhf.rl_run import RLRecipe, eval_exact, evaluate_start, exact_match_lines, make_reference, start_policy, summary_common
+from adl_cli.methods.rlhf.rollouts import completion_logps, draw_problems, rollout_seed, sample_answers
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.policy_gradient import LOSS_TYPES, group_advantages, kl_k3, policy_loss, token_weights
-from adl_cli.recipe import dump_recipe
-from adl_cli.runs import parent_entry, write_lineage
 
 
 
@@ -79,21 +74,9 @@ class GRPOSection:
 
 
 @dataclass
-class GRPORecipe:
+class GRPORecipe(RLRecipe):
     name: str = "grpo"
-    description: str = ""
-    method: str = "full"  # full | lora | dora | qlora
-    adapter_lr: float = 0.0
-    init: InitSection = field(default_factory=InitSection)
-    data: TaskData = field(default_factory=TaskData)
     grpo: GRPOSection = field(default_factory=GRPOSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    qlora: QloraSection = field(default_factory=QloraSection)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, lr=1e-5, min_lr=1e-6, warmup=5, weight_decay=0.0,
-                                                                   grad_clip=1.0, eval_every=25, checkpoint_every=50, log_every=1))
-
-    def validate(self) -> None:
-        check_policy(self)
 
 
 def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GRPORecipe:
@@ -178,74 +161,36 @@ def run_grpo(recipe: GRPORecipe, out: Path, *, resume: bool = False, force: bool
     out = Path(out)
     t0 = time.perf_counter()
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_grpo_recipe)
-    acc, main, world, log, checkpoint = start.acc, start.main, start.world, start.log, start.checkpoint
+    acc, main, log, checkpoint = start.acc, start.main, start.log, start.checkpoint
     tc, g, d = recipe.train, recipe.grpo, recipe.data
-    base = chat_base(recipe.init.from_, "adl rlhf grpo")
-    tok = base.tokenizer
-    template = ChatTemplate.of(tok)
-    tasks = {n: make_task(n, scratchpad=d.scratchpad, operand_digits=d.operand_digits) for n in d.tasks}
-    torch.manual_seed(tc.seed)
-    prep = prepare_model(recipe, base, tok)
-    policy = disable_dropout(prep.model)
-    if getattr(policy.config, "mtp_heads", 0):
-        policy.mtp.requires_grad_(False)
-    counts = trainable_counts(policy)
-    adapters = recipe.method != "full"
-    log(f"policy: {recipe.method} on {recipe.init.from_}, {counts['trainable']:,} of {counts['total']:,} parameters train; "
+    ps = start_policy(recipe, out, main, "adl rlhf grpo",
+                      f"resolved recipe of the GRPO run in {out.name}; `adl rlhf grpo {out / 'recipe.toml'} --out NEW_DIR` reproduces it")
+    policy = ps.policy
+    log(f"policy: {recipe.method} on {recipe.init.from_}, {ps.counts['trainable']:,} of {ps.counts['total']:,} parameters train; "
         f"{tc.batch_size} problems x {g.group} answers a step ({', '.join(d.tasks)}); loss {g.loss_type}, advantage {g.advantage}"
         f"{'' if g.scale_std else ' (not scaled)'}, clip [{1 - g.eps_low:g}, {1 + g.eps_high:g}], kl_beta {g.kl_beta}")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        header = f"resolved recipe of the GRPO run in {out.name}; `adl rlhf grpo {out / 'recipe.toml'} --out NEW_DIR` reproduces it"
-        atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=header))
-        tok.save(out)
-        write_lineage(out, [parent_entry("init", base)])
-    held = {n: split_problems(t, d.eval_examples, held_out=True, seed=d.seed) for n, t in tasks.items()}
     before = {}
     if main and evaluate_base and d.eval_examples:
         log(f"evaluating the starting run: greedy exact match on {d.eval_examples} held-out problems per task")
-        before = {n: exact_match(base.model, tok, tasks[n], held[n], keep_samples=3) for n in tasks}
-
-    if adapters:
-        from adl_cli.adapters.lora import adapters_off
-
-        base.model = None
-        reference = lambda: (lambda: adapters_off(policy))  # noqa: E731
-    else:
-        ref_model = disable_dropout(base.model).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
-        reference = lambda: ref_model  # noqa: E731
-
-    def eval_fn(m):
-        return {f"exact_{n}": exact_match(m, tok, tasks[n], held[n][: g.eval_prompts], keep_samples=0).accuracy for n in tasks}
-
+        before = evaluate_start(ps)
+    reference, ref_model = make_reference(ps)
     holder: dict[str, Any] = {}
-    rollouts = Rollouts(policy, template, tasks, g, tc.batch_size, tc.seed, lambda: holder["trainer"].autocast())
-    trainer = Trainer(policy, tc, run_dir=out, batch_fn=rollouts, loss_fn=grpo_loss(g, reference, policy), eval_fn=eval_fn,
+    rollouts = Rollouts(policy, ps.template, ps.tasks, g, tc.batch_size, tc.seed, lambda: holder["trainer"].autocast())
+    trainer = Trainer(policy, tc, run_dir=out, batch_fn=rollouts, loss_fn=grpo_loss(g, reference, policy), eval_fn=eval_exact(ps, g.eval_prompts),
                       units_per_batch=tc.batch_size * g.group, units_fn=lambda b: b["inputs"].shape[0], unit="completions",
                       param_groups=param_groups(recipe), accelerator=acc, progress=None if progress is None else progress and main,
-                      grad_accum=tc.grad_accum, run_name=recipe.name, frozen_base=adapters)
+                      grad_accum=tc.grad_accum, run_name=recipe.name, frozen_base=ps.adapters)
     holder["trainer"] = trainer
-    if not adapters:
+    if ref_model is not None:
         ref_model.to(trainer.device)
     result = trainer.fit(resume=resume, checkpoint=checkpoint)
     if not main:
         return Outcome(out, result, {}, main=False)
     final = trainer.raw_model
-    save_result(out, recipe, prep, final, tok, base)
+    save_result(out, recipe, ps.prep, final, ps.tokenizer, ps.base)
     final.eval()
-    after = {n: exact_match(final, tok, tasks[n], held[n], keep_samples=3) for n in tasks} if d.eval_examples else {}
-    summary = {
-        "name": recipe.name, "kind": "grpo", "method": recipe.method, "init": recipe.init.from_, "tasks": d.tasks,
-        "grpo": {k: getattr(g, k) for k in g.__dataclass_fields__}, "problems": tc.batch_size, "trainable_parameters": counts["trainable"], "parameters": counts["total"],
-        "steps": result.steps, "completions": result.units, "train_wall_s": result.wall_s, "wall_s": time.perf_counter() - t0,
-        "step_s": result.wall_s / max(1, result.steps), "precision": result.precision, "device": result.device, "world_size": result.world_size,
-        "last_step": result.train_metrics,
-        "exact_start": {n: sum(before[n].outcomes[: g.eval_prompts]) / max(1, len(before[n].outcomes[: g.eval_prompts])) for n in before},
-        "exact_match": {n: {"before": before[n].to_dict() if n in before else None, "after": after[n].to_dict(),
-                            "paired": paired_interval(before[n].outcomes, after[n].outcomes) if n in before else None} for n in after},
-    }
+    summary = {"kind": "grpo", **summary_common(recipe, ps, result, final, before, g.eval_prompts, t0),
+               "grpo": {k: getattr(g, k) for k in g.__dataclass_fields__}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "report.md", report_markdown(summary))
     return Outcome(out, result, summary)
@@ -262,14 +207,3 @@ def report_markdown(s: dict[str, Any]) -> str:
     lines += exact_match_lines(s["exact_match"])
     return "\n".join(lines) + "\n"
 
-
-def exact_match_lines(exact: dict[str, Any]) -> list[str]:
-    """The report's table of greedy exact match before and after, with the paired gain."""
-    if not exact:
-        return []
-    lines = ["| task | n | before | after | paired gain (95% CI) |", "|---|---|---|---|---|"]
-    for n, e in exact.items():
-        b, a, p = e["before"], e["after"], e["paired"]
-        gain = "-" if not p else f"{p['gain']:+.1%} ({p['ci95'][0]:+.1%} to {p['ci95'][1]:+.1%})"
-        lines.append(f"| {n} | {a['n']} | {'-' if not b else format(b['accuracy'], '.1%')} | {a['accuracy']:.1%} | {gain} |")
-    return lines

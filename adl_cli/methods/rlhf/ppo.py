@@ -43,23 +43,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from adl_cli.adapters.lora import LoraSection
-from adl_cli.adapters.qlora import QloraSection
 from adl_cli.data.chat import ChatTemplate
 from adl_cli.data.packing import IGNORE
-from adl_cli.data.tasks import make_task, split_problems
 from adl_cli.engine.checkpoint import atomic_write_text
-from adl_cli.engine.trainer import TrainConfig, Trainer
+from adl_cli.engine.trainer import Trainer
 from adl_cli.errors import AdlError
-from adl_cli.methods.exact_match import exact_match, paired_interval
-from adl_cli.methods.finetune import param_groups, prepare_model, save_result, trainable_counts
-from adl_cli.methods.pretrain import InitSection, start_run
-from adl_cli.methods.rlhf.common import chat_base, check_policy, disable_dropout, load_policy_recipe, reference_logits, sampled_kl
-from adl_cli.methods.rlhf.rollouts import TaskData, completion_logps, draw_problems, rollout_seed, sample_answers
+from adl_cli.methods.finetune import param_groups, save_result, trainable_counts
+from adl_cli.methods.pretrain import start_run
+from adl_cli.methods.rlhf.common import disable_dropout, load_policy_recipe, reference_logits, sampled_kl
+from adl_cli.methods.rlhf.rl_run import RLRecipe, eval_exact, evaluate_start, exact_match_lines, make_reference, start_policy, summary_common
+from adl_cli.methods.rlhf.rollouts import completion_logps, draw_problems, rollout_seed, sample_answers
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.policy_gradient import AdaptiveKL, gae, policy_loss, value_loss
-from adl_cli.recipe import dump_recipe
-from adl_cli.runs import parent_entry, write_lineage
 
 
 @dataclass
@@ -102,21 +97,9 @@ class PPOSection:
 
 
 @dataclass
-class PPORecipe:
+class PPORecipe(RLRecipe):
     name: str = "ppo"
-    description: str = ""
-    method: str = "full"  # full | lora | dora | qlora
-    adapter_lr: float = 0.0
-    init: InitSection = field(default_factory=InitSection)
-    data: TaskData = field(default_factory=TaskData)
     ppo: PPOSection = field(default_factory=PPOSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    qlora: QloraSection = field(default_factory=QloraSection)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=32, lr=1e-5, min_lr=1e-6, warmup=5, weight_decay=0.0,
-                                                                   grad_clip=1.0, eval_every=25, checkpoint_every=50, log_every=1))
-
-    def validate(self) -> None:
-        check_policy(self)
 
 
 def load_ppo_recipe(path: str | Path, overrides: list[str] | None = None) -> PPORecipe:
@@ -334,10 +317,9 @@ def run_ppo(recipe: PPORecipe, out: Path, *, resume: bool = False, force: bool =
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_ppo_recipe)
     acc, main, log, checkpoint = start.acc, start.main, start.log, start.checkpoint
     tc, p, d = recipe.train, recipe.ppo, recipe.data
-    base = chat_base(recipe.init.from_, "adl rlhf ppo")
-    tok = base.tokenizer
-    template = ChatTemplate.of(tok)
-    tasks = {n: make_task(n, scratchpad=d.scratchpad, operand_digits=d.operand_digits) for n in d.tasks}
+    ps = start_policy(recipe, out, main, "adl rlhf ppo",
+                      f"resolved recipe of the PPO run in {out.name}; `adl rlhf ppo {out / 'recipe.toml'} --out NEW_DIR` reproduces it")
+    tok, template, tasks, held = ps.tokenizer, ps.template, ps.tasks, ps.held
     scorer = None
     if p.reward != "verifier":
         from adl_cli.methods.rlhf.reward import load_reward
@@ -346,53 +328,29 @@ def run_ppo(recipe: PPORecipe, out: Path, *, resume: bool = False, force: bool =
     ptx = None
     if p.ptx_coef > 0:
         ptx = ptx_tokens(p.ptx_data, tok)
-        if len(ptx) < base.config.block_size + 2:
-            raise AdlError(f"ppo.ptx_data {p.ptx_data}: {len(ptx)} tokens, fewer than one context window of {base.config.block_size}")
-    torch.manual_seed(tc.seed)
-    prep = prepare_model(recipe, base, tok)
-    policy = disable_dropout(prep.model)
-    if getattr(policy.config, "mtp_heads", 0):
-        policy.mtp.requires_grad_(False)
-    model = ActorCritic(policy)
-    counts = trainable_counts(model)
-    adapters = recipe.method != "full"
+        if len(ptx) < ps.base.config.block_size + 2:
+            raise AdlError(f"ppo.ptx_data {p.ptx_data}: {len(ptx)} tokens, fewer than one context window of {ps.base.config.block_size}")
+    model = ActorCritic(ps.policy)
+    ps.counts = trainable_counts(model)
     kl_rule = f"adaptive toward {p.kl_target:g} nats per answer from beta {p.kl_coef:g}" if p.kl_target else f"fixed beta {p.kl_coef:g}"
-    log(f"policy: {recipe.method} on {recipe.init.from_} with a value head, {counts['trainable']:,} of {counts['total']:,} parameters train; "
+    log(f"policy: {recipe.method} on {recipe.init.from_} with a value head, {ps.counts['trainable']:,} of {ps.counts['total']:,} parameters train; "
         f"{tc.batch_size} problems x {p.samples} answers a step ({', '.join(d.tasks)}), reward: {p.reward}; KL penalty {kl_rule}"
         f"{f'; PPO-ptx {p.ptx_coef:g} x LM loss on {p.ptx_data}' if ptx is not None else ''}")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        header = f"resolved recipe of the PPO run in {out.name}; `adl rlhf ppo {out / 'recipe.toml'} --out NEW_DIR` reproduces it"
-        atomic_write_text(out / "recipe.toml", dump_recipe(recipe, header=header))
-        tok.save(out)
-        write_lineage(out, [parent_entry("init", base)])
-    held = {n: split_problems(t, d.eval_examples, held_out=True, seed=d.seed) for n, t in tasks.items()}
     before, before_sampled = {}, {}
     if main and evaluate_base and d.eval_examples:
         log(f"evaluating the starting run: greedy exact match and sampled reward on {d.eval_examples} held-out problems per task")
-        before = {n: exact_match(base.model, tok, tasks[n], held[n], keep_samples=3) for n in tasks}
-        before_sampled = sampled_reward(base.model.eval(), template, tasks, held, p, d.seed + 1, contextlib.nullcontext, d.eval_examples)
-    if adapters:
-        from adl_cli.adapters.lora import adapters_off
-
-        base.model = None
-        reference = lambda: (lambda: adapters_off(policy))  # noqa: E731
-    else:
-        ref_model = disable_dropout(base.model).eval().requires_grad_(False)
-        reference = lambda: ref_model  # noqa: E731
-
-    def eval_fn(m):
-        return {f"exact_{n}": exact_match(m.policy, tok, tasks[n], held[n][: p.eval_prompts], keep_samples=0).accuracy for n in tasks}
-
+        before = evaluate_start(ps)
+        before_sampled = sampled_reward(ps.base.model.eval(), template, tasks, held, p, d.seed + 1, contextlib.nullcontext, d.eval_examples)
+    reference, ref_model = make_reference(ps)
     holder: dict[str, Any] = {}
     autocast = lambda: holder["trainer"].autocast()  # noqa: E731
     rollouts = PPORollouts(model, reference, template, tasks, p, tc.batch_size, tc.seed, autocast, scorer=scorer, ptx=ptx)
-    trainer = Trainer(model, tc, run_dir=out, batch_fn=rollouts, loss_fn=ppo_loss(p), eval_fn=eval_fn,
+    trainer = Trainer(model, tc, run_dir=out, batch_fn=rollouts, loss_fn=ppo_loss(p), eval_fn=eval_exact(ps, p.eval_prompts, lambda m: m.policy),
                       units_per_batch=tc.batch_size * p.samples, units_fn=lambda b: b["inputs"].shape[0], unit="completions",
                       param_groups=param_groups(recipe), accelerator=acc, progress=None if progress is None else progress and main,
-                      grad_accum=tc.grad_accum, run_name=recipe.name, frozen_base=adapters)
+                      grad_accum=tc.grad_accum, run_name=recipe.name, frozen_base=ps.adapters)
     holder["trainer"] = trainer
-    if not adapters:
+    if ref_model is not None:
         ref_model.to(trainer.device)
     norm = None
     if scorer is not None:
@@ -406,23 +364,16 @@ def run_ppo(recipe: PPORecipe, out: Path, *, resume: bool = False, force: bool =
     if not main:
         return Outcome(out, result, {}, main=False)
     final = trainer.raw_model.policy
-    save_result(out, recipe, prep, final, tok, base)
+    save_result(out, recipe, ps.prep, final, tok, ps.base)
     final.eval()
-    after = {n: exact_match(final, tok, tasks[n], held[n], keep_samples=3) for n in tasks} if d.eval_examples else {}
     after_sampled = sampled_reward(final, template, tasks, held, p, d.seed + 1, contextlib.nullcontext, d.eval_examples) if d.eval_examples else {}
     prompts = [template.question(q.question) for n in tasks for q in held[n][: p.eval_prompts]]
     budget = p.max_new_tokens or max(t.max_answer_tokens for t in tasks.values())
     kl = sampled_kl(final, reference(), prompts, max_new_tokens=budget, eos=sorted(template.stop_ids), seed=d.seed + 2) if prompts else {}
     summary = {
-        "name": recipe.name, "kind": "ppo", "method": recipe.method, "init": recipe.init.from_, "tasks": d.tasks,
-        "ppo": {k: getattr(p, k) for k in p.__dataclass_fields__}, "problems": tc.batch_size, "trainable_parameters": counts["trainable"],
-        "parameters": counts["total"], "steps": result.steps, "completions": result.units, "train_wall_s": result.wall_s,
-        "wall_s": time.perf_counter() - t0, "step_s": result.wall_s / max(1, result.steps), "precision": result.precision,
-        "device": result.device, "world_size": result.world_size, "last_step": result.train_metrics, "final_kl_coef": rollouts.beta,
+        "kind": "ppo", **summary_common(recipe, ps, result, final, before, p.eval_prompts, t0),
+        "ppo": {k: getattr(p, k) for k in p.__dataclass_fields__}, "final_kl_coef": rollouts.beta,
         "sampled_kl": kl.get("sampled_kl"), "kl_target": p.kl_target or None, "reward_normalization": norm,
-        "exact_start": {n: sum(before[n].outcomes[: p.eval_prompts]) / max(1, len(before[n].outcomes[: p.eval_prompts])) for n in before},
-        "exact_match": {n: {"before": before[n].to_dict() if n in before else None, "after": after[n].to_dict(),
-                            "paired": paired_interval(before[n].outcomes, after[n].outcomes) if n in before else None} for n in after},
         "sampled_reward": {n: {"before": before_sampled.get(n), "after": a} for n, a in after_sampled.items()},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -431,8 +382,6 @@ def run_ppo(recipe: PPORecipe, out: Path, *, resume: bool = False, force: bool =
 
 
 def report_markdown(s: dict[str, Any]) -> str:
-    from adl_cli.methods.rlhf.grpo import exact_match_lines
-
     p = s["ppo"]
     kl = "-" if s["sampled_kl"] is None else f"{s['sampled_kl']:.3f}"
     target = f" (the recipe's target: {s['kl_target']:g})" if s["kl_target"] else ""
