@@ -35,7 +35,7 @@ from adl_cli.methods.finetune import param_groups, save_result
 from adl_cli.methods.pretrain import start_run
 from adl_cli.methods.rlhf.common import load_policy_recipe, reference_logits
 from adl_cli.methods.rlhf.rl_run import RLRecipe, eval_exact, evaluate_start, exact_match_lines, make_reference, start_policy, summary_common
-from adl_cli.methods.rlhf.rollouts import completion_logps, draw_problems, rollout_seed, sample_answers
+from adl_cli.methods.rlhf.rollouts import RolloutSource, completion_logps, draw_problems, rollout_seed, sample_answers
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.policy_gradient import LOSS_TYPES, group_advantages, kl_k3, policy_loss, token_weights
 
@@ -86,7 +86,7 @@ def load_grpo_recipe(path: str | Path, overrides: list[str] | None = None) -> GR
 # ----------------------------------------------------------------------------- rollouts
 
 
-class Rollouts:
+class Rollouts(RolloutSource):
     """The trainer's batch source: a step's problems, their sampled answers, rewards, advantages
     and old log-probs. Rollouts are a function of (seed, step, micro-batch, rank) and the policy;
     with ``iterations`` > 1 the same rollouts serve that many consecutive steps."""
@@ -94,14 +94,6 @@ class Rollouts:
     def __init__(self, policy, template: ChatTemplate, tasks: dict, cfg: GRPOSection, problems: int, seed: int, autocast):
         self.policy, self.template, self.tasks, self.cfg, self.seed, self.autocast = policy, template, tasks, cfg, seed, autocast
         self.problems = problems
-        self.cache: dict[tuple[int, int, int], dict] = {}
-
-    def __call__(self, step: int, micro: int, rank: int, world: int) -> dict:
-        key = (step // self.cfg.iterations, micro, rank)
-        if key not in self.cache:
-            self.cache = {k: v for k, v in self.cache.items() if k[0] == key[0]}
-            self.cache[key] = self.rollout(*key)
-        return self.cache[key]
 
     @torch.no_grad()
     def rollout(self, batch: int, micro: int, rank: int) -> dict:

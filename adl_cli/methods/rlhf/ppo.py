@@ -52,7 +52,7 @@ from adl_cli.methods.finetune import param_groups, save_result, trainable_counts
 from adl_cli.methods.pretrain import start_run
 from adl_cli.methods.rlhf.common import disable_dropout, load_policy_recipe, reference_logits, sampled_kl
 from adl_cli.methods.rlhf.rl_run import RLRecipe, eval_exact, evaluate_start, exact_match_lines, make_reference, start_policy, summary_common
-from adl_cli.methods.rlhf.rollouts import completion_logps, draw_problems, rollout_seed, sample_answers
+from adl_cli.methods.rlhf.rollouts import RolloutSource, completion_logps, draw_problems, rollout_seed, sample_answers
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.policy_gradient import AdaptiveKL, gae, policy_loss, value_loss
 
@@ -150,7 +150,7 @@ def ptx_tokens(spec: str, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-class PPORollouts:
+class PPORollouts(RolloutSource):
     """The trainer's batch source: a step's sampled answers with their scores, old log-probs, old
     values, advantages and returns. Rollouts are a function of (seed, step, micro-batch, rank), the
     policy and beta; with ``iterations`` > 1 the same rollouts serve that many steps. Its state
@@ -163,7 +163,6 @@ class PPORollouts:
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else None
         self.beta = cfg.kl_coef
         self.shift, self.scale = 0.0, 1.0  # a reward model's scores become (score - shift) / scale
-        self.cache: dict[tuple[int, int, int], dict] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"beta": self.beta, "reward_shift": self.shift, "reward_scale": self.scale}
@@ -187,13 +186,6 @@ class PPORollouts:
         raw = self.scores(got, next(self.model.parameters()).device, raw=True)
         self.shift, self.scale = float(raw.mean()), float(raw.std().clamp_min(1e-6)) if raw.numel() > 1 else 1.0
         return {"reward_shift": self.shift, "reward_scale": self.scale, "answers": int(raw.numel())}
-
-    def __call__(self, step: int, micro: int, rank: int, world: int) -> dict:
-        key = (step // self.cfg.iterations, micro, rank)
-        if key not in self.cache:
-            self.cache = {k: v for k, v in self.cache.items() if k[0] == key[0]}
-            self.cache[key] = self.rollout(*key)
-        return self.cache[key]
 
     def scores(self, got, device, raw: bool = False) -> torch.Tensor:
         if self.scorer is None:

@@ -118,6 +118,27 @@ def sample_answers(model, template: ChatTemplate, tasks: dict, problems: list, o
                    [prompts[j // n] for j in range(len(done))], [problems[j // n] for j in range(len(done))])
 
 
+class RolloutSource:
+    """A trainer batch source of rollouts: ``rollout(index, micro, rank)`` makes one batch; with
+    ``cfg.iterations`` > 1 the batch of index step // iterations serves that many steps (kept
+    until the next index is asked for)."""
+
+    cfg: object
+    cache: dict
+
+    def __call__(self, step: int, micro: int, rank: int, world: int) -> dict:
+        key = (step // self.cfg.iterations, micro, rank)
+        cache = getattr(self, "cache", None) or {}
+        if key not in cache:
+            cache = {k: v for k, v in cache.items() if k[0] == key[0]}
+            cache[key] = self.rollout(*key)
+        self.cache = cache
+        return cache[key]
+
+    def rollout(self, batch: int, micro: int, rank: int) -> dict:
+        raise NotImplementedError
+
+
 def rollout_seed(seed: int, batch: int, micro: int, rank: int) -> int:
     """The first row generator's seed of one batch of rollouts."""
     return seed * 1_000_003 + batch * 7919 + micro * 131 + rank
