@@ -111,9 +111,16 @@ def test_chat_from_a_script_and_from_a_terminal(trained, run, capsys, monkeypatc
         if seen.count(b"you>") >= 2:
             break
     until(b"you>", 2)
-    os.write(fd, b"The \r")
-    until(b"you>", 3)
-    assert b"adl>" in seen
+    # A Ctrl-C of the loop above that was still pending (sent before the editor waited for keys)
+    # is seen at the next key and clears that line: the prompt comes back without an answer. Ask
+    # again then; a chat that never answers still fails after three questions.
+    for _ in range(3):
+        prompts = seen.count(b"you>")
+        os.write(fd, b"The \r")
+        until(b"you>", prompts + 1)
+        if b"adl>" in seen:
+            break
+    assert b"adl>" in seen, seen
     os.write(fd, b"/exit\r")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, seen
