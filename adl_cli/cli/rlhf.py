@@ -1,6 +1,7 @@
 """adl rlhf: learning from preferences and rewards. `reward` trains a Bradley-Terry reward model, `dpo`
-a policy by DPO / IPO / conservative DPO, `grpo` a policy by group-relative RL on verifiable tasks,
-`pairs` lists the built-in preference sets."""
+a policy by DPO / IPO / conservative DPO, `ppo` a policy by PPO with a value head (verifier or
+reward-model rewards), `grpo` a policy by group-relative RL on verifiable tasks, `pairs` lists the
+built-in preference sets."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 
 from adl_cli.cli.common import default_out, resolve_recipe, set_option
 
-rlhf_app = typer.Typer(help="Learn from preferences and rewards: reward models, DPO, GRPO.", no_args_is_help=True)
+rlhf_app = typer.Typer(help="Learn from preferences and rewards: reward models, DPO, PPO, GRPO.", no_args_is_help=True)
 
 RECIPE_HELP = "Recipe TOML or a shipped recipe's name ({names}); it starts from a chat run (init.from: an SFT run such as runs/addition)."
 

@@ -154,7 +154,7 @@ class PPORollouts(RolloutSource):
     """The trainer's batch source: a step's sampled answers with their scores, old log-probs, old
     values, advantages and returns. Rollouts are a function of (seed, step, micro-batch, rank), the
     policy and beta; with ``iterations`` > 1 the same rollouts serve that many steps. Its state
-    (beta) is saved in every checkpoint."""
+    (beta, a reward model's shift and scale) is saved in every checkpoint."""
 
     def __init__(self, model: ActorCritic, reference, template: ChatTemplate, tasks: dict, cfg: PPOSection, problems: int, seed: int,
                  autocast, scorer=None, ptx: np.ndarray | None = None):
@@ -235,7 +235,7 @@ class PPORollouts(RolloutSource):
         if self.ptx is not None:
             out.update(self.ptx_rows(batch, micro, rank))
         if self.kl is not None:
-            self.beta = self.kl.update(mean_over_ranks(float(per_answer.mean())), len(inputs))
+            self.beta = self.kl.update(mean_over_ranks(float(per_answer.mean()), device), len(inputs))
         out["stats"]["rollout_s"] = torch.tensor(time.perf_counter() - t0)
         return out
 
@@ -247,13 +247,14 @@ class PPORollouts(RolloutSource):
         return {"ptx_inputs": rows[:, :-1].contiguous(), "ptx_targets": rows[:, 1:].contiguous()}
 
 
-def mean_over_ranks(x: float) -> float:
-    """``x`` averaged over the processes of a distributed run (itself on one)."""
+def mean_over_ranks(x: float, device) -> float:
+    """``x`` averaged over the processes of a distributed run (itself on one); ``device``: where
+    the process group's collectives run (the model's device: NCCL needs a GPU tensor)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 
