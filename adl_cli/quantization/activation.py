@@ -1,0 +1,82 @@
+"""Activation-aware quantization: methods that look at what flows into a linear layer.
+
+A per-input-channel factor s moves difficulty between activations and weights without changing the
+layer: y = x W^T = (x / s)(W diag(s))^T (the division is folded into the operation before the
+layer). The methods differ in what they do with it:
+
+    SmoothQuant (Xiao et al. 2023), W8A8: s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha) flattens the
+        activations' outlier channels so both sides round to int8 well (weights per output
+        channel, activations per token, dynamically).
+    AWQ (Lin et al. 2024), weight-only: s_j = mean|X_j|^alpha scales up the weights of the inputs
+        that matter most before rounding; alpha in [0, 1] is searched on calibration rows for the
+        smallest output error (alpha = 0 is round-to-nearest, so the search never does worse on
+        its calibration data).
+    LLM.int8() (Dettmers et al. 2022): no scaling; the input channels where any activation reaches
+        ``threshold`` are multiplied in floating point, the rest in int8 with one scale per token
+        (rows of x) and per output channel (rows of W).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adl_cli.quantization.grids import asymmetric, symmetric
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integers, scales): each row of ``x`` rounded on its own absmax int8 grid."""
+    q = symmetric(x, 8, 0)
+    return q.q, q.scale[:, 0]
+
+
+def w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T with both sides rounded to int8 (activations per token, weights per output channel),
+    the integer product accumulated exactly and scaled back."""
+    qx, sx = int8_rows(x)
+    qw, sw = int8_rows(w)
+    acc = qx.double() @ qw.double().T  # exact: integer sums far below 2^53
+    return (acc * sx.double()[:, None] * sw.double()[None, :]).to(x.dtype)
+
+
+def smoothquant_scales(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha) per input channel j (1 where either is 0)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    wmax = w.abs().amax(0).float()
+    s = x_absmax.float().clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)
+    return torch.where((x_absmax > 0) & (wmax > 0), s, torch.ones_like(s))
+
+
+def smoothquant_w8a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W8A8 after smoothing: (x / s) and (W diag(s)) each rounded to int8."""
+    return w8a8(x / scales, w * scales)
+
+
+def llm_int8(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8()'s mixed-precision product: outlier input channels (any |x| >= threshold) in
+    floating point, the others through w8a8."""
+    outliers = (x.abs() >= threshold).any(0)
+    y = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
+    if (~outliers).any():
+        y += w8a8(x[:, ~outliers], w[:, ~outliers])
+    if outliers.any():
+        y += x[:, outliers] @ w[:, outliers].T
+    return y
+
+
+def awq_scales(x: torch.Tensor, w: torch.Tensor, *, bits: int = 4, group_size: int = 128, grid: int = 20) -> tuple[torch.Tensor, float]:
+    """(s, alpha): the per-input-channel scale mean|X_j|^alpha (normalised so that max s x min s = 1)
+    whose weight-only rounding of W diag(s) gives the smallest ||x W^T - (x / s) Q(W diag(s))^T||^2
+    on the calibration rows ``x``, alpha on an even grid over [0, 1]."""
+    mean_abs = x.abs().float().mean(0).clamp_min(1e-8)
+    ref = x.float() @ w.float().T
+    best = (float("inf"), torch.ones_like(mean_abs), 0.0)
+    for k in range(grid + 1):
+        alpha = k / grid
+        s = mean_abs ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        deq = asymmetric(w.float() * s, bits, group_size).dequantize()
+        err = float(((x.float() / s) @ deq.T - ref).pow(2).sum())
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
