@@ -7,6 +7,8 @@ floats the integers stand for.
                           q = clamp(round(w / s) + z, 0, 2^b - 1),  w' = (q - z) s
     NF4 (Dettmers et al. 2023): 16 values, the normal distribution's quantiles scaled to [-1, 1]
                           with an exact 0 (8 positive, 7 negative), w' = c[q] x absmax of the block
+    HQQ (Badri and Shaji 2023): the asymmetric grid with its zero points refit, without data, to
+                          the smallest l_p rounding error (p < 1)
 
 Rounding to nearest moves a weight by at most half a step: |w - w'| <= s / 2 on the linear grids
 (the tests check this bound); the NF4 step varies along the codebook.
@@ -103,3 +105,38 @@ def nf4(w: torch.Tensor, group_size: int = 64) -> Quantized:
     x = (g / scale[..., None]).unsqueeze(-1)
     q = (x - code).abs().argmin(-1).to(torch.uint8)
     return Quantized(q.reshape(w.shape), scale, None, group_size, 4, code)
+
+
+def hqq(w: torch.Tensor, bits: int = 4, group_size: int = 64, *, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
+        iterations: int = 20) -> Quantized:
+    """Calibration-free zero points (HQQ, Badri and Shaji 2023): starting from the min-max grid,
+    the zero point of each (row, group) is refit to minimise the l_p norm (p < 1: a few large
+    errors cost less than many small ones) of the rounding error, by half-quadratic splitting:
+
+        W_e  = shrink_p(W - (Q - z) s)              (the error, shrunk toward 0: |x| > |x|^(p-1) / beta kept)
+        z    = mean over the group of (Q - (W - W_e) / s),   Q = round(W / s + z),   beta *= kappa
+
+    The scale stays the min-max one; the iterate with the smallest l_p error is kept."""
+    g = _groups(w.float(), group_size)
+    scale, zero = asymmetric_params(g, bits)
+    s, z = scale[..., None], zero[..., None].clone()
+    maxq = 2 ** bits - 1
+
+    def lp(zz):
+        q = torch.clamp(torch.round(g / s + zz), 0, maxq)
+        return ((g - (q - zz) * s).abs() ** p).sum(-1, keepdim=True), q
+
+    best_err, _ = lp(z)
+    best_z = z.clone()
+    for _ in range(iterations):
+        q = torch.clamp(torch.round(g / s + z), 0, maxq)
+        e = g - (q - z) * s
+        shrunk = torch.sign(e) * torch.relu(e.abs() - e.abs().clamp_min(1e-12) ** (p - 1) / beta)
+        z = (q - (g - shrunk) / s).mean(-1, keepdim=True)
+        beta *= kappa
+        err, _ = lp(z)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_z = torch.where(better, z, best_z)
+    q = torch.clamp(torch.round(g / s + best_z), 0, maxq).to(torch.uint8)
+    return Quantized(q.reshape(w.shape), scale, best_z[..., 0], group_size, bits)

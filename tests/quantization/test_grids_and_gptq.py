@@ -95,3 +95,14 @@ def test_the_running_hessian_is_two_x_transpose_x_over_n_and_unseen_inputs_get_w
     assert (q.dequantize()[:, 3] == 0).all()
     with pytest.raises(ValueError, match="reads 64 inputs"):
         gptq(_weights(out=8, width=64), h.h, group_size=0)
+
+
+def test_hqq_zero_points_lower_the_lp_rounding_error_of_the_min_max_grid():
+    from adl_cli.quantization.grids import hqq
+
+    w = _weights(seed=3)
+    rtn, fit = asymmetric(w, 4, 64), hqq(w, 4, 64, p=0.7)
+    lp = lambda q: float(((q.dequantize() - w).abs() ** 0.7).sum())  # noqa: E731
+    assert torch.equal(fit.scale, rtn.scale) and fit.q.max() <= 15
+    l2 = lambda q: float(((q.dequantize() - w) ** 2).sum())  # noqa: E731
+    assert lp(fit) < 0.99 * lp(rtn) and l2(fit) < 0.97 * l2(rtn)  # measured: 0.96-0.97 and 0.92-0.93 over 4 seeds
