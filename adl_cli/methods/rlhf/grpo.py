@@ -10,10 +10,11 @@ the clipped surrogate is weighted per token by ``loss_type``; ``kl_beta`` > 0 ad
 reference (the starting run, or the same model with its adapters off for a LoRA policy). With
 ``grpo.iterations`` > 1 the old log-probs are the policy's own at rollout time (one forward, no
 gradient), reused for that many updates; with 1 they are the update's own log-probs, detached (the
-same values, without the extra forward). Logged every step: reward, accuracy, format rate, completion length,
-KL to the reference, clip fraction, the share of groups whose rewards are all equal (they carry
-no signal) and the seconds the step's rollouts took (sampling and scoring). Evaluation: greedy exact match on held-out problems; at the end, before and after on
-the same problems with a paired 95% interval.
+same values, without the extra forward). Logged every step: reward, accuracy, format rate,
+completion length, KL to the reference, clip fraction, the share of groups whose rewards are all
+equal (they carry no signal) and the seconds the step's rollouts took (sampling and scoring).
+Evaluation: greedy exact match on held-out problems; at the end, before and after on the same
+problems with a paired 95% interval.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from adl_cli.data.chat import ChatTemplate
 from adl_cli.data.packing import IGNORE
@@ -38,7 +38,6 @@ from adl_cli.methods.rlhf.rl_run import RLRecipe, eval_exact, evaluate_start, ex
 from adl_cli.methods.rlhf.rollouts import RolloutSource, completion_logps, draw_problems, rollout_seed, sample_answers
 from adl_cli.methods.sft import Outcome
 from adl_cli.nn.policy_gradient import LOSS_TYPES, group_advantages, kl_k3, policy_loss, token_weights
-
 
 
 @dataclass
@@ -113,7 +112,7 @@ class Rollouts(RolloutSource):
             model.eval()
             try:
                 device = next(model.parameters()).device
-                with torch.no_grad(), self.autocast():
+                with self.autocast():
                     out["old_logps"] = completion_logps(model, got.inputs.to(device), got.targets.to(device)).float().cpu()
             finally:
                 model.train(was)
@@ -133,9 +132,8 @@ def grpo_loss(cfg: GRPOSection, reference, policy):
                                     eps_low=cfg.eps_low, eps_high=cfg.eps_high)
         if reference is not None:
             with torch.no_grad():
-                ref_logits = reference_logits(reference(), policy, batch["inputs"])
-            ref_lp = -F.cross_entropy(ref_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none").view(targets.shape)
-            k3 = kl_k3(logps, ref_lp.detach()) * mask
+                ref_lp = completion_logps(None, batch["inputs"], targets, reference_logits(reference(), policy, batch["inputs"]))
+            k3 = kl_k3(logps, ref_lp) * mask
             if cfg.kl_beta:
                 loss = loss + cfg.kl_beta * (k3 * token_weights(mask, cfg.loss_type)).sum()
             metrics["kl"] = k3.detach().sum() / mask.sum().clamp_min(1)

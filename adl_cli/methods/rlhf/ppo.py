@@ -126,13 +126,19 @@ class ActorCritic(nn.Module):
         return logits, values, lm
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``x`` shifted and scaled to mean 0, std 1 over the positions where ``mask`` holds (0 elsewhere)."""
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The (biased) variance of ``x`` over the positions where ``mask`` holds."""
     m = mask.float()
     n = m.sum().clamp_min(1.0)
     mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
-    return (x - mean) * torch.rsqrt(var + eps) * m
+    return (((x - mean) * m) ** 2).sum() / n
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``x`` shifted and scaled to mean 0, std 1 over the positions where ``mask`` holds (0 elsewhere)."""
+    m = mask.float()
+    mean = (x * m).sum() / m.sum().clamp_min(1.0)
+    return (x - mean) * torch.rsqrt(masked_var(x, mask) + eps) * m
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -271,13 +277,9 @@ def ppo_loss(cfg: PPOSection):
         pl, metrics = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, loss_type="dapo", eps_low=cfg.clip, eps_high=cfg.clip)
         vl = value_loss(values, batch["old_values"], batch["returns"], mask, clip=cfg.value_clip)
         loss = pl + cfg.vf_coef * vl
-        m_ = mask.float()
-        n = m_.sum().clamp_min(1.0)
         ret = batch["returns"]
-        resid = ((ret - values.detach()) * m_)
-        var_ret = (((ret - (ret * m_).sum() / n) * m_) ** 2).sum() / n
-        metrics.update({"policy_loss": pl.detach(), "value_loss": vl.detach(),
-                        "explained_var": 1.0 - ((resid - resid.sum() / n) * m_).pow(2).sum() / n / var_ret.clamp_min(1e-8)})
+        explained = 1.0 - masked_var(ret - values.detach(), mask) / masked_var(ret, mask).clamp_min(1e-8)
+        metrics.update({"policy_loss": pl.detach(), "value_loss": vl.detach(), "explained_var": explained})
         if lm is not None:
             loss = loss + cfg.ptx_coef * lm
             metrics["ptx_loss"] = lm.detach()

@@ -1,6 +1,6 @@
-"""What the RL methods (`adl rlhf grpo`, `adl rlhf ppo`) share: the verifiable tasks that ask the
-questions, sampled answers scored by the tasks' verifiers, per-token log-probabilities, and the
-paired before/after comparison on held-out problems.
+"""What the RL methods (`adl rlhf grpo`, `adl rlhf ppo`) share while training: the verifiable tasks
+that ask the questions, sampled answers scored by the tasks' verifiers, per-token log-probabilities
+and the batch source that serves a batch of rollouts for ``iterations`` steps.
 
 A batch of rollouts is a pure function of (seed, rollout index, micro-batch, rank) and the policy:
 the problems come from a named stream of the training side of the split, the samples from one
