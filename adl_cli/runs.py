@@ -7,6 +7,7 @@
       recipe.toml            the resolved recipe (written by the method)
       lineage.json           what the run was made from: [{"kind": "init", "path", "sha256", ...}]
       adapter.json + adapter.safetensors      an adapter run: its kind, config and base run
+      quantization.json      a quantized run (adl quantize): its layers' kinds; quantization/store.py
       metrics.jsonl, summary.json, report.md, checkpoints/step-N/
 
 ``load_run(path)`` gives the model (any family), its config and tokenizer; a run that
@@ -124,9 +125,17 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", *, ema: bool = F
     cfg = read_config(run_dir)
     model = build_model(cfg)
     path = weights_path(run_dir, ema=ema)
+    from adl_cli.quantization.store import install_quantized
+
+    quantized = install_quantized(run_dir, model)  # a quantized run: its layers' shells first
     load_weights(model, path, what="weights")
+    model = model.to(device).eval()
+    if quantized is not None:  # the kernels' forms, on the device
+        from adl_cli.quantization.apply import prepare_all
+
+        prepare_all(model)
     tok_dir = run_dir if (run_dir / "tokenizer.json").exists() else None
-    return Run(run_dir, cfg, model.to(device).eval(), read_lineage(run_dir), path, tok_dir)
+    return Run(run_dir, cfg, model, read_lineage(run_dir), path, tok_dir)
 
 
 def read_lineage(run_dir: Path) -> list[dict[str, Any]]:

@@ -38,11 +38,9 @@ class QloraSection:
 
 
 def bitsandbytes():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise AdlError("method \"qlora\" needs bitsandbytes for its 4-bit NF4 base: pip install bitsandbytes") from None
-    return bnb
+    from adl_cli.quantization.bnb import bitsandbytes as load
+
+    return load('method "qlora" (its 4-bit NF4 base)')
 
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:

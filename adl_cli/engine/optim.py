@@ -84,12 +84,9 @@ def make_muon(groups: list[dict], cfg, device: torch.device, compute_dtype: torc
 def make_adamw8bit(groups: list[dict], cfg, device: torch.device, compute_dtype: torch.dtype | None = None) -> tuple[torch.optim.Optimizer, str]:
     """AdamW with its two moments in 8 bits (blockwise dynamic quantization, Dettmers et al. 2022),
     through bitsandbytes: 2 bytes of state per parameter instead of 8."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        from adl_cli.errors import AdlError
+    from adl_cli.quantization.bnb import bitsandbytes
 
-        raise AdlError("train.optimizer = \"adamw8bit\" needs bitsandbytes: pip install bitsandbytes") from None
+    bnb = bitsandbytes('train.optimizer = "adamw8bit"')
     opt = bnb.optim.AdamW8bit(_with_lr(groups, cfg.lr), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     return opt, "AdamW 8-bit (bitsandbytes)"
 

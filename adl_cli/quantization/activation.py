@@ -10,7 +10,9 @@ layer). The methods differ in what they do with it:
     AWQ (Lin et al. 2024), weight-only: s_j = mean|X_j|^alpha scales up the weights of the inputs
         that matter most before rounding; alpha in [0, 1] is searched on calibration rows for the
         smallest output error (alpha = 0 is round-to-nearest, so the search never does worse on
-        its calibration data).
+        its calibration data); then each (row, group)'s range is clipped by the ratio in
+        [0.5, 1] that gives that group's smallest output error (AWQ's clipping search; ratio 1
+        is again round-to-nearest).
     LLM.int8() (Dettmers et al. 2022): no scaling; the input channels where any activation reaches
         ``threshold`` are multiplied in floating point, the rest in int8 with one scale per token
         (rows of x) and per output channel (rows of W).
@@ -80,3 +82,23 @@ def awq_scales(x: torch.Tensor, w: torch.Tensor, *, bits: int = 4, group_size: i
         if err < best[0]:
             best = (err, s, alpha)
     return best[1], best[2]
+
+
+def awq_clip(x: torch.Tensor, w: torch.Tensor, *, bits: int = 4, group_size: int = 128, grid: int = 20, rows: int = 512) -> torch.Tensor:
+    """The clipping ratio per (output row, group) of ``w`` (out, in) minimising the mean over
+    calibration rows ``x`` (n, in) of (x_g . (w_g - Q_r(w_g)))^2, the group's share of the output
+    error, r over an even grid on [0.5, 1]."""
+    out, width = w.shape
+    g = group_size or width
+    xs = x[:rows].float().reshape(-1, width // g, g)  # (n, groups, g)
+    wg = w.float().reshape(out, width // g, g)  # (out, groups, g)
+    best = torch.full((out, width // g), float("inf"))
+    ratio = torch.ones(out, width // g)
+    for k in range(grid // 2 + 1):
+        r = 1.0 - k / grid
+        deq = asymmetric(w.float(), bits, group_size, clip=r).dequantize().reshape(out, width // g, g)
+        err = torch.einsum("ngi,ogi->nog", xs, wg - deq).pow(2).mean(0)  # (out, groups)
+        better = err < best
+        best = torch.where(better, err, best)
+        ratio = torch.where(better, torch.full_like(ratio, r), ratio)
+    return ratio

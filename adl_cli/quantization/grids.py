@@ -62,11 +62,12 @@ def symmetric(w: torch.Tensor, bits: int = 8, group_size: int = 0) -> Quantized:
     return Quantized(q.reshape(w.shape), scale, None, group_size, bits)
 
 
-def asymmetric_params(g: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def asymmetric_params(g: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) of the min-max grid of each row of ``g`` (..., n): 2^b levels spanning
-    [min(min g, 0), max(max g, 0)], so 0 is always on the grid."""
+    [min(min g, 0), max(max g, 0)], so 0 is always on the grid; ``clip`` (a ratio per row, or one)
+    shrinks that range (the weights beyond it round to its ends)."""
     maxq = 2 ** bits - 1
-    lo, hi = g.amin(-1).clamp_max(0.0), g.amax(-1).clamp_min(0.0)
+    lo, hi = g.amin(-1).clamp_max(0.0) * clip, g.amax(-1).clamp_min(0.0) * clip
     scale = ((hi - lo) / maxq).clamp_min(torch.finfo(torch.float32).tiny)
     zero = torch.round(-lo / scale)
     return scale, zero
@@ -77,10 +78,11 @@ def round_to(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
 
 
-def asymmetric(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> Quantized:
-    """Min-max rounding with a zero point per (row, group): b-bit unsigned integers."""
+def asymmetric(w: torch.Tensor, bits: int = 4, group_size: int = 128, clip: torch.Tensor | float = 1.0) -> Quantized:
+    """Min-max rounding with a zero point per (row, group): b-bit unsigned integers; ``clip``: a
+    ratio per (row, group) (or one) that shrinks each range."""
     g = _groups(w.float(), group_size)
-    scale, zero = asymmetric_params(g, bits)
+    scale, zero = asymmetric_params(g, bits, clip)
     q = round_to(g, scale[..., None], zero[..., None], bits).to(torch.uint8)
     return Quantized(q.reshape(w.shape), scale, zero, group_size, bits)
 
