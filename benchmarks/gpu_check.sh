@@ -20,6 +20,7 @@
 #  4f. adl rlhf reward and dpo (full, LoRA) on CUDA from 4d's SFT run
 #  4g. adl rlhf ppo and grpo on CUDA (rollouts through the engine on the GPU, value head, adaptive
 #      KL) from a short all-tasks SFT run, then `adl eval --samples 8` (pass@k, majority vote)
+#  4h. adl bench-quantize --device cuda on 4d's main job (bitsandbytes' CUDA kernels, adl's GPTQ/AWQ)
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
 #
@@ -151,6 +152,11 @@ for r in ppo grpo; do
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 timeout 120 $PY -m adl_cli eval "$OUTDIR/sft-tiny" --task count --task reverse --examples 500 --samples 8 --plot "$OUTDIR/scaling.png" --force 2>&1 | tail -24
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 4h. quantization on CUDA: bitsandbytes' CUDA NF4 / LLM.int8() kernels beside adl's methods on the short main job"
+timeout 200 $PY -m adl_cli bench-quantize "$OUTDIR/tiny" --device cuda --method int8 --method int4 --method nf4 --method nf4-adl \
+  --method llm-int8 --method gptq --method awq --method smoothquant --max-tokens 32768 --plot "$OUTDIR/quant.png" --force 2>&1 | tail -24
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 5. summary"

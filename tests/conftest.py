@@ -217,3 +217,20 @@ def chat_run(bpe_run, tmp_path_factory):
         mp.setattr("adl_cli.engine.trainer.matmul_peak", lambda *a, **k: 1e12)
         run_sft(load_sft_recipe(root / "chat.toml"), root / "run", progress=False, log=lambda *a, **k: None, evaluate_base=False)
     return root / "run"
+
+
+@pytest.fixture
+def run():
+    """run(args, capsys) -> (exit code, stdout, stderr) of `adl ARGS` through the real entry point."""
+    from adl_cli.cli import main
+
+    def _run(args, capsys):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return _run

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adl_cli.cli.common import new_output, plot_option
+from adl_cli.cli.common import check_device, new_output, plot_option
 
 
 def bench_inference(
@@ -34,13 +34,7 @@ def bench_inference(
 
     batches = parse_batches(batch)
     names = parse_contenders(only)
-    if device not in ("cpu", "cuda"):
-        raise AdlError(f"--device must be cpu or cuda, got '{device}'")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise AdlError("--device cuda: no CUDA device here")
+    check_device(device)
     json_path, plot_path = new_output(json_out, force), new_output(plot, force, suffix=".png")
     report = run_bench(run_dir, batches=batches, prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds, only=names, draft_dir=draft,
                        lookup=lookup, lookahead=lookahead, device=device, log=lambda m: console_err.print(f"[dim]{m}[/]", highlight=False))

@@ -51,3 +51,17 @@ def new_output(path: Path | None, force: bool, what: str = "file", suffix: str |
     if path.exists() and not force:
         raise AdlError(f"{path} exists; choose another path or pass --force to replace it")
     return path
+
+
+def check_device(device: str) -> str:
+    """--device of the bench commands: cpu, or cuda where there is one."""
+    from adl_cli.errors import AdlError
+
+    if device not in ("cpu", "cuda"):
+        raise AdlError(f"--device must be cpu or cuda, got '{device}'")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AdlError("--device cuda: no CUDA device here")
+    return device

@@ -157,3 +157,41 @@ def scaling_figure(path: Path, runs: list[dict[str, Any]], *, frontier: list[tup
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def quantization_figure(path: Path, report) -> Path:
+    """adl bench-quantize: quality against size (perplexity change and KL to fp32 against bits per
+    parameter, one point a method) and decode speed, side by side."""
+    plt = _pyplot()
+    rows = report.rows
+    base = rows[0]
+    colours = {"adl": "tab:blue", "bitsandbytes": "tab:orange", "torchao": "tab:green", "reference": "black"}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    for r in rows:
+        c = colours.get(r.by, "gray")
+        ax1.scatter(r.bits_per_parameter, 100 * (r.perplexity / base.perplexity - 1), color=c, s=28, zorder=3)
+        ax1.annotate(r.name, (r.bits_per_parameter, 100 * (r.perplexity / base.perplexity - 1)), fontsize=7, xytext=(3, 3),
+                     textcoords="offset points")
+        if r is not base:
+            ax2.scatter(r.bits_per_parameter, max(r.kl, 1e-9), color=c, s=28, zorder=3)
+            ax2.annotate(r.name, (r.bits_per_parameter, max(r.kl, 1e-9)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax1.axhline(0, color="gray", lw=0.8, ls=":")
+    ax1.set_xlabel("stored bits per parameter")
+    ax1.set_ylabel("perplexity vs fp32 (%)")
+    ax1.set_title("quality against size", fontsize=10)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("stored bits per parameter")
+    ax2.set_ylabel("KL(fp32 || quantized), nats per token")
+    ax2.set_title("distance to the float model", fontsize=10)
+    names = [r.name for r in rows]
+    ax3.barh(names, [r.decode_tok_s for r in rows], color=[colours.get(r.by, "gray") for r in rows])
+    ax3.invert_yaxis()
+    ax3.set_xlabel(f"decode tokens/s (batch 1, {report.decode.get('threads', '?')} threads)")
+    ax3.set_title("decode speed", fontsize=10)
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3, which="both")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colours.items() if any(r.by == k for r in rows)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.04))
+    extra = f", outlier channels x{report.outliers['scale']:g} injected" if report.outliers else ""
+    fig.suptitle(f"adl bench-quantize {report.run}: {report.tokens:,} tokens of {report.text}{extra}", fontsize=11)
+    return _save(fig, path)
