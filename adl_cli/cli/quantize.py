@@ -25,6 +25,7 @@ def quantize(
     threshold: float = typer.Option(6.0, "--threshold", help="llm-int8: activations this large make their input column an outlier (kept in floating point)."),
     double_quant: bool = typer.Option(False, "--double-quant", help="nf4, fp4: quantize the block scales too (8 bits)."),
     head: bool = typer.Option(False, "--head", help="Quantize the output head too (a tied head gets its own quantized copy; the file grows)."),
+    float_dtype: str = typer.Option("fp32", "--float-dtype", help="Store what stays float (embeddings, norms, an unquantized head) as fp32, bf16 or fp16 (rounded alike in memory; loads back as fp32)."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="gptq, awq, smoothquant: calibration windows (of the context, at most 512 tokens)."),
     calib_data: str = typer.Option(None, "--calib-data", help="gptq, awq, smoothquant: calibration text (corpus name, file, folder, glob). Default: the run's training split.", show_default=False),
     seed: int = typer.Option(0, "--seed", help="Which calibration windows are drawn."),
@@ -42,7 +43,7 @@ def quantize(
 
     opts = QuantOptions(group_size=group_size, bits=bits, grid=grid, act_order=act_order, damp=damp, alpha=alpha, threshold=threshold,
                         double_quant=double_quant, head=head, calib_samples=calib_samples, seed=seed)
-    result = quantize_run(run_dir, out, method, opts, calib_data=calib_data, force=force,
+    result = quantize_run(run_dir, out, method, opts, calib_data=calib_data, force=force, float_dtype=float_dtype,
                           log=lambda msg: None if as_json else console_err.print(f"[dim]{msg}[/]"))
     if as_json:
         print(json.dumps({**asdict(result), "out": str(result.out)}))

@@ -68,12 +68,14 @@ def calibration_windows(run, *, samples: int, seed: int, data: str | None = None
 
 
 def quantize_run(run_dir: Path, out: Path, method: str, opts: QuantOptions, *, calib_data: str | None = None, force: bool = False,
-                 log=lambda msg: None) -> QuantizeResult:
+                 float_dtype: str = "fp32", log=lambda msg: None) -> QuantizeResult:
     from adl_cli.quantization.apply import bits_per_parameter, plan, quantize_model
-    from adl_cli.quantization.store import check_out, save_quantized_run
+    from adl_cli.quantization.store import FLOAT_DTYPES, check_out, narrow_floats, save_quantized_run
     from adl_cli.runs import WEIGHTS
 
     spec = METHODS.get(method)
+    if float_dtype not in FLOAT_DTYPES:
+        raise AdlError(f"{opt('float_dtype')} must be one of {', '.join(FLOAT_DTYPES)}, got '{float_dtype}'")
     check_out(out, force)
     if calib_data is not None and not spec.stats:
         raise AdlError(f"{method} reads no activations: {opt('calib_data')} applies to {', '.join(n for n in METHODS.names() if METHODS.get(n).stats)}")
@@ -87,10 +89,11 @@ def quantize_run(run_dir: Path, out: Path, method: str, opts: QuantOptions, *, c
         log(f"calibration: {calibration}")
     progress = (lambda k, n: log(f"block {k}/{n} quantized")) if spec.stats else None
     specs, opts = quantize_model(run.model, method, opts, windows, progress=progress)
+    narrow_floats(run.model, float_dtype)
     seconds = time.perf_counter() - t0
-    bpp = bits_per_parameter(run.model, n_params)
-    record = {"method": method, "summary": spec.summary, "options": opts.to_dict(),
+    bpp = bits_per_parameter(run.model, n_params, float_dtype)
+    record = {"method": method, "summary": spec.summary, "options": opts.to_dict(), "float_dtype": float_dtype,
               "bits_per_parameter": bpp, "parameters": n_params, "calibration": calibration, "layers": specs}
-    save_quantized_run(out, run, run.model, record, force=force)
+    save_quantized_run(out, run, run.model, record, force=force, float_dtype=float_dtype)
     return QuantizeResult(Path(out), method, len(specs), bpp, run.weights.stat().st_size, (Path(out) / WEIGHTS).stat().st_size, seconds,
                           calibration, opts.group_size or 0)

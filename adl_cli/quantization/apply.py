@@ -209,10 +209,10 @@ def prepare_all(model: nn.Module) -> None:
             m.prepare()
 
 
-def bits_per_parameter(quantized: nn.Module, n_params: int) -> float:
-    """Stored bits (every tensor of the quantized model's state, shared ones once) / parameters of
-    the float model."""
-    from adl_cli.engine.checkpoint import model_tensors
+def bits_per_parameter(quantized: nn.Module, n_params: int, float_dtype: str = "fp32") -> float:
+    """Stored bits (every tensor of the quantized run's file, shared ones once) / parameters of the
+    float model."""
+    from adl_cli.quantization.store import stored_tensors
 
-    bits = sum(t.numel() * t.element_size() * 8 for t in model_tensors(quantized).values())
+    bits = sum(t.numel() * t.element_size() * 8 for t in stored_tensors(quantized, float_dtype).values())
     return bits / n_params

@@ -136,3 +136,18 @@ def test_bench_quantize_reports_every_contender(bpe_run, tmp_path, run, capsys):
                              "--plot", tmp_path / "q.png"], capsys)
     assert code == 0, err
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG" and "int8" in stdout
+
+
+def test_float_dtype_narrows_what_stays_float(bpe_run, tmp_path, run, capsys):
+    for dtype in ("fp32", "bf16"):
+        code, _, err = run(["quantize", bpe_run, "--method", "int8", "--float-dtype", dtype, "--out", tmp_path / dtype], capsys)
+        assert code == 0, err
+    small, full = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("bf16", "fp32"))
+    assert small < full
+    src = load_run(bpe_run).model.transformer.wte.weight
+    got = load_run(tmp_path / "bf16").model.transformer.wte.weight
+    assert got.dtype == torch.float32 and torch.equal(got, src.to(torch.bfloat16).float())  # stored bf16, loaded back as fp32
+    q = load_run(tmp_path / "bf16").model.transformer.h[0].mlp.c_fc
+    assert torch.equal(q.qweight, load_run(tmp_path / "fp32").model.transformer.h[0].mlp.c_fc.qweight)  # the quantized layers alike
+    code, _, err = run(["quantize", bpe_run, "--method", "int8", "--float-dtype", "fp8", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "--float-dtype must be one of fp32, bf16, fp16" in err
