@@ -65,12 +65,28 @@ def evaluation_tokens(run, data: str | None, split: str) -> tuple[np.ndarray, st
     if not recipe_path.exists():
         raise AdlError(f"{run.path} has no recipe.toml (it was not trained by adl pretrain): name a text with {opt('data')}")
     from adl_cli.data.tokens import load_tokens
-    from adl_cli.methods.pretrain import load_pretrain_recipe
 
-    section = load_pretrain_recipe(recipe_path).data
+    section = _text_recipe(recipe_path).data
     tokens = load_tokens(section, tokenizer=tok)
     stream = tokens.val if split == "val" else tokens.corpus_train
     return np.asarray(stream), f"{section.corpus} ({split} split of the run's recipe)"
+
+
+def _text_recipe(path: Path):
+    """A text run's recipe: adl pretrain's, or adl distill's (the same tables plus [teacher] and [distill])."""
+    import tomllib
+
+    try:
+        distilled = "teacher" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        distilled = False  # the loader reports it
+    if distilled:
+        from adl_cli.methods.distill import load_distill_recipe
+
+        return load_distill_recipe(path)
+    from adl_cli.methods.pretrain import load_pretrain_recipe
+
+    return load_pretrain_recipe(path)
 
 
 @torch.no_grad()

@@ -186,14 +186,17 @@ class PretrainOutcome:
 
 def run_pretrain(
     recipe: PretrainRecipe, out: Path, *, resume: bool = False, resume_from: Path | None = None, force: bool = False,
-    progress: bool | None = True, accelerator=None, log=print,
+    progress: bool | None = True, accelerator=None, log=print, objective=None, load=None,
 ) -> PretrainOutcome:
     """Train; under torchrun / accelerate launch every process calls this, only the main one
-    prints (``log``) and writes files; the others return an outcome with ``main=False``."""
+    prints (``log``) and writes files; the others return an outcome with ``main=False``.
+    ``objective(tokenizer, model config, device)``: an object whose ``loss(m, inputs, targets)``
+    replaces cross-entropy, with ``prepare(model)`` / ``finish(model)`` around training (adl
+    distill); ``load`` reads the run folder's own recipe on a resume."""
     out = Path(out)
     t0 = time.perf_counter()
     resume = resume or resume_from is not None
-    start = start_run(recipe, out, resume=resume, resume_from=resume_from, force=force, accelerator=accelerator, log=log)
+    start = start_run(recipe, out, resume=resume, resume_from=resume_from, force=force, accelerator=accelerator, log=log, load=load)
     acc, main, world, log = start.acc, start.main, start.world, start.log
     checkpoint, ck_state, old_recipe, changed = start.checkpoint, start.ck_state, start.old_recipe, start.changed
     log(f"data: corpus [bold]{recipe.data.corpus}[/], tokenizer {recipe.data.tokenizer}")
@@ -216,6 +219,9 @@ def run_pretrain(
         f"block {gcfg.block_size}, vocab {gcfg.vocab_size} ({data.tokenizer.describe()}), attention {gcfg.attention}, position {gcfg.position}; "
         f"data: {len(data.train):,} train / {len(data.val):,} val tokens"
     )
+    goal = objective(data.tokenizer, gcfg, acc.device) if objective is not None else None  # checked before anything is written
+    if goal is not None:
+        goal.prepare(model)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if old_recipe is not None and changed:  # keep the recipe that governed the steps so far beside the new one
@@ -250,6 +256,8 @@ def run_pretrain(
 
     def loss_fn(m, batch):
         x, y = batch
+        if goal is not None:
+            return goal.loss(m, x, y)
         loss = m(x, y)[1]
         return loss, dict(unwrap(m).aux_metrics) if gcfg.mtp_heads else {}
 
@@ -283,6 +291,8 @@ def run_pretrain(
     if not main:
         return PretrainOutcome(out, result, {}, "", main=False)
     final = trainer.raw_model
+    if goal is not None:
+        goal.finish(final)
     if trainer.sharded:  # the trained model lives in shards: rebuild a plain one for saving and sampling
         final = build_model(gcfg)
         final.load_state_dict(weights, strict=False)

@@ -247,10 +247,11 @@ class Outcome:
 
 
 def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool = False, progress: bool | None = True,
-            accelerator=None, log=print, evaluate_base: bool = True) -> Outcome:
+            accelerator=None, log=print, evaluate_base: bool = True, objective=None, load=None) -> Outcome:
+    """``objective`` and ``load``: as run_pretrain's (adl distill on the tasks)."""
     out = Path(out)
     t0 = time.perf_counter()
-    start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_sft_recipe)
+    start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load or load_sft_recipe)
     acc, main, world, log, checkpoint = start.acc, start.main, start.world, start.log, start.checkpoint
 
     base = load_base(recipe.init.from_)
@@ -281,6 +282,9 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
         model = build_model(gcfg)
     else:
         model, _ = init_from(base.path, gcfg, new_tokens=(base.tokenizer.vocab_size, tok.vocab_size))
+    goal = objective(tok, gcfg, acc.device) if objective is not None else None  # checked before anything is written
+    if goal is not None:
+        goal.prepare(model)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         header = f"resolved recipe of the SFT run in {out.name}; `adl sft {out / 'recipe.toml'} --out NEW_DIR` reproduces it"
@@ -291,6 +295,9 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
             write_lineage(out, [parent_entry("init", base)])
     tc = recipe.train
     accum, batches, loss_fn, units_fn, eval_fn = row_training(recipe, data, tok, world, block)
+    if goal is not None:
+        def loss_fn(m, batch):
+            return goal.loss(m, batch["inputs"], batch["targets"], batch.get("segments"))
 
     trainer = Trainer(model, tc, run_dir=out, batch_fn=batches, loss_fn=loss_fn, eval_fn=eval_fn, units_per_batch=tc.batch_size * block,
                       units_fn=units_fn, unit="tokens", flops_per_unit=model.flops_per_token(block), accelerator=acc,
@@ -299,6 +306,8 @@ def run_sft(recipe: SFTRecipe, out: Path, *, resume: bool = False, force: bool =
     if not main:
         return Outcome(out, result, {}, main=False)
     final = trainer.raw_model
+    if goal is not None:
+        goal.finish(final)
     save_run(out, final, tok)
     log("evaluating: exact match of greedy answers on the held-out problems" + (" (the base run too)" if evaluate_base else ""))
     final.eval()
