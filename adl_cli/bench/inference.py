@@ -245,11 +245,20 @@ def bench_inference(run_dir, *, batches=(1,), prompt_len: int = 32, new_tokens: 
     names = parse_contenders(only) if isinstance(only, str) or only is None else list(only)
     dev = torch.device(device)
     run = load_run(run_dir, device=dev)
-    model = run.model.float().eval()
+    from adl_cli.quantization.store import read_quantization
+
+    quantized = read_quantization(run.path)
+    model = (run.model if quantized else run.model.float()).eval()  # a quantized run keeps its stored dtypes
     cfg = model.config
     if prompt_len >= cfg.block_size:
         raise AdlError(f"{opt('prompt_len')} ({prompt_len}) must be shorter than the run's context ({cfg.block_size})")
     notes = []
+    if quantized:
+        dropped = [c for c in names if c in ("int8", "int4", "torchao-int8", "transformers")]
+        names = [c for c in names if c not in dropped]
+        if dropped:
+            notes.append(f"a quantized run ({quantized['method']}, adl quantize): its own layers are timed; {', '.join(dropped)} left out "
+                         "(they quantize or convert a float run)")
     n = min(new_tokens, cfg.block_size - prompt_len)
     if n < new_tokens:
         notes.append(f"new tokens capped at {n}: prompt + new tokens stay within the context of {cfg.block_size} (the peer cannot go past it)")

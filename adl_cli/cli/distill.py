@@ -11,7 +11,7 @@ from adl_cli.cli.common import default_out, resolve_recipe, set_option
 
 def distill(
     recipe: str = typer.Argument(..., help="Distillation recipe TOML or a shipped one's name (text, text-reverse, tasks-forward, "
-                                 "tasks-reverse): a pretraining or SFT recipe plus [teacher] run and [distill].", show_default=False),
+                                 "tasks-reverse): a pretraining or SFT recipe plus \\[teacher] run and \\[distill].", show_default=False),
     set_: list[str] = set_option(),
     out: Path = typer.Option(None, "--out", "-o", help="The student's run folder (default: runs/<recipe name>)."),
     scratch: Path = typer.Option(None, "--scratch", help="Also the same student without the teacher, in this folder (trained unless it "
@@ -21,7 +21,7 @@ def distill(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object."),
 ) -> None:
-    """Distil a teacher run into a smaller student: [bold]adl distill text --scratch runs/student-scratch[/]
+    """Distil a teacher run into a smaller student: [bold]adl distill text --scratch runs/tiny-scratch[/]
     (the main job's shape taught by runs/small)"""
     import json
 

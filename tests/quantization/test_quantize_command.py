@@ -78,6 +78,12 @@ def test_quantize_command_end_to_end(bpe_run, tmp_path, run, capsys):
     assert q["tokens"] == f["tokens"] and abs(q["loss"] - f["loss"]) < 0.05 * f["loss"]
     code, stdout, err = run(["generate", out, "--prompt", "The ", "--max-new-tokens", "4", "--temperature", "0"], capsys)
     assert code == 0, err
+    # bench-inference times the quantized layers themselves (the --quant rows and the transformers peer left out)
+    code, stdout, err = run(["bench-inference", out, "--batch", "1", "--new-tokens", "4", "--rounds", "1", "--only", "cache,int8,transformers",
+                             "--json", tmp_path / "bi.json"], capsys)
+    assert code == 0, err
+    bench = json.loads((tmp_path / "bi.json").read_text())
+    assert "a quantized run (int4" in " ".join(bench["notes"])
     # nothing is replaced without --force, and --force replaces it whole
     before = (out / "model.safetensors").read_bytes()
     code, _, err = run(["quantize", bpe_run, "--method", "int8", "--out", out], capsys)
