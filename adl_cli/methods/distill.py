@@ -345,6 +345,28 @@ def _plain(recipe):
     return cls(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(cls)})
 
 
+def _check_twin(recipe, scratch: Path) -> None:
+    """A finished scratch run is compared only if it trained what the student trained (its model,
+    data, training and starting point), so that only the teacher differs."""
+    from adl_cli.methods.pretrain import _flat, load_pretrain_recipe
+    from adl_cli.methods.sft import load_sft_recipe
+    from adl_cli.recipe import recipe_dict
+
+    try:
+        theirs = (load_sft_recipe if is_task_recipe(recipe) else load_pretrain_recipe)(scratch / "recipe.toml")
+    except AdlError as e:
+        raise AdlError(f"--scratch {scratch}: cannot read its recipe ({e}); retrain it with --force") from None
+    keys = ("init", "data", "train", "template") if is_task_recipe(recipe) else ("init", "model", "data", "train")
+    ours, other = recipe_dict(_plain(recipe)), recipe_dict(theirs)
+    a = _flat({k: ours.get(k) for k in keys})
+    b = _flat({k: other.get(k) for k in keys})
+    skip = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.eval_batches", "data.eval_examples_during")
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in skip]
+    if diff:
+        detail = ", ".join(f"{k} {b.get(k)!r} (the student: {a.get(k)!r})" for k in diff[:3])
+        raise AdlError(f"--scratch {scratch} was trained with another recipe ({detail}); give another folder, or retrain it with --force")
+
+
 def _finished(run_dir: Path) -> bool:
     return (Path(run_dir) / "model.safetensors").exists() and (Path(run_dir) / "summary.json").exists()
 
@@ -382,14 +404,17 @@ def run_distill(recipe, out: Path, *, scratch: Path | None = None, resume: bool 
 
     if scratch is not None and Path(scratch).resolve() == Path(out).resolve():
         raise AdlError("--scratch must be another folder than --out")
+    reuse = scratch is not None and _finished(scratch) and not force
+    if reuse:  # checked before the student trains
+        _check_twin(recipe, Path(scratch))
     t0 = time.perf_counter()
     outcome = train_run(recipe, out, objective=objective, resume=resume, force=force, progress=progress, log=log)
     if not outcome.main:
         return {}
     seconds = {"distilled": time.perf_counter() - t0}
     if scratch is not None:
-        if _finished(scratch) and not force:
-            log(f"scratch: {scratch} holds a finished run; comparing with it (--force retrains it)")
+        if reuse:
+            log(f"scratch: {scratch} holds a finished run of the same recipe; comparing with it (--force retrains it)")
         else:
             log(f"scratch: the same student without the teacher -> {scratch}")
             t1 = time.perf_counter()

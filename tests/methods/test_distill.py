@@ -99,6 +99,11 @@ def test_text_distillation_end_to_end_with_scratch_and_the_teacher(bpe_run, smal
     assert code == 0, err
     assert "scratch" not in json.loads(out.strip().splitlines()[-1])["seconds"]
     assert (tmp_path / "scratch" / "model.safetensors").read_bytes() == before
+    # ... but only when it trained what the student trains
+    code, out, err = run(["distill", recipe, "--out", tmp_path / "s3", "--scratch", tmp_path / "scratch", "--set", "train.steps=3",
+                          "--no-progress"], capsys)
+    assert code == 2 and "was trained with another recipe (train.steps 4 (the student: 3))" in err, err
+    assert not (tmp_path / "s3").exists()
 
 
 def test_cached_top_k_teacher_is_read_back_and_on_policy_batches_are_sampled(bpe_run, small_corpus, tmp_path, run, capsys, quiet_peak):
