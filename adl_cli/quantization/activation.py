@@ -67,20 +67,31 @@ def llm_int8(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> torch.
 
 
 def awq_scales(x: torch.Tensor, w: torch.Tensor, *, bits: int = 4, group_size: int = 128, grid: int = 20) -> tuple[torch.Tensor, float]:
-    """(s, alpha): the per-input-channel scale mean|X_j|^alpha (normalised so that max s x min s = 1)
-    whose weight-only rounding of W diag(s) gives the smallest ||x W^T - (x / s) Q(W diag(s))^T||^2
-    on the calibration rows ``x``, alpha on an even grid over [0, 1]."""
+    """(s, alpha): the per-input-channel scale whose weight-only rounding of W diag(s) gives the
+    smallest ||x W^T - (x / s) Q(W diag(s))^T||^2 on the calibration rows ``x``, among two families
+    over an even grid of alpha in [0, 1] (each normalised so that max s x min s = 1):
+
+        s = mean|X_j|^alpha                                  (AWQ's paper)
+        s = mean|X_j|^alpha / mean|W_:j / max_group|W||^(1 - alpha)   (AutoAWQ's duo scaling)
+
+    alpha = 0 of the first is round-to-nearest, so the search never does worse on its rows."""
     mean_abs = x.abs().float().mean(0).clamp_min(1e-8)
+    width = w.shape[1]
+    g = group_size or width
+    wg = w.float().abs().reshape(w.shape[0], width // g, g)
+    w_mean = (wg / wg.amax(-1, keepdim=True).clamp_min(1e-6)).reshape(w.shape).mean(0)
     ref = x.float() @ w.float().T
     best = (float("inf"), torch.ones_like(mean_abs), 0.0)
-    for k in range(grid + 1):
-        alpha = k / grid
-        s = mean_abs ** alpha
-        s = s / (s.max() * s.min()).sqrt()
-        deq = asymmetric(w.float() * s, bits, group_size).dequantize()
-        err = float(((x.float() / s) @ deq.T - ref).pow(2).sum())
-        if err < best[0]:
-            best = (err, s, alpha)
+    for duo in (False, True):
+        for k in range(grid + 1):
+            alpha = k / grid
+            s = mean_abs ** alpha / (w_mean ** (1 - alpha) + 1e-4) if duo else mean_abs ** alpha
+            s = s.clamp_min(1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            deq = asymmetric(w.float() * s, bits, group_size).dequantize()
+            err = float(((x.float() / s) @ deq.T - ref).pow(2).sum())
+            if err < best[0]:
+                best = (err, s, alpha)
     return best[1], best[2]
 
 
