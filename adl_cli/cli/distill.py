@@ -29,7 +29,8 @@ def distill(
 
     from adl_cli.console import console
     from adl_cli.engine.distributed import is_main_env
-    from adl_cli.methods.distill import load_distill_recipe, run_distill
+    from adl_cli.methods.distill import load_distill_recipe
+    from adl_cli.methods.distill_run import run_distill
 
     path = resolve_recipe(Path(recipe), command="distill")
     rec = load_distill_recipe(path, set_)
