@@ -38,7 +38,7 @@ def distill(
     log = (lambda *a, **k: None) if as_json else console.print
     if is_main_env() and not as_json:
         console.print(f"[bold]adl distill[/] {path} -> {out} (teacher {rec.teacher.run})", highlight=False)
-    report = run_distill(rec, out, scratch=scratch, resume=resume, force=force, progress=progress and not as_json, log=log)
+    report = run_distill(rec, out, scratch=scratch, resume=resume, force=force, progress=None if as_json else progress, log=log)
     if not report:
         return
     if as_json:

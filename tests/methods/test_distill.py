@@ -81,7 +81,7 @@ def test_text_distillation_end_to_end_with_scratch_and_the_teacher(bpe_run, smal
     recipe = _recipe(tmp_path, bpe_run, small_corpus, "loss = \"reverse_kl\"\ntemperature = 2.0\nhidden = 0.5")
     code, out, err = run(["distill", recipe, "--out", tmp_path / "s", "--scratch", tmp_path / "scratch", "--json", "--no-progress"], capsys)
     assert code == 0, err
-    report = json.loads(out.strip().splitlines()[-1])
+    report = json.loads(out)  # --json: stdout is the one JSON object
     rows = report["rows"]
     assert list(rows) == ["teacher", "distilled", "scratch"]
     assert rows["distilled"]["tokens"] == rows["scratch"]["tokens"] == 4 * 4 * 64  # the same token budget
