@@ -1,5 +1,5 @@
-"""Post-training quantization (the compression issue's `adl quantize`, in progress): the number
-grids a weight is rounded to (grids.py: symmetric absmax, asymmetric with a zero point, the NF4
-codebook), the methods that choose the rounding (gptq.py: GPTQ's column-wise error feedback) and
-those that read the activations (activation.py: SmoothQuant, AWQ, LLM.int8()).
-The weight-only decoding path these feed is inference/quant.py."""
+"""Post-training quantization (`adl quantize`, `adl bench-quantize`): the number grids a weight is
+rounded to (grids.py), the methods that choose the rounding (gptq.py; activation.py: SmoothQuant,
+AWQ, LLM.int8() as reference math; methods.py: the METHODS registry), the layers a quantized run
+holds and their kernels (linear.py, bnb.py), a whole model through a method (apply.py), the
+quantized run folder (store.py) and function-preserving outlier channels (outliers.py)."""
