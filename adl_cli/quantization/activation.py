@@ -66,32 +66,77 @@ def llm_int8(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> torch.
     return y
 
 
-def awq_scales(x: torch.Tensor, w: torch.Tensor, *, bits: int = 4, group_size: int = 128, grid: int = 20) -> tuple[torch.Tensor, float]:
-    """(s, alpha): the per-input-channel scale whose weight-only rounding of W diag(s) gives the
-    smallest ||x W^T - (x / s) Q(W diag(s))^T||^2 on the calibration rows ``x``, among two families
-    over an even grid of alpha in [0, 1] (each normalised so that max s x min s = 1):
+def awq_candidates(x: torch.Tensor, w: torch.Tensor, *, group_size: int = 128, grid: int = 20):
+    """AWQ's candidate input scales for weight ``w`` (out, in) fed by rows ``x``: (alpha, s) over an
+    even grid of alpha in [0, 1], in two families, each s normalised so that max s x min s = 1:
 
         s = mean|X_j|^alpha                                  (AWQ's paper)
         s = mean|X_j|^alpha / mean|W_:j / max_group|W||^(1 - alpha)   (AutoAWQ's duo scaling)
 
-    alpha = 0 of the first is round-to-nearest, so the search never does worse on its rows."""
+    alpha = 0 of the first is s = 1, round-to-nearest."""
     mean_abs = x.abs().float().mean(0).clamp_min(1e-8)
     width = w.shape[1]
     g = group_size or width
     wg = w.float().abs().reshape(w.shape[0], width // g, g)
     w_mean = (wg / wg.amax(-1, keepdim=True).clamp_min(1e-6)).reshape(w.shape).mean(0)
-    ref = x.float() @ w.float().T
-    best = (float("inf"), torch.ones_like(mean_abs), 0.0)
     for duo in (False, True):
         for k in range(grid + 1):
             alpha = k / grid
             s = mean_abs ** alpha / (w_mean ** (1 - alpha) + 1e-4) if duo else mean_abs ** alpha
             s = s.clamp_min(1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            deq = asymmetric(w.float() * s, bits, group_size).dequantize()
-            err = float(((x.float() / s) @ deq.T - ref).pow(2).sum())
-            if err < best[0]:
-                best = (err, s, alpha)
+            yield alpha, s / (s.max() * s.min()).sqrt()
+
+
+class BlockProbe:
+    """The output of ``scope`` (a module inside a block) on its recorded ``inputs`` (args, kwargs), with
+    the weights of some of its ``layers`` replaced: the squared error against the float output."""
+
+    def __init__(self, scope: torch.nn.Module, layers: list[torch.nn.Linear], inputs: list[tuple[tuple, dict]]):
+        self.scope, self.layers, self.inputs = scope, layers, inputs
+        with torch.no_grad():
+            self.ref = [scope(*a, **k).float() for a, k in inputs]
+
+    @torch.no_grad()
+    def error(self, weights: list[torch.Tensor]) -> float:
+        """The squared error of the output with layer i computing x weights[i]^T (+ its bias)."""
+        originals = [lin.weight.data for lin in self.layers]
+        try:
+            for lin, w, o in zip(self.layers, weights, originals):
+                lin.weight.data = w.to(o.dtype).to(o.device)
+            return sum(float((self.scope(*a, **k).float() - r).pow(2).sum()) for (a, k), r in zip(self.inputs, self.ref))
+        finally:
+            for lin, o in zip(self.layers, originals):
+                lin.weight.data = o
+
+
+def awq_block_scales(probe: BlockProbe, x: torch.Tensor, *, bits: int = 4, group_size: int = 128, grid: int = 20) -> tuple[torch.Tensor, float]:
+    """(s, alpha): AutoAWQ's block objective. The probe's layers share one input (rows ``x``) inside
+    its module (q, k and v in an attention block; fc1 in an MLP); one scale s for all of them is
+    chosen among ``awq_candidates`` (of their weights stacked) for the smallest error of the
+    module's output with every layer's weight replaced by Q(W diag(s)) diag(s)^-1, the function the
+    quantized layer computes on x. The error passes through what follows the layers in the block
+    (softmax, the activation, the output projection), which the per-layer objective of
+    ``awq_scales`` does not see."""
+    weights = [lin.weight.detach().float().cpu() for lin in probe.layers]
+    best = (float("inf"), torch.ones(weights[0].shape[1]), 0.0)
+    for alpha, s in awq_candidates(x, torch.cat(weights), group_size=group_size, grid=grid):
+        err = probe.error([asymmetric(w * s, bits, group_size).dequantize() / s for w in weights])
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
+def awq_scales(x: torch.Tensor, w: torch.Tensor, *, bits: int = 4, group_size: int = 128, grid: int = 20) -> tuple[torch.Tensor, float]:
+    """(s, alpha): the candidate of ``awq_candidates`` whose weight-only rounding of W diag(s) gives
+    the smallest ||x W^T - (x / s) Q(W diag(s))^T||^2 on the calibration rows ``x`` (the per-layer
+    objective; s = 1, round-to-nearest, is a candidate, so it never does worse on its rows)."""
+    ref = x.float() @ w.float().T
+    best = (float("inf"), torch.ones(w.shape[1]), 0.0)
+    for alpha, s in awq_candidates(x, w, group_size=group_size, grid=grid):
+        deq = asymmetric(w.float() * s, bits, group_size).dequantize()
+        err = float(((x.float() / s) @ deq.T - ref).pow(2).sum())
+        if err < best[0]:
+            best = (err, s, alpha)
     return best[1], best[2]
 
 

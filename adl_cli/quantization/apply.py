@@ -8,7 +8,10 @@ inputs are gathered by running the calibration windows through the model whose e
 already quantized (GPTQ's sequential order: each layer corrects for the errors before it), the
 forward stopped once every layer of the stage has seen its input. Per layer and as its method
 asks: the Hessian 2 X^T X / n (gptq.Hessian), the per-channel absmax of X (SmoothQuant), a sample
-of X's rows (AWQ's search).
+of X's rows (AWQ's search), and ("scope") the inputs of the module that holds the layer inside
+its block (the attention or the MLP) with the layers that share one input tensor (q, k and v),
+for AWQ's block objective. A method with ``build_stage`` builds a stage's layers together, all
+from the float stage, before any is installed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from adl_cli.quantization.linear import LAYERS, QuantizedLinear
 from adl_cli.quantization.methods import GRIDS, METHODS, Method, QuantOptions
 
 ROWS_KEPT = 2048  # rows of X sampled per layer for AWQ's search
+SCOPE_TOKENS = 4096  # tokens of a block module's recorded inputs for AWQ's block objective
 
 
 @dataclass
@@ -125,9 +129,22 @@ def stage_stats(model: nn.Module, stage: list[Target], windows: torch.Tensor, ne
     gen = torch.Generator().manual_seed(seed)
     per_batch = max(1, ROWS_KEPT * batch_size // max(1, len(windows)))
     seen: set[str] = set()
+    first_input: dict[str, torch.Tensor] = {}  # held so that equal identity means one shared tensor
+    scopes = {id(t.parent): t.parent for t in stage if "scope" in needs and t.parent is not model}
+    recorded: dict[int, list] = {k: [] for k in scopes}
+    tokens = {k: 0 for k in scopes}
+
+    def scope_hook(key):
+        def fn(_module, args, kwargs):
+            if tokens[key] < SCOPE_TOKENS:
+                recorded[key].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                                      {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}))
+                tokens[key] += args[0].shape[:-1].numel() if torch.is_tensor(args[0]) else SCOPE_TOKENS
+        return fn
 
     def hook(name):
         def fn(_module, args, _out=None):
+            first_input.setdefault(name, args[0])
             x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
             if name in hess:
                 hess[name].add(x)
@@ -142,6 +159,7 @@ def stage_stats(model: nn.Module, stage: list[Target], windows: torch.Tensor, ne
         return fn
 
     handles = [t.linear.register_forward_pre_hook(hook(t.name)) for t in stage]
+    handles += [m.register_forward_pre_hook(scope_hook(k), with_kwargs=True) for k, m in scopes.items()]
     try:
         for i in range(0, len(windows), batch_size):
             seen.clear()
@@ -159,6 +177,9 @@ def stage_stats(model: nn.Module, stage: list[Target], windows: torch.Tensor, ne
             stats[t.name]["absmax"] = absmax[t.name]
         if "rows" in needs:
             stats[t.name]["rows"] = torch.cat(rows[t.name])[:ROWS_KEPT] if rows[t.name] else torch.ones(1, t.linear.in_features)
+        if id(t.parent) in scopes and t.name in first_input:
+            stats[t.name]["scope"] = recorded[id(t.parent)]
+            stats[t.name]["shares_input_with"] = [u.name for u in stage if u.parent is t.parent and first_input.get(u.name) is first_input[t.name]]
     return stats
 
 
@@ -178,8 +199,12 @@ def quantize_model(model: nn.Module, method_name: str, opts: QuantOptions, windo
     order = stages(targets)
     for k, stage in enumerate(order):
         stats = stage_stats(model, stage, windows, method.stats, seed=opts.seed + k) if method.stats else {}
+        if method.build_stage is not None:
+            built = method.build_stage(stage, stats, opts, group)
+        else:
+            built = {t.name: method.build(t.linear, stats.get(t.name, {}), opts, group) for t in stage}
         for t in stage:
-            layer = method.build(t.linear, stats.get(t.name, {}), opts, group).to(t.linear.weight.device)
+            layer = built[t.name].to(t.linear.weight.device)
             layer.prepare()
             setattr(t.parent, t.attr, layer)
             specs[t.name] = layer.spec()

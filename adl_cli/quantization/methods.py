@@ -61,6 +61,8 @@ class Method:
     default_bits: int = 4
     grid_default: str | None = None  # --grid allowed when set
     options: tuple[str, ...] = field(default_factory=tuple)  # method-only options it reads
+    # (stage targets, their stats, options, group size) -> {name: layer}: a stage built together
+    build_stage: Callable[[list, dict, QuantOptions, int], dict[str, QuantizedLinear]] | None = None
 
     def bits(self, opts: QuantOptions) -> int:
         return opts.bits or self.default_bits
@@ -107,12 +109,40 @@ def _gptq(lin, stats, opts, group):
     return GridLinear(q, lin.bias)
 
 
+def _awq_layer(lin, x, scales, bits, group):
+    scaled = _weight(lin) * scales
+    ratio = activation.awq_clip(x / scales, scaled, bits=bits, group_size=group)
+    return GridLinear(grids.asymmetric(scaled, bits, group, clip=ratio), lin.bias, input_scale=scales.clone())  # one tensor a layer
+
+
 def _awq(lin, stats, opts, group):
+    """One layer on its own: the scale searched on the layer's output error."""
     bits, x = opts.bits or 4, stats["rows"]
     scales, _alpha = activation.awq_scales(x, _weight(lin), bits=bits, group_size=group)
-    scaled = _weight(lin) * scales
-    clip = activation.awq_clip(x / scales, scaled, bits=bits, group_size=group)
-    return GridLinear(grids.asymmetric(scaled, bits, group, clip=clip), lin.bias, input_scale=scales)
+    return _awq_layer(lin, x, scales, bits, group)
+
+
+def _awq_stage(stage, stats, opts, group):
+    """A block: the layers that share one input share one scale, searched on the output of the module
+    that holds them (activation.awq_block_scales); a layer without recorded block inputs (the
+    output head) falls back to its own output error. Clipping stays per layer and group."""
+    bits, built, done = opts.bits or 4, {}, set()
+    by_name = {t.name: t for t in stage}
+    for t in stage:
+        if t.name in done:
+            continue
+        st = stats.get(t.name, {})
+        if not st.get("scope"):
+            built[t.name] = _awq(t.linear, st, opts, group)
+            done.add(t.name)
+            continue
+        members = [by_name[n] for n in st["shares_input_with"] if n not in done]
+        probe = activation.BlockProbe(t.parent, [m.linear for m in members], st["scope"])
+        scales, _alpha = activation.awq_block_scales(probe, st["rows"], bits=bits, group_size=group)
+        for m in members:
+            built[m.name] = _awq_layer(m.linear, stats[m.name]["rows"], scales, bits, group)
+            done.add(m.name)
+    return built
 
 
 def _smoothquant(lin, stats, opts, group):
@@ -133,7 +163,8 @@ def _hqq(lin, stats, opts, group):
 
 _register(Method("gptq", "GPTQ: inverse-Hessian error feedback on calibration text", 128, _gptq, stats=("hessian",),
                  bits_choices=(4, 8), options=("act_order", "damp")))
-_register(Method("awq", "AWQ: activation-aware input scales, zero-point groups", 128, _awq, stats=("rows",), bits_choices=(4, 8)))
+_register(Method("awq", "AWQ: activation-aware input scales, zero-point groups", 128, _awq, stats=("rows", "scope"), bits_choices=(4, 8),
+                 build_stage=_awq_stage))
 _register(Method("smoothquant", "SmoothQuant W8A8: int8 weights and activations", 0, _smoothquant, stats=("absmax",), default_bits=8,
                  options=("alpha",)))
 _register(Method("w8a8", "W8A8 without smoothing: the baseline of smoothquant and llm-int8", 0, _w8a8, default_bits=8))

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adl_cli.quantization.activation import awq_scales, llm_int8, smoothquant_scales, smoothquant_w8a8, w8a8
+from torch import nn
+
+from adl_cli.quantization.activation import BlockProbe, awq_block_scales, awq_scales, llm_int8, smoothquant_scales, smoothquant_w8a8, w8a8
 from adl_cli.quantization.grids import asymmetric
 
 
@@ -49,4 +51,22 @@ def test_awq_scaling_is_exact_before_rounding_and_beats_round_to_nearest_on_sali
     assert torch.allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-4)
     rtn = _err(x.double() @ asymmetric(w, 4, 64).dequantize().double().T, x.double(), w.double())
     awq = _err((x / s).double() @ asymmetric(w * s, 4, 64).dequantize().double().T, x.double(), w.double())
+    assert alpha > 0 and awq < 0.8 * rtn
+
+
+def test_awq_block_objective_scores_the_modules_output_and_beats_round_to_nearest_there():
+    """A GELU MLP whose first layer reads salient inputs: the scale searched on the MLP's output (the
+    error passing through the activation and the second layer) gives a smaller output error than
+    round-to-nearest, the probe restores the float weights, and float weights score 0."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+    x = torch.randn(4, 64, 128)
+    x[..., :6] *= 25.0
+    before = mlp[0].weight.detach().clone()
+    probe = BlockProbe(mlp, [mlp[0]], [((x,), {})])
+    assert probe.error([before]) == 0.0
+    s, alpha = awq_block_scales(probe, x.reshape(-1, 128), bits=4, group_size=64)
+    assert torch.equal(mlp[0].weight, before)  # the search leaves the module as it found it
+    rtn = probe.error([asymmetric(before, 4, 64).dequantize()])
+    awq = probe.error([asymmetric(before * s, 4, 64).dequantize() / s])
     assert alpha > 0 and awq < 0.8 * rtn

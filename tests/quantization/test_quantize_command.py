@@ -38,6 +38,19 @@ def test_every_method_writes_a_run_that_reloads_bit_exactly(method, bpe_run, tmp
     assert again.tokenizer is not None and (tmp_path / "q" / "recipe.toml").exists()
 
 
+def test_awq_shares_one_scale_between_the_layers_that_read_one_input(bpe_run):
+    """AutoAWQ's grouping: q, k and v read the same normalised input, so they get one input scale
+    (searched on the attention's output); the MLP's first layer and the output projections get
+    their own."""
+    run = load_run(bpe_run)
+    windows, _ = calibration_windows(run, samples=4, seed=0)
+    quantize_model(run.model, "awq", QuantOptions(calib_samples=4), windows)
+    attn, mlp = run.model.transformer.h[0].attn, run.model.transformer.h[0].mlp
+    assert torch.equal(attn.q_proj.input_scale, attn.k_proj.input_scale) and torch.equal(attn.q_proj.input_scale, attn.v_proj.input_scale)
+    layers = [m for m in mlp.modules() if hasattr(m, "input_scale")]
+    assert len(layers) == 2 and not torch.equal(layers[0].input_scale, attn.q_proj.input_scale)
+
+
 def test_calibrated_methods_need_calibration_text(bpe_run):
     run = load_run(bpe_run)
     with pytest.raises(AdlError, match="gptq needs calibration text"):
