@@ -1,0 +1,60 @@
+"""adl vision: an image model family (ViT, MLP-Mixer, PoolFormer, FNet, a small CNN) trained on an image set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adl_cli.cli.common import default_out, resolve_recipe, set_option
+
+
+def vision(
+    recipe: str = typer.Argument(..., help="Vision recipe TOML or a shipped one's name (vit, mixer, poolformer, fnet, cnn: one per "
+                                 "family, on the digits).", show_default=False),
+    set_: list[str] = set_option(),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace the run already in --out, or resume with changed settings."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object (nothing else on stdout)."),
+) -> None:
+    """Train an image model family: [bold]adl vision vit[/], [bold]adl vision mixer --set data.set=shapes[/]"""
+    import json
+
+    from rich.table import Table
+
+    from adl_cli.console import console
+    from adl_cli.engine.distributed import is_main_env
+    from adl_cli.methods.vision import load_vision_recipe, run_vision
+
+    path = resolve_recipe(Path(recipe), command="vision")
+    rec = load_vision_recipe(path, set_)
+    out = out or default_out(path, rec.name)
+    log = (lambda *a, **k: None) if as_json else console.print
+    if is_main_env() and not as_json:
+        console.print(f"[bold]adl vision[/] {path} -> {out}", highlight=False)
+    outcome = run_vision(rec, out, resume=resume, force=force, progress=progress and not as_json, log=log)
+    if not outcome.main:
+        return
+    s = outcome.summary
+    if as_json:
+        print(json.dumps(s))
+        return
+    from adl_cli.engine.plots import loss_figure
+    from adl_cli.engine.report import read_metrics
+
+    loss_figure(read_metrics(out / "metrics.jsonl"), out / "loss.png", title=f"adl vision {out.name}")
+    t = Table("split", "images", "loss", "top-1", "95% CI", title=f"{s['family']} on {s['set']} ({s['parameters']:,} parameters)",
+              title_justify="left")
+    for name in ("val", "test"):
+        r = s[name]
+        t.add_row(name, str(r["n"]), f"{r['loss']:.4f}", f"{r['accuracy']:.2%}", f"{r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}")
+    console.print(t)
+    console.print(f"{s['steps']} steps, {s['images_seen']:,} images in {s['train_wall_s']:.0f} s", highlight=False)
+    console.print(f"[dim]run folder: {out} (report.md with the confusion matrix, {', '.join(s['figures'])}, loss.png, summary.json, "
+                  f"model.safetensors)[/]", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("vision", rich_help_panel="Labs")(vision)

@@ -1,0 +1,70 @@
+"""The image labs' figures: a confusion matrix, and what a model family shows of itself (a ViT's
+attention from the class token over the patches). Written atomically as PNGs (engine/plots.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adl_cli.engine.plots import _pyplot, _save
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str], path: Path, title: str = "") -> Path:
+    """Counts per (true, predicted) class, each row shaded by its share of the true class."""
+    plt = _pyplot()
+    m = torch.tensor(confusion, dtype=torch.float64)
+    share = m / m.sum(1, keepdim=True).clamp_min(1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * k, 1.0 + 0.5 * k))
+    ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if m[i, j]:
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45 if max(map(len, classes)) > 2 else 0, fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _show(ax, image: torch.Tensor) -> None:
+    img = image.permute(1, 2, 0).numpy()
+    ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
+    ax.axis("off")
+
+
+def attention_figure(images: torch.Tensor, maps: list[torch.Tensor], grid: int, path: Path, title: str = "") -> Path:
+    """Row 1: the images; then per block, the class token's attention over the patches (mean over
+    heads; bright: attended), at the image's scale."""
+    plt = _pyplot()
+    n, rows = len(images), 1 + len(maps)
+    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    size = images.shape[-1]
+    for i in range(n):
+        _show(axes[0][i], images[i])
+        for r, m in enumerate(maps, start=1):
+            att = m[i].mean(0)[0, 1:].reshape(grid, grid)  # the class token's row, without itself
+            up = torch.nn.functional.interpolate(att[None, None], size=(size, size), mode="nearest")[0, 0]
+            ax = axes[r][i]
+            ax.imshow(up.numpy(), cmap="inferno", vmin=0)
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(f"block {r}", fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
+    """The figures a family draws of itself on the first ``n`` test images; returns their names."""
+    names = []
+    images = data.images[:n]
+    if hasattr(model, "attention_maps") and getattr(model, "cls", None) is not None:
+        with torch.no_grad():
+            maps = model.attention_maps(images)
+        attention_figure(images, maps, model.embed.grid, out / "attention.png",
+                         title="class-token attention over patches (mean over heads), per block")
+        names.append("attention.png")
+    return names
