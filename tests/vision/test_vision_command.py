@@ -40,7 +40,9 @@ def _recipe(tmp_path, family="vit", extra="dim = 16\ndepth = 1\nheads = 2", step
 
 
 @pytest.mark.parametrize("family,extra", [("vit", "dim = 16\ndepth = 1\nheads = 2"), ("mixer", "dim = 16\ndepth = 1\ntoken_hidden = 8"),
-                                          ("poolformer", "dim = 16\ndepth = 1"), ("fnet", "dim = 16\ndepth = 1"), ("cnn", "widths = [8, 16]")])
+                                          ("poolformer", "dim = 16\ndepth = 1"), ("fnet", "dim = 16\ndepth = 1"), ("cnn", "widths = [8, 16]"),
+                                          ("axial", "dim = 16\ndepth = 1\nheads = 2"),
+                                          ("swin", "dim = 8\ndepths = [1, 1]\nheads = [2, 2]\nwindow = 2\npatch = 2")])
 def test_every_family_trains_reports_and_reloads(family, extra, tmp_path, capsys, run):
     code, out, err = run(["vision", _recipe(tmp_path, family, extra), "--out", tmp_path / "run", "--json", "--no-progress"], capsys)
     assert code == 0, err
