@@ -1,4 +1,5 @@
-"""adl vision: an image model family (ViT, MLP-Mixer, PoolFormer, FNet, a small CNN) trained on an image set."""
+"""adl vision: an image model family (ViT, axial attention, Swin, Perceiver, MLP-Mixer, PoolFormer, FNet, a small CNN)
+trained on an image set."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from adl_cli.cli.common import default_out, resolve_recipe, set_option
 
 
 def vision(
-    recipe: str = typer.Argument(..., help="Vision recipe TOML or a shipped one's name (vit, mixer, poolformer, fnet, cnn: one per "
-                                 "family, on the digits).", show_default=False),
+    recipe: str = typer.Argument(..., help="Vision recipe TOML or a shipped one's name (vit, axial, swin, perceiver, mixer, "
+                                 "poolformer, fnet, cnn: one per family, on the digits).", show_default=False),
     set_: list[str] = set_option(),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
@@ -19,7 +20,7 @@ def vision(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object (nothing else on stdout)."),
 ) -> None:
-    """Train an image model family: [bold]adl vision vit[/], [bold]adl vision mixer --set data.set=shapes[/]"""
+    """Train an image model family: [bold]adl vision vit[/], [bold]adl vision mixer --set data.set=shapes --set model.patch=4[/]"""
     import json
 
     from rich.table import Table

@@ -1,5 +1,6 @@
 """The image labs' figures: a confusion matrix, and what a model family shows of itself (a ViT's
-attention from the class token over the patches). Written atomically as PNGs (engine/plots.py)."""
+attention from the class token over the patches, a Perceiver's latents' cross-attention over the
+pixels). Written atomically as PNGs (engine/plots.py)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,25 @@ def attention_figure(images: torch.Tensor, maps: list[torch.Tensor], grid: int, 
     return _save(fig, path)
 
 
+def cross_attention_figure(images: torch.Tensor, maps: torch.Tensor, path: Path, latents: int = 4, title: str = "") -> Path:
+    """Row 1: the images; then, for the first ``latents`` latents, where each looks among the
+    pixels in the first cross-attention (mean over heads; bright: attended)."""
+    plt = _pyplot()
+    n, size = len(images), images.shape[-1]
+    rows = 1 + min(latents, maps.shape[2])
+    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    for i in range(n):
+        _show(axes[0][i], images[i])
+        for r in range(1, rows):
+            ax = axes[r][i]
+            ax.imshow(maps[i].mean(0)[r - 1].reshape(size, size).numpy(), cmap="inferno", vmin=0)
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(f"latent {r - 1}", fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
     """The figures a family draws of itself on the first ``n`` test images; returns their names."""
     names = []
@@ -67,4 +87,8 @@ def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
         attention_figure(images, maps, model.embed.grid, out / "attention.png",
                          title="class-token attention over patches (mean over heads), per block")
         names.append("attention.png")
+    if hasattr(model, "cross_attention_maps"):
+        maps = model.cross_attention_maps(images)
+        cross_attention_figure(images, maps, out / "cross_attention.png", title="Perceiver: first cross-attention of four latents over the pixels")
+        names.append("cross_attention.png")
     return names

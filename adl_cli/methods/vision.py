@@ -142,7 +142,7 @@ def flops_per_image(model, shape: tuple[int, int, int]) -> float:
     was = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False) as counter:  # with autograd on: its module tracker trips on no_grad outputs of parameters
             model(torch.zeros(1, *shape, device=next(model.parameters()).device))
     finally:
         model.train(was)

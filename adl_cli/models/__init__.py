@@ -32,7 +32,8 @@ from adl_cli.registry import Registry
 FAMILIES = Registry("model family")
 DEFAULT_FAMILY = "gpt"
 _FAMILY_MODULES = ("adl_cli.models.gpt", "adl_cli.models.reward", "adl_cli.models.vit", "adl_cli.models.mixer", "adl_cli.models.poolformer",
-                   "adl_cli.models.fnet", "adl_cli.models.cnn", "adl_cli.models.axial", "adl_cli.models.swin")
+                   "adl_cli.models.fnet", "adl_cli.models.cnn", "adl_cli.models.axial", "adl_cli.models.swin",
+                   "adl_cli.models.perceiver")
 
 
 class ModelConfig:

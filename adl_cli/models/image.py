@@ -23,9 +23,9 @@ from adl_cli.nn.vision import PatchEmbed, Residual, sincos_2d
 @dataclass
 class ImageConfig(ModelConfig):
     family: str = "vit"
-    image_size: int = 8  # set from the data
-    channels: int = 1  # set from the data
-    num_classes: int = 10  # set from the data
+    image_size: int = 0  # set from the data (0 in a recipe: the checks that need it wait for the data)
+    channels: int = 0  # set from the data
+    num_classes: int = 0  # set from the data
     dropout: float = 0.0
 
     def with_data(self, image_size: int, channels: int, num_classes: int):
@@ -34,7 +34,7 @@ class ImageConfig(ModelConfig):
 
     def validate(self) -> None:
         for name in ("image_size", "channels", "num_classes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -54,7 +54,7 @@ class TokenConfig(ImageConfig):
         for name in ("patch", "dim", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_size % self.patch:
+        if self.image_size and self.image_size % self.patch:
             raise ValueError(f"model.patch {self.patch} must divide the image size {self.image_size}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
@@ -131,4 +131,9 @@ def _init(m: nn.Module) -> None:
 
 
 def register_image_family(name: str, config: type, build) -> None:
-    FAMILIES.register(name)(Family(config, build=build, language_model=False))
+    def checked(cfg):
+        if not (cfg.image_size and cfg.channels and cfg.num_classes):
+            raise ValueError("the image size, channels and classes come from the data: build from config.with_data(size, channels, classes)")
+        return build(cfg)
+
+    FAMILIES.register(name)(Family(config, build=checked, language_model=False))

@@ -101,3 +101,26 @@ def test_sincos_positions_split_rows_and_columns():
     assert torch.equal(p[0, :, :8], p[0, :1, :8].expand(4, 8))  # first half: a function of the row only
     assert torch.equal(p[:, 0, 8:], p[:1, 0, 8:].expand(4, 8))  # second half: of the column only
     assert len({tuple(v.tolist()) for v in p.reshape(16, 16)}) == 16  # every patch its own code
+
+
+def test_perceiver_without_position_features_sees_a_set_of_pixels():
+    from adl_cli.models.perceiver import PerceiverConfig, fourier_features
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 6, 6)
+    perm = torch.randperm(36)
+    shuffled = x.reshape(2, 3, 36)[:, :, perm].reshape(2, 3, 6, 6)
+    models = [build_model(PerceiverConfig(positions=p, latents=8, dim=16, heads=2, depth=1, rounds=3).with_data(6, 3, 4)).eval()
+              for p in ("none", "fourier")]
+    with torch.no_grad():
+        for m in models:
+            for w in m.parameters():
+                w.normal_(0, 0.3)
+    free, placed = models
+    torch.testing.assert_close(free(shuffled), free(x), rtol=1e-4, atol=1e-4)
+    assert (placed(shuffled) - placed(x)).abs().max() > 1e-3  # Fourier features tell the pixels apart (10x the tolerance)
+    assert len(free.rounds) == 2  # rounds after the first share one set of weights
+    maps = free.cross_attention_maps(x)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 1, 8))  # each latent's weights over the pixels sum to 1
+    f = fourier_features(6, 4)
+    assert f.shape == (36, 2 * (2 * 4 + 1)) and torch.equal(f[:, 0], torch.linspace(-1, 1, 6).repeat_interleave(6))
