@@ -92,3 +92,25 @@ def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
         cross_attention_figure(images, maps, out / "cross_attention.png", title="Perceiver: first cross-attention of four latents over the pixels")
         names.append("cross_attention.png")
     return names
+
+
+def bench_vision_figure(report: dict, path: Path) -> Path:
+    """Test top-1 of each family (median, with the seeds' range) against its training images per
+    second, the logistic-regression baseline as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in report["rows"]:
+        acc = 100 * r["test_accuracy"]
+        err = [[acc - 100 * r["test_min"]], [100 * r["test_max"] - acc]]
+        ax.errorbar(r["images_per_s"], acc, yerr=err, fmt="o", capsize=3)
+        ax.annotate(r["family"], (r["images_per_s"], acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for b in report["baselines"]:
+        ax.axhline(100 * b["test_accuracy"], color="gray", linestyle="--", linewidth=1)
+        ax.text(ax.get_xlim()[0], 100 * b["test_accuracy"], f" {b['family']}", fontsize=7, color="gray", va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images per second (log)")
+    ax.set_ylabel("test top-1 (%)")
+    d = report["data"]
+    ax.set_title(f"{d['set']}: {report['budget_seconds']:g} s of training each, median and range of {report['seeds']} seed(s)", fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -139,7 +139,7 @@ def run_ablation(recipe_path: Path, varies: list[str], out: Path, *, seeds: int 
     steps_of = {v.name: steps for v in variants}
     if budget_seconds is not None:
         for v in variants:
-            per_step = _seconds_per_step(recipe_path, base_overrides + v.overrides, out / "probe", probe_steps)
+            per_step = seconds_per_step(recipe_path, base_overrides + v.overrides, out / "probe", probe_steps)
             steps_of[v.name] = max(1, int(budget_seconds / per_step))
             log(f"{v.name}: {per_step * 1000:.0f} ms per step in a {probe_steps}-step probe -> {steps_of[v.name]} steps in {budget_seconds:g} s")
     results = {v.name: VariantResult(v.name, v.overrides, [], [], [], [], [], steps=steps_of[v.name]) for v in variants}
@@ -166,18 +166,21 @@ def run_ablation(recipe_path: Path, varies: list[str], out: Path, *, seeds: int 
     return [results[v.name] for v in variants]
 
 
-def _seconds_per_step(recipe_path: Path, sets: list[str], folder: Path, probe_steps: int) -> float:
+def seconds_per_step(recipe_path: Path, sets: list[str], folder: Path, probe_steps: int, *, load=None, run=None,
+                     extra_sets: tuple[str, ...] = ("sample_tokens=1",)) -> float:
     """Training seconds per optimizer step of a recipe, from a short run's log rows (``train_s``
-    leaves evaluations out; the first fifth of the steps, warm-up of caches and allocator, too)."""
+    leaves evaluations out; the first fifth of the steps, warm-up of caches and allocator, too).
+    ``load`` / ``run``: the command's recipe loader and runner (default: pretraining's)."""
     import shutil
 
     from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
 
+    load, run = load or load_pretrain_recipe, run or run_pretrain
     probe_steps = max(10, probe_steps)
     sets = sets + [f"train.steps={probe_steps}", "train.checkpoint_every=0", "train.eval_every=0", "train.eval_batches=1",
-                   "train.log_every=1", "sample_tokens=1"]
+                   "train.log_every=1", *extra_sets]
     try:
-        run_pretrain(load_pretrain_recipe(recipe_path, sets), folder, progress=None, force=True, log=lambda *a, **k: None)
+        run(load(recipe_path, sets), folder, progress=None, force=True, log=lambda *a, **k: None)
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -46,7 +46,7 @@ def test_a_budget_in_seconds_gives_each_variant_the_steps_its_probe_allows(tiny_
         probes.append(sets)
         return 0.01 if "model.n_layer=4" in sets else 0.005
 
-    monkeypatch.setattr(ablate, "_seconds_per_step", fake_probe)
+    monkeypatch.setattr(ablate, "seconds_per_step", fake_probe)
     out, js = tmp_path / "abl", tmp_path / "abl.json"
     code, text, err = run(["ablate", tiny_recipe, "--vary", "model.n_layer=4", "--budget-seconds", "0.2", "--out", out, "--json", js], capsys)
     assert code == 0, err
@@ -61,7 +61,7 @@ def test_a_budget_in_seconds_gives_each_variant_the_steps_its_probe_allows(tiny_
 
 
 def test_the_time_probe_measures_training_steps_and_leaves_nothing(tiny_recipe, tmp_path):
-    from adl_cli.methods.ablate import _seconds_per_step
+    from adl_cli.methods.ablate import seconds_per_step
 
-    per_step = _seconds_per_step(tiny_recipe, [], tmp_path / "probe", 10)
+    per_step = seconds_per_step(tiny_recipe, [], tmp_path / "probe", 10)
     assert 0 < per_step < 60 and not (tmp_path / "probe").exists()
