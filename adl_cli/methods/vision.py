@@ -101,7 +101,12 @@ class ImageBatches:
         n, b = len(self.data), self.batch_size
         start = ((step * self.grad_accum + micro) * world + rank) * b
         pos = torch.arange(start, start + b)
-        return torch.stack([self._perm(int(p) // n)[int(p) % n] for p in pos])
+        epochs, within = pos // n, pos % n
+        out = torch.empty(b, dtype=torch.long)
+        for e in epochs.unique().tolist():  # one epoch, or two where the batch straddles a boundary
+            sel = epochs == e
+            out[sel] = self._perm(e)[within[sel]]
+        return out
 
     def __call__(self, step: int, micro: int, rank: int, world: int):
         idx = self.indices(step, micro, rank, world)

@@ -62,8 +62,8 @@ class MLP(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention (bidirectional unless ``causal``); ``keep`` stores the last
-    attention map (B, heads, N, N) in ``self.map`` for plots (the explicit softmax path)."""
+    """Multi-head bidirectional self-attention; ``keep`` stores the last attention map
+    (B, heads, N, N) in ``self.map`` for plots (the explicit softmax path)."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -76,36 +76,24 @@ class SelfAttention(nn.Module):
         self.keep = False
         self.map: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = attend(q, k, v, bias=bias, causal=causal, dropout=self.dropout if self.training else 0.0, keep=self if self.keep else None)
+        y = attend(q, k, v, bias=bias, dropout=self.dropout if self.training else 0.0, keep=self if self.keep else None)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
-def attend(q, k, v, *, bias=None, causal=False, dropout=0.0, keep=None):
+def attend(q, k, v, *, bias=None, dropout=0.0, keep=None):
     """softmax(q k^T / sqrt(d) + bias) v over the last two axes; ``keep``: an object whose ``map``
     receives the attention weights (then computed explicitly)."""
     if keep is None:
-        mask = bias
-        if causal:
-            mask = _causal(q.shape[-2], k.shape[-2], q.device, bias)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=dropout)
     s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if bias is not None:
         s = s + bias
-    if causal:
-        s = s + _causal(q.shape[-2], k.shape[-2], q.device, None)
     w = s.softmax(-1)
     keep.map = w.detach()
     return F.dropout(w, dropout) @ v
-
-
-def _causal(nq: int, nk: int, device, bias):
-    """An additive mask letting query i (the last nq of nk positions) see keys <= its position."""
-    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
-    m = torch.zeros(nq, nk, device=device).masked_fill(torch.arange(nk, device=device)[None] > i, float("-inf"))
-    return m if bias is None else bias + m
 
 
 class Residual(nn.Module):

@@ -94,3 +94,15 @@ def test_bad_input_is_one_line(tmp_path, capsys, run):
     code, _, err = run(["vision", _recipe(tmp_path, steps=2), "--out", tmp_path / "done", "--no-progress"], capsys)
     assert code == 2 and "already holds a run" in err
     assert (tmp_path / "done" / "model.safetensors").read_bytes() == before
+
+
+def test_the_batch_stream_reads_every_training_image_once_an_epoch():
+    from adl_cli.data.images import Augment, load_images
+    from adl_cli.methods.vision import ImageBatches
+
+    data = load_images("digits", n=100)
+    batches = ImageBatches(data, 64, 1, 3, Augment())
+    seen = torch.cat([batches.indices(step, 0, 0, 1) for step in range(25)])  # 1,600 reads = 16 epochs, batches straddling them
+    assert all(sorted(seen[e * 100:(e + 1) * 100].tolist()) == list(range(100)) for e in range(16))
+    two = torch.cat([batches.indices(4, 0, r, 2) for r in range(2)])  # two ranks split one global batch
+    assert torch.equal(two, ImageBatches(data, 128, 1, 3, Augment()).indices(4, 0, 0, 1))
