@@ -98,6 +98,19 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+_COMMAND = None
+
+
+def _click_command():
+    """The click command typer builds from ``app``, built once per process: building it reads every
+    command's signature (a third of a second), which a process calling ``main`` again (the tests)
+    need not repeat."""
+    global _COMMAND
+    if _COMMAND is None:
+        _COMMAND = typer.main.get_command(app)
+    return _COMMAND
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit non-zero, never a traceback."""
     from rich.markup import escape
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     click_errors, aborts, helps = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=False, prog_name="adl")
+        _click_command().main(args=argv, standalone_mode=False, prog_name="adl")
         _close_process_group()
     except AdlError as err:
         _fail(f"[bold red]error:[/] {escape(err.cli_message())}", err.exit_code)
