@@ -22,7 +22,8 @@ def bench_vision(
     plot: Path = plot_option(),
 ) -> None:
     """Image families at an equal budget: [bold]adl bench-vision --models vit,mixer,cnn --budget-seconds 30 --seeds 1[/]
-    (--set data.KEY=VALUE picks the data every family trains on: --set data.set=shapes)"""
+    (--set data.KEY=VALUE picks the data every family trains on: --set data.set=shapes; --set FAMILY:KEY=VALUE sets one
+    family's recipe: --set vit:model.patch=4)"""
     import json
 
     from rich.table import Table

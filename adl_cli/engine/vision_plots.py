@@ -1,6 +1,6 @@
 """The image labs' figures: a confusion matrix, and what a model family shows of itself (a ViT's
 attention from the class token over the patches, a Perceiver's latents' cross-attention over the
-pixels). Written atomically as PNGs (engine/plots.py)."""
+pixels, slot attention's masks). Written atomically as PNGs (engine/plots.py)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,33 @@ def cross_attention_figure(images: torch.Tensor, maps: torch.Tensor, path: Path,
     return _save(fig, path)
 
 
+def _segments(ax, ids: torch.Tensor, k: int) -> None:
+    ax.imshow(ids.numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    ax.axis("off")
+
+
+def slots_figure(images: torch.Tensor, parts: dict[str, torch.Tensor], true_masks: torch.Tensor, path: Path, title: str = "") -> Path:
+    """Per image (a column): the image, the reconstruction, the true objects, the masks'
+    segmentation (each pixel's most likely slot), then every slot's colours through its mask."""
+    plt = _pyplot()
+    n, k = len(images), parts["masks"].shape[1]
+    rows = 4 + k
+    fig, axes = plt.subplots(rows, n, figsize=(1.3 * n, 1.3 * rows), squeeze=False)
+    labels = ["image", "reconstruction", "true objects", "slot segmentation", *(f"slot {j}" for j in range(k))]
+    for i in range(n):
+        _show(axes[0][i], images[i])
+        _show(axes[1][i], parts["recon"][i].clamp(0, 1))
+        _segments(axes[2][i], true_masks[i], int(true_masks.max()) + 1)
+        _segments(axes[3][i], parts["masks"][i].argmax(0), k)
+        for j in range(k):
+            _show(axes[4 + j][i], (parts["masks"][i, j, None] * parts["colours"][i, j]).clamp(0, 1))
+    for r, label in enumerate(labels):
+        axes[r][0].set_title(label, fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=0.6, w_pad=0.3)
+    return _save(fig, path)
+
+
 def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
     """The figures a family draws of itself on the first ``n`` test images; returns their names."""
     names = []
@@ -91,6 +118,14 @@ def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
         maps = model.cross_attention_maps(images)
         cross_attention_figure(images, maps, out / "cross_attention.png", title="Perceiver: first cross-attention of four latents over the pixels")
         names.append("cross_attention.png")
+    if hasattr(model, "decompose") and data.masks is not None:
+        model.eval()
+        with torch.no_grad():
+            parts = {key: v.float() for key, v in model.decompose(images).items()}
+        slots_figure(images, parts, data.masks[:n], out / "slots.png",
+                     title="slot attention: each slot's colours x its mask blend into the reconstruction;\n"
+                           "segmentation: each pixel's most likely slot (FG-ARI scores it on the objects' pixels)")
+        names.append("slots.png")
     return names
 
 

@@ -4,7 +4,8 @@
                      steps = budget / that
     for seed in seeds: the families run in alternating order (forward, then backward), each an
                      ordinary `adl vision` run of its shipped recipe (recipes/vision/<family>.toml)
-                     with the data, seed and steps set, in OUT/<family>/seed-<k>
+                     with the data, seed and steps set (and the family's own settings, e.g. a
+                     larger patch on larger images), in OUT/<family>/seed-<k>
     baselines:       logistic regression on the pixels (scikit-learn, the same split)
 
 Reported per family: parameters, forward FLOPs per image, steps in the budget, training images
@@ -56,6 +57,25 @@ def parse_models(models: str | None) -> list[str]:
     return names
 
 
+def split_settings(items: list[str], models: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``data.KEY=VALUE`` items (every family) and ``FAMILY:KEY=VALUE`` items (that family's recipe)."""
+    shared: list[str] = []
+    own: dict[str, list[str]] = {m: [] for m in models}
+    for item in items:
+        head, eq, _ = item.partition("=")
+        fam, colon, key = head.partition(":")
+        if colon and eq and key:
+            if fam not in own:
+                raise AdlError(f"{opt('set')} {item}: '{fam}' is not among the families benchmarked ({', '.join(models)})")
+            own[fam].append(item[len(fam) + 1:])
+        elif item.startswith("data.") and eq:
+            shared.append(item)
+        else:
+            raise AdlError(f"{opt('set')} takes data.KEY=VALUE (the data every family trains on) or FAMILY:KEY=VALUE "
+                           f"(one family's recipe, e.g. vit:model.patch=4), got '{item}'")
+    return shared, own
+
+
 def logistic_regression(data) -> dict[str, Any]:
     """Multinomial logistic regression on the raw pixels of ``data``'s split (an ImageData;
     scikit-learn, lbfgs)."""
@@ -76,7 +96,8 @@ def logistic_regression(data) -> dict[str, Any]:
 
 def run_bench_vision(models: list[str], out: Path, *, budget_seconds: float = 60.0, seeds: int = 3, data_sets: list[str] | None = None,
                      force: bool = False, probe_steps: int = 30, log=print) -> dict[str, Any]:
-    """``data_sets``: ``data.KEY=VALUE`` settings every family's recipe takes (the set, its size)."""
+    """``data_sets``: ``data.KEY=VALUE`` settings every family's recipe takes (the set, its size), and
+    ``FAMILY:KEY=VALUE`` settings for one family's recipe (``vit:model.patch=4`` on larger images)."""
     import shutil
 
     from adl_cli.cli.recipes import find_recipe
@@ -87,20 +108,18 @@ def run_bench_vision(models: list[str], out: Path, *, budget_seconds: float = 60
         raise AdlError(f"{opt('seeds')} must be >= 1, got {seeds}")
     if not budget_seconds > 0:
         raise AdlError(f"{opt('budget_seconds')} must be a positive number of seconds, got {budget_seconds}")
-    data_sets = list(data_sets or [])
-    for item in data_sets:
-        if not item.startswith("data.") or "=" not in item:
-            raise AdlError(f"{opt('set')} takes data.KEY=VALUE here (the data every family trains on), got '{item}'")
+    shared, own = split_settings(list(data_sets or []), models)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise AdlError(f"{out} is not empty (an earlier benchmark?); choose another {opt('out')} or pass {opt('force')} to replace it")
     recipes = {m: find_recipe(f"vision/{m}") for m in models}
-    data = {m: load_vision_recipe(path, data_sets).data for m, path in recipes.items()}  # every recipe and setting checked first
+    sets = {m: shared + own[m] for m in models}
+    data = {m: load_vision_recipe(path, sets[m]).data for m, path in recipes.items()}  # every recipe and setting checked first
     if force and out.exists():
         shutil.rmtree(out)
     results: dict[str, FamilyResult] = {}
     for m in models:
-        per_step = seconds_per_step(recipes[m], data_sets, out / "probe", probe_steps, load=load_vision_recipe, run=run_vision, extra_sets=())
+        per_step = seconds_per_step(recipes[m], sets[m], out / "probe", probe_steps, load=load_vision_recipe, run=run_vision, extra_sets=())
         steps = max(1, int(budget_seconds / per_step))
         results[m] = FamilyResult(m, steps, per_step)
         log(f"{m}: {per_step * 1000:.1f} ms per step in a {probe_steps}-step probe -> {steps} steps in {budget_seconds:g} s")
@@ -108,10 +127,10 @@ def run_bench_vision(models: list[str], out: Path, *, budget_seconds: float = 60
         order = models if i % 2 == 0 else list(reversed(models))
         for m in order:
             r = results[m]
-            sets = data_sets + [f"train.seed={i}", f"train.steps={r.steps}", "train.checkpoint_every=0", "train.eval_every=0"]
+            run_sets = sets[m] + [f"train.seed={i}", f"train.steps={r.steps}", "train.checkpoint_every=0", "train.eval_every=0"]
             folder = out / m / f"seed-{i}"
             log(f"{m}, seed {i}: {r.steps} steps -> {folder}")
-            s = run_vision(load_vision_recipe(recipes[m], sets), folder, progress=None, log=lambda *a, **k: None).summary
+            s = run_vision(load_vision_recipe(recipes[m], run_sets), folder, progress=None, log=lambda *a, **k: None).summary
             r.parameters, r.flops_per_image = s["parameters"], s["flops_per_image"]
             r.seeds.append(i)
             r.test_accuracy.append(s["test"]["accuracy"])
@@ -120,4 +139,5 @@ def run_bench_vision(models: list[str], out: Path, *, budget_seconds: float = 60
             r.images_per_s.append(s["images_seen"] / max(1e-9, s["train_wall_s"]))
     baseline = logistic_regression(data[models[0]])
     return {"budget_seconds": budget_seconds, "seeds": seeds, "data": asdict(data[models[0]]), "probe_steps": probe_steps,
+            "settings": {m: own[m] for m in models if own[m]},
             "rows": [results[m].row() for m in models], "baselines": [baseline]}

@@ -24,6 +24,7 @@ from adl_cli.engine.checkpoint import atomic_write_text
 from adl_cli.engine.trainer import TrainConfig, Trainer
 from adl_cli.errors import AdlError
 from adl_cli.methods.exact_match import wilson
+from adl_cli.methods.objects import kmeans_baselines, object_scores, objects_markdown
 from adl_cli.methods.pretrain import start_run
 from adl_cli.models import ModelConfig, build_model
 from adl_cli.models.vit import ViTConfig
@@ -62,7 +63,8 @@ class VisionRecipe:
 
     def validate(self) -> None:
         if not hasattr(self.model, "with_data"):
-            raise ValueError(f"model.family '{self.model.family}' is not an image family (vit, mixer, poolformer, fnet, cnn)")
+            raise ValueError(f"model.family '{self.model.family}' is not an image family "
+                             "(vit, axial, swin, perceiver, mixer, poolformer, fnet, cnn, slots)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -172,6 +174,10 @@ def run_vision(recipe: VisionRecipe, out: Path, *, resume: bool = False, force: 
         cfg.validate()
     except ValueError as e:
         raise AdlError(str(e)) from None
+    reconstruct = cfg.objective == "reconstruct"
+    if reconstruct and splits.train.masks is None:
+        raise AdlError(f"model.family '{cfg.family}' discovers objects and is scored against object masks: "
+                       f"the {recipe.data.set} set has none (use data.set = \"sprites\")")
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_vision_recipe)
     acc, main, world, log = start.acc, start.main, start.world, start.log
     log(f"data: {recipe.data.set} {c}x{h}x{h}, {len(splits.train.classes)} classes; {len(splits.train):,} train / {len(splits.val):,} val / "
@@ -190,11 +196,16 @@ def run_vision(recipe: VisionRecipe, out: Path, *, resume: bool = False, force: 
 
     def loss_fn(m, batch):
         x, y = batch
+        if reconstruct:
+            return F.mse_loss(m(x).float(), x.float())
         logits = m(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
         return loss, {"acc": (logits.argmax(-1) == y).float().mean()}
 
     def eval_fn(m):
+        if reconstruct:
+            s = object_scores(m, splits.val)
+            return {"val_loss": s["mse"], "val_fg_ari": s["fg_ari"]["mean"]}
         s = scores(m, splits.val)
         return {"val_loss": s["loss"], "val_acc": s["accuracy"]}
 
@@ -208,15 +219,20 @@ def run_vision(recipe: VisionRecipe, out: Path, *, resume: bool = False, force: 
     save_run(out, final)
     summary = {"name": recipe.name, "family": cfg.family, "set": recipe.data.set, "label": recipe.data.label, "classes": splits.train.classes,
                "image_shape": [c, h, h], "parameters": model.n_params(), "flops_per_image": fpi, "steps": result.steps,
-               "images_seen": result.units, "train_wall_s": result.wall_s, "wall_s": time.perf_counter() - t0,
-               "val": scores(final, splits.val), "test": scores(final, splits.test)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "report.md", report_markdown(summary))
+               "images_seen": result.units, "train_wall_s": result.wall_s, "wall_s": time.perf_counter() - t0}
     from adl_cli.engine.vision_plots import confusion_figure, model_figures
 
-    confusion_figure(summary["test"]["confusion"], splits.train.classes, out / "confusion.png",
-                     title=f"{recipe.name}: test accuracy {summary['test']['accuracy']:.1%}")
-    summary["figures"] = ["confusion.png", *model_figures(final, splits.test, out)]
+    if reconstruct:
+        summary.update(objective="reconstruct", val=object_scores(final, splits.val), test=object_scores(final, splits.test),
+                       baselines=kmeans_baselines(splits.test, cfg.slots))
+        atomic_write_text(out / "report.md", objects_markdown(summary))
+        summary["figures"] = model_figures(final, splits.test, out)
+    else:
+        summary.update(val=scores(final, splits.val), test=scores(final, splits.test))
+        atomic_write_text(out / "report.md", report_markdown(summary))
+        confusion_figure(summary["test"]["confusion"], splits.train.classes, out / "confusion.png",
+                         title=f"{recipe.name}: test accuracy {summary['test']['accuracy']:.1%}")
+        summary["figures"] = ["confusion.png", *model_figures(final, splits.test, out)]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return VisionOutcome(out, summary)
 

@@ -27,6 +27,7 @@ class ImageConfig(ModelConfig):
     channels: int = 0  # set from the data
     num_classes: int = 0  # set from the data
     dropout: float = 0.0
+    objective = "classify"  # what the family learns: classify (logits), or reconstruct (an autoencoder with masks)
 
     def with_data(self, image_size: int, channels: int, num_classes: int):
         """This config for images of ``image_size`` x ``image_size`` with ``channels``, ``num_classes`` classes."""
