@@ -256,14 +256,22 @@ class WindowBatches:
         return windows(self.tokens, starts[i * rows : (i + 1) * rows], length)
 
 
-def split_windows(tokens, block: int, batch_size: int, max_batches: int | None = None):
+def split_windows(tokens, block: int, batch_size: int, max_batches: int | None = None, score_last: int | None = None):
     """Consecutive windows over a split, each token scored once: batches of (x, y) where y is -100
     where a token was already scored (the last window is end-aligned and overlaps the one before).
-    ``max_batches`` stops early (the first that many batches); None covers the whole split."""
+    ``max_batches`` stops early (the first that many batches); None covers the whole split.
+
+    ``score_last`` = m < block: only each window's last m positions are scored and windows advance
+    by m, so every scored token has at least block - m tokens of context (a Perceiver AR's
+    evaluation, and the same tokens for any model it is compared with); the split's first
+    block - m targets are never scored."""
     n = len(tokens)
     if n < block + 1:
         raise AdlError(f"the split has {n} tokens, too few for a window of {block} + 1")
-    starts = list(range(0, n - block, block))
+    stride = block if score_last is None else int(score_last)
+    if not 1 <= stride <= block:
+        raise ValueError(f"score_last must be in [1, {block}], got {score_last}")
+    starts = list(range(0, n - block, stride))
     last = n - block - 1
     if starts[-1] + block < n - 1:
         starts.append(last)
@@ -273,6 +281,7 @@ def split_windows(tokens, block: int, batch_size: int, max_batches: int | None =
         chunk = starts[b:b + batch_size]
         x, y = windows(tokens, np.asarray(chunk), block)
         y = y.clone()  # y and x share memory
+        y[:, : block - stride] = -100
         for row, s in enumerate(chunk):
             if s == last and len(starts) > 1:
                 seen = starts[-2] + block  # the last target position the previous window scored

@@ -102,18 +102,19 @@ def evaluate_tokens(model, tokenizer, tokens: np.ndarray, *, batch_size: int = 1
     block = min(block, len(tokens) - 1)
     if block < 1:
         raise AdlError(f"the text has {len(tokens)} tokens: eval needs at least 2")
+    last = min(getattr(model.config, "latents", block), block)  # Perceiver AR scores its latents' positions only
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for x, y in split_windows(tokens, block, batch_size):
+        for x, y in split_windows(tokens, block, batch_size, score_last=last):
             n = int((y != -100).sum())
             total += float(model(x.to(device), y.to(device))[1].float()) * n
             count += n
     seconds = time.perf_counter() - start
     loss = total / count
-    scored = tokens[1:]
+    scored = tokens[1 + block - last:]  # (split_windows never scores the first block - last targets)
     bpt = tokenizer.token_bytes(scored) / count
     if bpt <= 0:
         raise AdlError("the text has no bytes to score (only special tokens)")

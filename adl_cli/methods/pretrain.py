@@ -262,13 +262,14 @@ def run_pretrain(
         return loss, dict(unwrap(m).aux_metrics) if gcfg.mtp_heads else {}
 
     train_slice = _train_probe(data, tc.seed)
+    scored = getattr(gcfg, "latents", None)  # Perceiver AR predicts only its latents' positions
 
     def eval_fn(m):
         """Loss over the held-out split (every token once, up to eval_batches batches) and over an
         equally long, fixed stretch of the training stream measured the same way (eval mode, same
         windowing): the gap between them is the generalisation gap."""
-        return {"val_loss": split_loss(m, data.val, gcfg.block_size, tc.batch_size, tc.eval_batches),
-                "train_eval_loss": split_loss(m, train_slice, gcfg.block_size, tc.batch_size, tc.eval_batches)}
+        return {"val_loss": split_loss(m, data.val, gcfg.block_size, tc.batch_size, tc.eval_batches, scored),
+                "train_eval_loss": split_loss(m, train_slice, gcfg.block_size, tc.batch_size, tc.eval_batches, scored)}
 
     trainer = Trainer(
         model,
@@ -322,15 +323,16 @@ def _start_point(recipe: PretrainRecipe, out: Path, resume: bool, log):
     return base.tokenizer, base, base.config.vocab_size
 
 
-def split_loss(model, tokens, block: int, batch_size: int, max_batches: int) -> float:
+def split_loss(model, tokens, block: int, batch_size: int, max_batches: int, score_last: int | None = None) -> float:
     """Mean next-token loss over consecutive windows of a split (each token scored once), summed on
-    the device: one host sync."""
+    the device: one host sync. ``score_last``: score each window's last that many positions only
+    (split_windows; a model with ``latents`` in its config, Perceiver AR, predicts no others)."""
     from adl_cli.data.tokens import split_windows
 
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
     count = 0
-    for x, y in split_windows(tokens, block, batch_size, max_batches):
+    for x, y in split_windows(tokens, block, batch_size, max_batches, score_last=score_last):
         n = int((y != -100).sum())
         total += model(x.to(device), y.to(device))[1].float() * n
         count += n
