@@ -52,6 +52,9 @@ def bench_vision(
     for b in report["baselines"]:
         t.add_row(b["family"].replace(" (pixels)", ""), f"{b['parameters']:,}", "-", "-", "-", f"{b['test_accuracy']:.2%}", "-")
     console.print(t)
+    if report["settings"]:
+        console.print("families' own settings: " + "; ".join(f"{fam}: {', '.join(sets)}" for fam, sets in report["settings"].items()),
+                      highlight=False)
     console.print(f"[dim]MFLOP: forward FLOPs per image; logistic regression on the pixels; test split: "
                   f"{report['baselines'][0]['test_images']} images; runs (validation scores in their summary.json) in {out}[/]", highlight=False)
     if plot is not None:

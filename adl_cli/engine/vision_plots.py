@@ -1,6 +1,6 @@
 """The image labs' figures: a confusion matrix, and what a model family shows of itself (a ViT's
 attention from the class token over the patches, a Perceiver's latents' cross-attention over the
-pixels, slot attention's masks). Written atomically as PNGs (engine/plots.py)."""
+pixels, a Swin's window attention, slot attention's masks). Written atomically as PNGs (engine/plots.py)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,34 @@ def cross_attention_figure(images: torch.Tensor, maps: torch.Tensor, path: Path,
     return _save(fig, path)
 
 
+def window_attention_figure(images: torch.Tensor, maps: list, path: Path, title: str = "") -> Path:
+    """Row 1: the images; then per first-stage Swin block, the attention each token received
+    within its window (bright: attended), with the block's window borders (shifted ones offset)."""
+    plt = _pyplot()
+    n, size = len(images), images.shape[-1]
+    rows = 1 + len(maps)
+    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    for i in range(n):
+        _show(axes[0][i], images[i])
+        for r, (block, grid) in enumerate(maps, start=1):
+            ax = axes[r][i]
+            res = grid.shape[-1]
+            scale = size / res
+            ax.imshow(grid[i].numpy(), cmap="inferno", vmin=0, extent=(0, size, size, 0), interpolation="nearest")
+            for k in range(0, res + 1, block.ws):  # window borders, in image pixels
+                edge = ((k + block.shift) % res) * scale
+                ax.axhline(edge, color="cyan", linewidth=0.6)
+                ax.axvline(edge, color="cyan", linewidth=0.6)
+            ax.set_xlim(0, size)
+            ax.set_ylim(size, 0)
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(f"block {r}{' (shifted)' if block.shift else ''}", fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=0.6, w_pad=0.3)
+    return _save(fig, path)
+
+
 def _segments(ax, ids: torch.Tensor, k: int) -> None:
     ax.imshow(ids.numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
     ax.axis("off")
@@ -118,6 +146,10 @@ def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
         maps = model.cross_attention_maps(images)
         cross_attention_figure(images, maps, out / "cross_attention.png", title="Perceiver: first cross-attention of four latents over the pixels")
         names.append("cross_attention.png")
+    if hasattr(model, "window_attention_maps"):
+        window_attention_figure(images, model.window_attention_maps(images), out / "window_attention.png",
+                                title="Swin, first stage: attention each token receives within its window (cyan: windows)")
+        names.append("window_attention.png")
     if hasattr(model, "decompose") and data.masks is not None:
         model.eval()
         with torch.no_grad():
@@ -146,6 +178,10 @@ def bench_vision_figure(report: dict, path: Path) -> Path:
     ax.set_xlabel("training images per second (log)")
     ax.set_ylabel("test top-1 (%)")
     d = report["data"]
-    ax.set_title(f"{d['set']}: {report['budget_seconds']:g} s of training each, median and range of {report['seeds']} seed(s)", fontsize=9)
+    title = f"{d['set']}: {report['budget_seconds']:g} s of training each, median and range of {report['seeds']} seed(s)"
+    own = report.get("settings") or {}
+    if own:
+        title += "\n" + "; ".join(f"{fam}: {', '.join(sets)}" for fam, sets in own.items())
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -97,6 +97,7 @@ class WindowAttention(nn.Module):
         self.table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, heads))
         nn.init.trunc_normal_(self.table, std=0.02)
         self.register_buffer("index", relative_index(ws), persistent=False)
+        self.keep, self.map = False, None  # keep: store the weights (B * windows, heads, ws^2, ws^2) in map
 
     def bias(self) -> torch.Tensor:
         """(heads, ws^2, ws^2) relative position bias."""
@@ -110,7 +111,7 @@ class WindowAttention(nn.Module):
         if mask is not None:
             nw = mask.shape[0]
             bias = (bias.expand(bw // nw, nw, *bias.shape[1:]) + mask[None, :, None]).reshape(bw, self.heads, n, n)
-        y = attend(q, k, v, bias=bias, dropout=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, bias=bias, dropout=self.dropout if self.training else 0.0, keep=self if self.keep else None)
         return self.proj(y.transpose(1, 2).reshape(bw, n, c))
 
 
@@ -126,6 +127,13 @@ class SwinBlock(nn.Module):
             self.register_buffer("mask", shift_mask(res, res, self.ws, self.shift), persistent=False)
         else:
             self.mask = None
+
+    def received(self) -> torch.Tensor:
+        """After a forward with ``attn.keep``: (B, res, res) the attention each token received from
+        the queries of its window (mean over heads, summed over queries), in image positions."""
+        m = self.attn.map.mean(1).sum(1)  # (B * windows, ws^2)
+        grid = window_reverse(m[..., None], self.ws, self.res, self.res)[..., 0]
+        return torch.roll(grid, (self.shift, self.shift), dims=(1, 2)) if self.shift else grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, res * res, C), row-major."""
@@ -175,6 +183,23 @@ class Swin(ImageModel):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.layers(self.embed(x))).mean(1)
+
+    def window_attention_maps(self, x: torch.Tensor) -> list[tuple[SwinBlock, torch.Tensor]]:
+        """The first stage's blocks with the attention each token received on ``x`` (B, res, res)."""
+        blocks = []
+        for layer in self.layers:
+            if isinstance(layer, PatchMerging):
+                break
+            blocks.append(layer)
+        for b in blocks:
+            b.attn.keep = True
+        try:
+            with torch.no_grad():
+                self.features(x)
+            return [(b, b.received()) for b in blocks]
+        finally:
+            for b in blocks:
+                b.attn.keep, b.attn.map = False, None
 
 
 register_image_family("swin", SwinConfig, Swin)

@@ -52,6 +52,7 @@ def test_every_family_trains_reports_and_reloads(family, extra, tmp_path, capsys
     assert conf.sum() == s["test"]["n"] and abs(conf.diag().sum() / conf.sum() - s["test"]["accuracy"]) < 1e-9
     assert (tmp_path / "run" / "confusion.png").exists() and (tmp_path / "run" / "report.md").exists()
     assert ((tmp_path / "run" / "attention.png").exists()) == (family == "vit")
+    assert ((tmp_path / "run" / "window_attention.png").exists()) == (family == "swin")
     model = load_run(tmp_path / "run").model
     from adl_cli.data.images import load_images, split
     from adl_cli.methods.vision import scores

@@ -83,3 +83,23 @@ def test_swin_stages_merge_patches():
     assert m(x).shape == (2, 10)
     assert m.layers[2].res == 8 and m.layers[3].res == 4  # 8x8 tokens, then 4x4 after the merge
     assert m.layers[1].shift == 2 and m.layers[3].shift == 0  # shifted in stage 1, one window in stage 2
+
+
+def test_window_attention_maps_give_each_window_one_unit_per_query_back_in_place():
+    """What a token receives, summed over a window, is the window's query count (each query's
+    weights sum to 1), in shifted blocks too once the roll is undone; an image's bright spot
+    stays where the image has it."""
+    torch.manual_seed(0)
+    cfg = SwinConfig(patch=1, dim=8, depths=[2], heads=[2], window=4).with_data(8, 1, 2)
+    model = build_model(cfg).eval()
+    x = torch.rand(3, 1, 8, 8)
+    maps = model.window_attention_maps(x)
+    assert [b.shift for b, _ in maps] == [0, 2]
+    for block, grid in maps:
+        assert grid.shape == (3, 8, 8)
+        torch.testing.assert_close(grid.sum((1, 2)), torch.full((3,), 64.0), atol=1e-4, rtol=1e-5)
+    unshifted = maps[0][1]
+    for wy in range(2):  # without the shift each 4x4 window's tokens receive its 16 queries' weights
+        for wx in range(2):
+            torch.testing.assert_close(unshifted[:, 4 * wy:4 * wy + 4, 4 * wx:4 * wx + 4].sum((1, 2)), torch.full((3,), 16.0), atol=1e-4, rtol=1e-5)
+    assert all(b.attn.map is None and not b.attn.keep for b, _ in maps)  # nothing kept after the call
