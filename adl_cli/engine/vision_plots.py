@@ -55,6 +55,7 @@ def attention_figure(images: torch.Tensor, maps: list[torch.Tensor], grid: int, 
             if i == 0:
                 ax.set_title(f"block {r}", fontsize=7, loc="left")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=0.6, w_pad=0.3)
     return _save(fig, path)
 
 
@@ -74,6 +75,7 @@ def cross_attention_figure(images: torch.Tensor, maps: torch.Tensor, path: Path,
             if i == 0:
                 ax.set_title(f"latent {r - 1}", fontsize=7, loc="left")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=0.6, w_pad=0.3)
     return _save(fig, path)
 
 
