@@ -50,6 +50,8 @@ class FamilyResult:
 def parse_models(models: str | None) -> list[str]:
     names = [m.strip() for m in (models or ",".join(FAMILIES)).split(",") if m.strip()]
     for name in names:
+        if name == "slots":
+            raise AdlError(f"{opt('models')}: slots discovers objects and has no top-1 to compare here: train it with `adl vision slots`")
         if name not in FAMILIES:
             raise AdlError(f"{opt('models')}: unknown family '{name}'{closest(name, FAMILIES)}; choose among {', '.join(FAMILIES)}")
     if len(set(names)) != len(names):

@@ -46,6 +46,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, run):
     for args, message in ((["--models", "vit,resnet"], "unknown family 'resnet'"), (["--seeds", "0"], "--seeds must be >= 1"),
                           (["--budget-seconds", "0"], "--budget-seconds must be a positive"),
                           (["--set", "train.lr=1"], "takes data.KEY=VALUE"),
-                          (["--models", "cnn", "--set", "vit:model.patch=4"], "'vit' is not among the families benchmarked"), (["--set", "data.set=imagenet", "--models", "cnn"], "unknown image set 'imagenet'")):
+                          (["--models", "cnn", "--set", "vit:model.patch=4"], "'vit' is not among the families benchmarked"),
+                          (["--models", "slots"], "adl vision slots"), (["--set", "data.set=imagenet", "--models", "cnn"], "unknown image set 'imagenet'")):
         code, _, err = run(["bench-vision", *args, "--out", tmp_path / "x"], capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
