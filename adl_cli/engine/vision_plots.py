@@ -31,6 +31,17 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], path: Path,
     return _save(fig, path)
 
 
+def _image_grid(rows: int, cols: int, cell: float = 1.6):
+    """A figure of rows x cols image panels (axes[row][col])."""
+    return _pyplot().subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False)
+
+
+def _finish(fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=0.6, w_pad=0.3)
+    return _save(fig, path)
+
+
 def _show(ax, image: torch.Tensor) -> None:
     img = image.permute(1, 2, 0).numpy()
     ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
@@ -40,9 +51,8 @@ def _show(ax, image: torch.Tensor) -> None:
 def attention_figure(images: torch.Tensor, maps: list[torch.Tensor], grid: int, path: Path, title: str = "") -> Path:
     """Row 1: the images; then per block, the class token's attention over the patches (mean over
     heads; bright: attended), at the image's scale."""
-    plt = _pyplot()
     n, rows = len(images), 1 + len(maps)
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    fig, axes = _image_grid(rows, n)
     size = images.shape[-1]
     for i in range(n):
         _show(axes[0][i], images[i])
@@ -54,18 +64,15 @@ def attention_figure(images: torch.Tensor, maps: list[torch.Tensor], grid: int, 
             ax.axis("off")
             if i == 0:
                 ax.set_title(f"block {r}", fontsize=7, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=0.6, w_pad=0.3)
-    return _save(fig, path)
+    return _finish(fig, title, path)
 
 
 def cross_attention_figure(images: torch.Tensor, maps: torch.Tensor, path: Path, latents: int = 4, title: str = "") -> Path:
     """Row 1: the images; then, for the first ``latents`` latents, where each looks among the
     pixels in the first cross-attention (mean over heads; bright: attended)."""
-    plt = _pyplot()
     n, size = len(images), images.shape[-1]
     rows = 1 + min(latents, maps.shape[2])
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    fig, axes = _image_grid(rows, n)
     for i in range(n):
         _show(axes[0][i], images[i])
         for r in range(1, rows):
@@ -74,18 +81,15 @@ def cross_attention_figure(images: torch.Tensor, maps: torch.Tensor, path: Path,
             ax.axis("off")
             if i == 0:
                 ax.set_title(f"latent {r - 1}", fontsize=7, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=0.6, w_pad=0.3)
-    return _save(fig, path)
+    return _finish(fig, title, path)
 
 
 def window_attention_figure(images: torch.Tensor, maps: list, path: Path, title: str = "") -> Path:
     """Row 1: the images; then per first-stage Swin block, the attention each token received
     within its window (bright: attended), with the block's window borders (shifted ones offset)."""
-    plt = _pyplot()
     n, size = len(images), images.shape[-1]
     rows = 1 + len(maps)
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), squeeze=False)
+    fig, axes = _image_grid(rows, n)
     for i in range(n):
         _show(axes[0][i], images[i])
         for r, (block, grid) in enumerate(maps, start=1):
@@ -102,9 +106,7 @@ def window_attention_figure(images: torch.Tensor, maps: list, path: Path, title:
             ax.axis("off")
             if i == 0:
                 ax.set_title(f"block {r}{' (shifted)' if block.shift else ''}", fontsize=7, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=0.6, w_pad=0.3)
-    return _save(fig, path)
+    return _finish(fig, title, path)
 
 
 def _segments(ax, ids: torch.Tensor, k: int) -> None:
@@ -115,10 +117,9 @@ def _segments(ax, ids: torch.Tensor, k: int) -> None:
 def slots_figure(images: torch.Tensor, parts: dict[str, torch.Tensor], true_masks: torch.Tensor, path: Path, title: str = "") -> Path:
     """Per image (a column): the image, the reconstruction, the true objects, the masks'
     segmentation (each pixel's most likely slot), then every slot's colours through its mask."""
-    plt = _pyplot()
     n, k = len(images), parts["masks"].shape[1]
     rows = 4 + k
-    fig, axes = plt.subplots(rows, n, figsize=(1.3 * n, 1.3 * rows), squeeze=False)
+    fig, axes = _image_grid(rows, n, cell=1.3)
     labels = ["image", "reconstruction", "true objects", "slot segmentation", *(f"slot {j}" for j in range(k))]
     for i in range(n):
         _show(axes[0][i], images[i])
@@ -129,9 +130,7 @@ def slots_figure(images: torch.Tensor, parts: dict[str, torch.Tensor], true_mask
             _show(axes[4 + j][i], (parts["masks"][i, j, None] * parts["colours"][i, j]).clamp(0, 1))
     for r, label in enumerate(labels):
         axes[r][0].set_title(label, fontsize=7, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=0.6, w_pad=0.3)
-    return _save(fig, path)
+    return _finish(fig, title, path)
 
 
 def model_figures(model, data, out: Path, n: int = 6) -> list[str]:
