@@ -226,10 +226,12 @@ def run_vision(recipe: VisionRecipe, out: Path, *, resume: bool = False, force: 
         summary.update(objective="reconstruct", val=object_scores(final, splits.val), test=object_scores(final, splits.test),
                        baselines=kmeans_baselines(splits.test, cfg.slots))
         atomic_write_text(out / "report.md", objects_markdown(summary))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))  # the scores kept whatever the figures do
         summary["figures"] = model_figures(final, splits.test, out)
     else:
         summary.update(val=scores(final, splits.val), test=scores(final, splits.test))
         atomic_write_text(out / "report.md", report_markdown(summary))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
         confusion_figure(summary["test"]["confusion"], splits.train.classes, out / "confusion.png",
                          title=f"{recipe.name}: test accuracy {summary['test']['accuracy']:.1%}")
         summary["figures"] = ["confusion.png", *model_figures(final, splits.test, out)]
