@@ -215,7 +215,7 @@ def run_pretrain(
     else:
         model, lineage = build_model(gcfg), None
     log(
-        f"model: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {gcfg.n_layer}L/{gcfg.n_head}H/{gcfg.n_embd}, "
+        f"model: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters, {gcfg.n_layer}L/{f'{gcfg.n_head}H/' if gcfg.n_head else ''}{gcfg.n_embd}, "
         f"block {gcfg.block_size}, vocab {gcfg.vocab_size} ({data.tokenizer.describe()}), attention {gcfg.attention}, position {gcfg.position}; "
         f"data: {len(data.train):,} train / {len(data.val):,} val tokens"
     )
