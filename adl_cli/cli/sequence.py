@@ -1,0 +1,58 @@
+"""adl sequence: a language-model family (GPT, Mamba, RNN/GRU/LSTM, Perceiver AR) trained on a synthetic sequence task,
+scored on the answers at the training length and longer ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adl_cli.cli.common import default_out, resolve_recipe, set_option
+
+
+def sequence(
+    recipe: str = typer.Argument(..., help="Sequence recipe TOML or a shipped one's name (recipes/sequence/: mamba, lstm, gpt, "
+                                 "on selective copying).", show_default=False),
+    set_: list[str] = set_option(),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace the run already in --out, or resume with changed settings."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the live progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object (nothing else on stdout)."),
+) -> None:
+    """Train a sequence model on a task: [bold]adl sequence mamba[/], [bold]adl sequence lstm --set task.name=parity[/]"""
+    import json
+
+    from rich.table import Table
+
+    from adl_cli.console import console
+    from adl_cli.engine.distributed import is_main_env
+    from adl_cli.methods.sequence import load_sequence_recipe, run_sequence
+
+    path = resolve_recipe(Path(recipe), command="sequence")
+    rec = load_sequence_recipe(path, set_)
+    out = out or default_out(path, rec.name)
+    log = (lambda *a, **k: None) if as_json else console.print
+    if is_main_env() and not as_json:
+        console.print(f"[bold]adl sequence[/] {path} -> {out}", highlight=False)
+    outcome = run_sequence(rec, out, resume=resume, force=force, progress=progress and not as_json, log=log)
+    if not outcome.main:
+        return
+    s = outcome.summary
+    if as_json:
+        print(json.dumps(s))
+        return
+    t = Table("length", "answer accuracy", "examples all right", "loss", title=f"{s['family']} on {s['task']} ({s['parameters']:,} "
+              f"parameters, trained at length {s['length']})", title_justify="left")
+    for r in s["scores"]:
+        if "skipped" in r:
+            t.add_row(str(r["length"]), "-", "-", r["skipped"])
+        else:
+            t.add_row(str(r["length"]), f"{r['accuracy']:.2%}", f"{r['exact']:.2%}", f"{r['loss']:.4f}")
+    console.print(t)
+    console.print(f"{s['steps']} steps, {s['tokens_seen']:,} tokens in {s['train_wall_s']:.0f} s", highlight=False)
+    console.print(f"[dim]run folder: {out} (report.md, summary.json, model.safetensors)[/]", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sequence", rich_help_panel="Labs")(sequence)
