@@ -16,7 +16,6 @@ zeroed, so the state passes it unchanged (a = exp(0) = 1, b = 0).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adl_cli.models import FAMILIES, Family, ModelConfig
+from adl_cli.models.lm import LMConfig, TiedLM
 from adl_cli.nn.scan import SCANS, selective_scan
 
 
 @dataclass
-class MambaConfig(ModelConfig):
+class MambaConfig(LMConfig, ModelConfig):
     family: str = "mamba"
     n_layer: int = 4
     n_embd: int = 128
@@ -67,9 +67,6 @@ class MambaConfig(ModelConfig):
     @property
     def rank(self) -> int:
         return self.dt_rank or math.ceil(self.n_embd / 16)
-
-    def with_vocab(self, vocab_size: int) -> MambaConfig:
-        return dataclasses.replace(self, vocab_size=math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple)
 
 
 class RMSNorm(nn.Module):
@@ -164,24 +161,19 @@ class MambaState:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 
 
-class Mamba(nn.Module):
+class Mamba(TiedLM):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         cfg.validate()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.tie(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
         nn.init.normal_(self.wte.weight, std=0.02)
         for block in self.blocks:
             nn.init.normal_(block.mixer.out_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def hidden(self, idx: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
         keep = None
@@ -193,15 +185,6 @@ class Mamba(nn.Module):
         if state is not None:
             state.length += idx.shape[1]
         return self.norm_f(x)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
-
-    def forward(self, idx, targets=None, state: MambaState | None = None):
-        h = self.hidden(idx, state)
-        if targets is None:
-            return self.logits(h), None
-        return None, F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def setup_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> MambaState:
         return MambaState(self.config, batch, max_len or self.config.block_size, device or self.wte.weight.device,

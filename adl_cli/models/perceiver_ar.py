@@ -11,13 +11,13 @@ layer. Trained on the latents' predictions only (M of every N tokens); evaluated
 advance by M, so every scored token has at least N - M tokens of context (``split_windows``'
 ``score_last``; the GPT it is compared with is scored the same way).
 
-Generation keeps no key/value cache: ``History`` holds the tokens so far and every step reads the
+``forward`` (models/lm.py) scores the last min(M, T) positions against the same positions of the
+targets. Generation keeps no key/value cache: ``History`` holds the tokens so far and every step reads the
 last N again (the engine's decode-state protocol: reset, reorder, pad, length).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adl_cli.models import FAMILIES, Family, ModelConfig
+from adl_cli.models.lm import LMConfig, TiedLM
 from adl_cli.nn.attention.mask import allowed_pairs
 
 
 @dataclass
-class PerceiverARConfig(ModelConfig):
+class PerceiverARConfig(LMConfig, ModelConfig):
     family: str = "perceiver_ar"
     block_size: int = 512  # N: the context the cross-attention reads
     latents: int = 64  # M: the last M positions are the queries and the predictions
@@ -62,8 +63,6 @@ class PerceiverARConfig(ModelConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
-    def with_vocab(self, vocab_size: int) -> PerceiverARConfig:
-        return dataclasses.replace(self, vocab_size=math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple)
 
 
 class Attention(nn.Module):
@@ -131,7 +130,7 @@ class History:
             self.pad = self.pad[index]
 
 
-class PerceiverAR(nn.Module):
+class PerceiverAR(TiedLM):
     def __init__(self, cfg: PerceiverARConfig):
         super().__init__()
         cfg.validate()
@@ -139,13 +138,12 @@ class PerceiverAR(nn.Module):
             raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
         c = cfg.n_embd
-        self.wte, self.wpe = nn.Embedding(cfg.vocab_size, c), nn.Embedding(cfg.block_size, c)
+        self.tie(cfg.vocab_size, c)
+        self.wpe = nn.Embedding(cfg.block_size, c)
         self.drop = nn.Dropout(cfg.dropout)
         self.cross = Block(cfg, cross=True)
         self.blocks = nn.ModuleList(Block(cfg, cross=False) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(c)
-        self.lm_head = nn.Linear(c, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init)
         for name, p in self.named_parameters():  # residual projections scaled down with depth (GPT-2)
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
@@ -159,7 +157,7 @@ class PerceiverAR(nn.Module):
             nn.init.zeros_(m.bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = super().num_params()
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def _latents(self, idx: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,21 +181,6 @@ class PerceiverAR(nn.Module):
         for block in self.blocks:
             z = block(z, z, self_ok)
         return self.ln_f(z)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
-
-    def forward(self, idx, targets=None, state: History | None = None):
-        """(logits, loss) for the last min(M, T) positions. With targets (B, T) the loss is the mean
-        cross-entropy of those positions' predictions (targets -100 left out) and logits is None.
-        With ``state``: the logits of ``idx``'s positions after the history (``hidden``)."""
-        if state is not None:
-            return self.logits(self.hidden(idx, state)), None
-        h = self._latents(idx)
-        if targets is None:
-            return self.logits(h), None
-        y = targets[:, -h.shape[1]:]
-        return None, F.cross_entropy(self.logits(h).flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
     # -- decoding: the engine's protocol (setup_cache, hidden) over a plain token history
     def setup_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> History:

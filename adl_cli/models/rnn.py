@@ -11,8 +11,6 @@ prompt alone.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from adl_cli.models import FAMILIES, Family, ModelConfig
+from adl_cli.models.lm import LMConfig, TiedLM
 from adl_cli.nn.recurrent import GATES, RecurrentCell, torch_layer
 
 
 @dataclass
-class RNNConfig(ModelConfig):
+class RNNConfig(LMConfig, ModelConfig):
     family: str = "rnn"
     cell: str = "lstm"  # rnn | gru | lstm
     impl: str = "fast"  # fast (torch's fused layers) | teaching (the cells written out)
@@ -54,8 +53,6 @@ class RNNConfig(ModelConfig):
         if not 0.0 <= self.dropout < 1.0 or self.vocab_size < 0:
             raise ValueError("model.dropout must be in [0, 1) and model.vocab_size >= 0")
 
-    def with_vocab(self, vocab_size: int) -> RNNConfig:
-        return dataclasses.replace(self, vocab_size=math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple)
 
 
 class RecurrentState:
@@ -84,24 +81,19 @@ class RecurrentState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class RNNLM(nn.Module):
+class RNNLM(TiedLM):
     def __init__(self, cfg: RNNConfig):
         super().__init__()
         cfg.validate()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.tie(cfg.vocab_size, cfg.n_embd)
         self.cells = nn.ModuleList(RecurrentCell(cfg.cell, cfg.n_embd, cfg.n_embd) for _ in range(cfg.n_layer))
         self._fused = [torch_layer(cfg.cell, cfg.n_embd, cfg.n_embd) for _ in range(cfg.n_layer)]  # not submodules: no parameters of ours
         self.drop = nn.Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
         nn.init.normal_(self.wte.weight, std=0.02)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def _layer(self, i: int, x: torch.Tensor, state):
         cell = self.cells[i]
@@ -140,15 +132,6 @@ class RNNLM(nn.Module):
             h, state.layers = self._run(x, None if state.length == 0 else state.layers)
         state.length += idx.shape[1]
         return h
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
-
-    def forward(self, idx, targets=None, state: RecurrentState | None = None):
-        h = self.hidden(idx, state)
-        if targets is None:
-            return self.logits(h), None
-        return None, F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def setup_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> RecurrentState:
         return RecurrentState(self, batch, max_len or self.config.block_size)

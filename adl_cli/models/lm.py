@@ -1,0 +1,52 @@
+"""What the language-model families beside the GPT share (Perceiver AR, Mamba, the RNNs).
+
+``LMConfig``: the vocabulary comes from the tokenizer (``with_vocab`` rounds it up to
+``vocab_multiple``). ``TiedLM``: a model whose ``hidden(idx, state)`` gives the final hidden
+states of its last positions, read out by a head tied to the token embedding ``wte``; its
+``forward`` is the one every command calls: (logits, None), or (None, the mean cross-entropy of
+those positions against the same positions of the targets, -100 left out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LMConfig:
+    vocab_multiple: int
+    vocab_size: int
+
+    def with_vocab(self, vocab_size: int):
+        return dataclasses.replace(self, vocab_size=math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple)
+
+
+class TiedLM(nn.Module):
+    wte: nn.Embedding
+    lm_head: nn.Linear
+
+    def tie(self, vocab_size: int, width: int) -> None:
+        """The token table and the head that reads it back out (one matrix)."""
+        self.wte = nn.Embedding(vocab_size, width)
+        self.lm_head = nn.Linear(width, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def hidden(self, idx: torch.Tensor, state=None) -> torch.Tensor:  # pragma: no cover - families override
+        raise NotImplementedError
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
+    def forward(self, idx, targets=None, state=None):
+        h = self.hidden(idx, state)
+        if targets is None:
+            return self.logits(h), None
+        y = targets[:, -h.shape[1]:]
+        return None, F.cross_entropy(self.logits(h).flatten(0, 1).float(), y.flatten(), ignore_index=-100)
