@@ -38,7 +38,7 @@ class MambaConfig(LMConfig, ModelConfig):
     expand: int = 2
     dt_rank: int = 0  # 0: ceil(n_embd / 16)
     block_size: int = 256  # the training length (and the decode window the engine slides)
-    scan: str = "parallel"  # sequential | parallel | chunked (chunked: 5-10x slower on a CPU at chunk 32 for now)
+    scan: str = "parallel"  # sequential | parallel | chunked (chunked: 2x slower on a CPU at chunk 8, 10x at 32, for now)
     scan_chunk: int = 32
     vocab_multiple: int = 64
     vocab_size: int = 0
