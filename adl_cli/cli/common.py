@@ -65,3 +65,29 @@ def check_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise AdlError("--device cuda: no CUDA device here")
     return device
+
+
+def run_recipe_command(command: str, recipe: str, sets: list[str], out: Path | None, load, run, *, resume: bool, force: bool,
+                       progress: bool, as_json: bool) -> tuple[dict | None, Path]:
+    """A lab command's common part: the recipe resolved (a path or a shipped name) and loaded with
+    the --set overrides, the run announced and run (quiet with --json). Returns (the summary, or
+    None where nothing is left to print: another rank, or --json, which printed it; the run folder)."""
+    import json
+
+    from adl_cli.console import console
+    from adl_cli.engine.distributed import is_main_env
+
+    path = resolve_recipe(Path(recipe), command=command)
+    rec = load(path, sets)
+    out = out or default_out(path, rec.name)
+    log = (lambda *a, **k: None) if as_json else console.print
+    if is_main_env() and not as_json:
+        console.print(f"[bold]adl {command}[/] {path} -> {out}", highlight=False)
+    outcome = run(rec, out, resume=resume, force=force, progress=progress and not as_json, log=log)
+    if not outcome.main:
+        return None, out
+    if as_json:
+        print(json.dumps(outcome.summary))
+        return None, out
+    return outcome.summary, out
+

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from adl_cli.cli.common import default_out, resolve_recipe, set_option
+from adl_cli.cli.common import set_option
 
 
 def sequence(
@@ -21,26 +21,15 @@ def sequence(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object (nothing else on stdout)."),
 ) -> None:
     """Train a sequence model on a task: [bold]adl sequence mamba[/], [bold]adl sequence lstm --set task.name=parity[/]"""
-    import json
-
     from rich.table import Table
 
+    from adl_cli.cli.common import run_recipe_command
     from adl_cli.console import console
-    from adl_cli.engine.distributed import is_main_env
     from adl_cli.methods.sequence import load_sequence_recipe, run_sequence
 
-    path = resolve_recipe(Path(recipe), command="sequence")
-    rec = load_sequence_recipe(path, set_)
-    out = out or default_out(path, rec.name)
-    log = (lambda *a, **k: None) if as_json else console.print
-    if is_main_env() and not as_json:
-        console.print(f"[bold]adl sequence[/] {path} -> {out}", highlight=False)
-    outcome = run_sequence(rec, out, resume=resume, force=force, progress=progress and not as_json, log=log)
-    if not outcome.main:
-        return
-    s = outcome.summary
-    if as_json:
-        print(json.dumps(s))
+    s, out = run_recipe_command("sequence", recipe, set_, out, load_sequence_recipe, run_sequence, resume=resume, force=force,
+                                progress=progress, as_json=as_json)
+    if s is None:
         return
     t = Table("length", "answer accuracy", "examples all right", "loss", title=f"{s['family']} on {s['task']} ({s['parameters']:,} "
               f"parameters, trained at length {s['length']})", title_justify="left")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from adl_cli.cli.common import default_out, resolve_recipe, set_option
+from adl_cli.cli.common import set_option
 
 
 def vision(
@@ -21,26 +21,15 @@ def vision(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object (nothing else on stdout)."),
 ) -> None:
     """Train an image model family: [bold]adl vision vit[/], [bold]adl vision mixer --set data.set=shapes --set model.patch=4[/]"""
-    import json
-
     from rich.table import Table
 
+    from adl_cli.cli.common import run_recipe_command
     from adl_cli.console import console
-    from adl_cli.engine.distributed import is_main_env
     from adl_cli.methods.vision import load_vision_recipe, run_vision
 
-    path = resolve_recipe(Path(recipe), command="vision")
-    rec = load_vision_recipe(path, set_)
-    out = out or default_out(path, rec.name)
-    log = (lambda *a, **k: None) if as_json else console.print
-    if is_main_env() and not as_json:
-        console.print(f"[bold]adl vision[/] {path} -> {out}", highlight=False)
-    outcome = run_vision(rec, out, resume=resume, force=force, progress=progress and not as_json, log=log)
-    if not outcome.main:
-        return
-    s = outcome.summary
-    if as_json:
-        print(json.dumps(s))
+    s, out = run_recipe_command("vision", recipe, set_, out, load_vision_recipe, run_vision, resume=resume, force=force,
+                                progress=progress, as_json=as_json)
+    if s is None:
         return
     from adl_cli.engine.plots import loss_figure
     from adl_cli.engine.report import read_metrics

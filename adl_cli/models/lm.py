@@ -1,7 +1,8 @@
 """What the language-model families beside the GPT share (Perceiver AR, Mamba, the RNNs).
 
 ``LMConfig``: the vocabulary comes from the tokenizer (``with_vocab`` rounds it up to
-``vocab_multiple``). ``TiedLM``: a model whose ``hidden(idx, state)`` gives the final hidden
+``vocab_multiple``); validated on construction; the fields the pretraining command's log line
+reads of a GPT, with neutral defaults. ``TiedLM``: a model whose ``hidden(idx, state)`` gives the final hidden
 states of its last positions, read out by a head tied to the token embedding ``wte``; its
 ``forward`` is the one every command calls: (logits, None), or (None, the mean cross-entropy of
 those positions against the same positions of the targets, -100 left out).
@@ -20,6 +21,14 @@ from torch import nn
 class LMConfig:
     vocab_multiple: int
     vocab_size: int
+    # what the pretraining command's log lines read of a language model (a family overrides what it has)
+    n_head = 0
+    attention = "none"
+    position = "none"
+    mtp_heads = 0
+
+    def __post_init__(self):
+        self.validate()
 
     def with_vocab(self, vocab_size: int):
         return dataclasses.replace(self, vocab_size=math.ceil(vocab_size / self.vocab_multiple) * self.vocab_multiple)

@@ -42,14 +42,7 @@ class MambaConfig(LMConfig, ModelConfig):
     scan_chunk: int = 32
     vocab_multiple: int = 64
     vocab_size: int = 0
-    # what the pretraining command's log lines read of a language model
-    n_head = 0
-    attention = "none (selective SSM)"
-    position = "none"
-    mtp_heads = 0
-
-    def __post_init__(self):
-        self.validate()
+    attention = "none (selective SSM)"  # (pretrain's log line)
 
     def validate(self) -> None:
         for name in ("n_layer", "n_embd", "d_state", "d_conv", "expand", "block_size", "scan_chunk", "vocab_multiple"):

@@ -42,13 +42,8 @@ class PerceiverARConfig(LMConfig, ModelConfig):
     bias: bool = True
     vocab_multiple: int = 64
     vocab_size: int = 0  # 0 in a recipe: the tokenizer's size, rounded up to vocab_multiple
-    # what the pretraining command's log lines read of a language model (fixed for this family)
-    attention = "sdpa"
+    attention = "sdpa"  # (pretrain's log line)
     position = "learned"
-    mtp_heads = 0
-
-    def __post_init__(self):
-        self.validate()
 
     def validate(self) -> None:
         for name in ("block_size", "latents", "n_layer", "n_head", "n_embd", "vocab_multiple"):

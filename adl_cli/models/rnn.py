@@ -33,14 +33,7 @@ class RNNConfig(LMConfig, ModelConfig):
     block_size: int = 256  # the training length (and the decode window the engine slides)
     vocab_multiple: int = 64
     vocab_size: int = 0
-    # what the pretraining command's log lines read of a language model
-    n_head = 0
-    attention = "none (recurrent)"
-    position = "none"
-    mtp_heads = 0
-
-    def __post_init__(self):
-        self.validate()
+    attention = "none (recurrent)"  # (pretrain's log line)
 
     def validate(self) -> None:
         for name in ("n_layer", "n_embd", "block_size", "vocab_multiple"):
