@@ -38,11 +38,12 @@ class MambaConfig(LMConfig, ModelConfig):
     expand: int = 2
     dt_rank: int = 0  # 0: ceil(n_embd / 16)
     block_size: int = 256  # the training length (and the decode window the engine slides)
-    scan: str = "parallel"  # sequential | parallel | chunked (chunked: 2x slower on a CPU at chunk 8, 10x at 32, for now)
-    scan_chunk: int = 32
+    scan: str = "chunked"  # chunked (fused, the fast one) | parallel (doubling) | sequential (the loop)
+    scan_chunk: int = 16
     vocab_multiple: int = 64
     vocab_size: int = 0
     attention = "none (selective SSM)"  # (pretrain's log line)
+    recurrent = True
 
     def validate(self) -> None:
         for name in ("n_layer", "n_embd", "d_state", "d_conv", "expand", "block_size", "scan_chunk", "vocab_multiple"):
@@ -60,6 +61,10 @@ class MambaConfig(LMConfig, ModelConfig):
     @property
     def rank(self) -> int:
         return self.dt_rank or math.ceil(self.n_embd / 16)
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A layer's decode state per sequence: the convolution's last inputs, the SSM state."""
+        return (self.inner, self.d_conv - 1), (self.inner, self.d_state)
 
 
 class RMSNorm(nn.Module):
@@ -120,16 +125,17 @@ class Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: MambaConfig):
+    def __init__(self, cfg, mixer: type[nn.Module]):
         super().__init__()
-        self.norm, self.mixer = RMSNorm(cfg.n_embd), Mixer(cfg)
+        self.norm, self.mixer = RMSNorm(cfg.n_embd), mixer(cfg)
 
     def forward(self, x, keep=None, state=None):
         return x + self.mixer(self.norm(x), keep, state)
 
 
 class MambaState:
-    """The decode state: per layer [conv inputs (B, E, d_conv - 1), SSM state (B, E, N)]."""
+    """The decode state: per layer [conv inputs (B, channels, d_conv - 1), SSM state (B, ...)], the
+    shapes from the config's ``state_shapes`` (Mamba and Mamba-2)."""
 
     can_be_static = False
     can_truncate = False  # a recurrent state cannot go back (speculative decoding refuses it)
@@ -139,9 +145,8 @@ class MambaState:
         self.reset()
 
     def reset(self) -> None:
-        e = self.cfg.inner
-        self.layers = [[torch.zeros(self.batch, e, self.cfg.d_conv - 1, device=self.device, dtype=self.dtype),
-                        torch.zeros(self.batch, e, self.cfg.d_state, device=self.device, dtype=self.dtype)] for _ in range(self.cfg.n_layer)]
+        self.layers = [[torch.zeros(self.batch, *shape, device=self.device, dtype=self.dtype) for shape in self.cfg.state_shapes()]
+                       for _ in range(self.cfg.n_layer)]
         self.length, self.pad = 0, None
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -155,6 +160,8 @@ class MambaState:
 
 
 class Mamba(TiedLM):
+    mixer: type[nn.Module] = Mixer  # Mamba-2 (models/mamba2.py) swaps in its own
+
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         cfg.validate()
@@ -162,7 +169,7 @@ class Mamba(TiedLM):
             raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
         self.tie(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, self.mixer) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.n_embd)
         nn.init.normal_(self.wte.weight, std=0.02)
         for block in self.blocks:

@@ -1,6 +1,6 @@
-"""Mamba as a language model: causal; decoding step by step from the recurrent state equals the
-full forward (the state's size independent of the length); left-padded batches equal each prompt
-alone; the three scans give one model."""
+"""Mamba and Mamba-2 as language models: causal; decoding step by step from the recurrent state
+equals the full forward (the state's size independent of the length); left-padded batches equal
+each prompt alone; the three scans (Mamba) and the three SSD forms (Mamba-2) give one model."""
 
 from __future__ import annotations
 
@@ -11,14 +11,20 @@ import torch
 
 from adl_cli.models import build_model
 from adl_cli.models.mamba import MambaConfig
+from adl_cli.models.mamba2 import Mamba2Config
 
 TOL = dict(atol=1e-5, rtol=1e-4)  # fp32
 
 
-@pytest.fixture
-def model():
+CONFIGS = {"mamba": MambaConfig(n_layer=2, n_embd=16, d_state=4, block_size=32, scan_chunk=8),
+           "mamba2": Mamba2Config(n_layer=2, n_embd=16, d_state=4, headdim=8, block_size=32, ssd_chunk=8)}
+OTHER_FORMS = {"mamba": ("scan", ("sequential", "parallel")), "mamba2": ("ssd", ("recurrent", "quadratic"))}
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def model(request):
     torch.manual_seed(0)
-    return build_model(MambaConfig(n_layer=2, n_embd=16, d_state=4, block_size=32, scan_chunk=8).with_vocab(40)).eval()
+    return build_model(CONFIGS[request.param].with_vocab(40)).eval()
 
 
 def test_causal_and_the_scans_agree(model):
@@ -29,8 +35,9 @@ def test_causal_and_the_scans_agree(model):
     other = model(changed)[0]
     torch.testing.assert_close(other[:, :12], logits[:, :12], **TOL)
     assert not torch.allclose(other[:, 12:], logits[:, 12:])
-    for scan in ("sequential", "parallel"):
-        twin = build_model(dataclasses.replace(model.config, scan=scan)).eval()
+    key, forms = OTHER_FORMS[model.config.family]
+    for form in forms:
+        twin = build_model(dataclasses.replace(model.config, **{key: form})).eval()
         twin.load_state_dict(model.state_dict())
         torch.testing.assert_close(twin(idx)[0], logits, **TOL)
 
