@@ -34,7 +34,7 @@ DEFAULT_FAMILY = "gpt"
 _FAMILY_MODULES = ("adl_cli.models.gpt", "adl_cli.models.reward", "adl_cli.models.vit", "adl_cli.models.mixer", "adl_cli.models.poolformer",
                    "adl_cli.models.fnet", "adl_cli.models.cnn", "adl_cli.models.axial", "adl_cli.models.swin",
                    "adl_cli.models.perceiver", "adl_cli.models.slots", "adl_cli.models.perceiver_ar",
-                   "adl_cli.models.mamba", "adl_cli.models.rnn")
+                   "adl_cli.models.mamba", "adl_cli.models.mamba2", "adl_cli.models.rnn", "adl_cli.models.xlstm")
 
 
 class ModelConfig:

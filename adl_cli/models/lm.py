@@ -26,6 +26,12 @@ class LMConfig:
     attention = "none"
     position = "none"
     mtp_heads = 0
+    recurrent = False  # True: reads any length from a constant-size state (no positions, no cache)
+
+    @property
+    def label(self) -> str:
+        """The model's name in tables (a family with variants names the variant)."""
+        return self.family
 
     def __post_init__(self):
         self.validate()

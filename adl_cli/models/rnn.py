@@ -34,6 +34,11 @@ class RNNConfig(LMConfig, ModelConfig):
     vocab_multiple: int = 64
     vocab_size: int = 0
     attention = "none (recurrent)"  # (pretrain's log line)
+    recurrent = True
+
+    @property
+    def label(self) -> str:
+        return self.cell
 
     def validate(self) -> None:
         for name in ("n_layer", "n_embd", "block_size", "vocab_multiple"):
@@ -70,8 +75,10 @@ class RecurrentState:
             self.pad = self.pad.index_select(0, index)
 
     def nbytes(self) -> int:
-        tensors = [t for s in self.layers if s is not None for t in (s if isinstance(s, tuple) else (s,))]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """The state's bytes (the same before the first step, which allocates it, as after)."""
+        cfg = self.model.config
+        per_layer = (2 if cfg.cell == "lstm" else 1) * self.batch * cfg.n_embd
+        return cfg.n_layer * per_layer * self.model.wte.weight.element_size()
 
 
 class RNNLM(TiedLM):

@@ -39,11 +39,14 @@ def test_recurrent_decoding_equals_the_full_forward_and_padding_is_exact(cell):
     idx = torch.randint(0, 30, (1, 14))
     full = model(idx)[0]
     state = model.setup_cache(1)
+    size = state.nbytes()  # before the first step allocates it
     h = model.hidden(idx[:, :5], state)
     torch.testing.assert_close(model.logits(h), full[:, :5], **TOL)
     for t in range(5, 14):
         h = model.hidden(idx[:, t:t + 1], state)
         torch.testing.assert_close(model.logits(h[:, -1]), full[:, t], **TOL)
+    held = [t for s in state.layers for t in (s if isinstance(s, tuple) else (s,))]
+    assert size == sum(t.numel() * t.element_size() for t in held) > 0
     prompts = [[3, 4, 5, 6, 7, 8], [9, 10]]
     together = generate_batch(model, prompts, 8)
     for p, row in zip(prompts, together):
