@@ -56,3 +56,16 @@ def closest(name: str, choices: Iterable[str]) -> str:
 def unknown(kind: str, name: str, choices: Iterable[str]) -> AdlError:
     choices = sorted(choices)
     return AdlError(f"unknown {kind} '{name}'{closest(name, choices)}; choose from: {', '.join(choices)}")
+
+
+def pick(option: str, text: str | None, choices: Iterable[str], what: str = "name") -> list[str]:
+    """A comma-separated ``--option`` value as names among ``choices`` (all of them when empty);
+    an unknown or repeated name is an AdlError naming the option."""
+    choices = list(choices)
+    names = [n.strip() for n in (text or ",".join(choices)).split(",") if n.strip()]
+    for name in names:
+        if name not in choices:
+            raise AdlError(f"{opt(option)}: unknown {what} '{name}'{closest(name, choices)}; choose among {', '.join(choices)}")
+    if len(set(names)) != len(names):
+        raise AdlError(f"{opt(option)} names a {what} twice")
+    return names

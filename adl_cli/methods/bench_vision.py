@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adl_cli.errors import AdlError, closest, opt
+from adl_cli.errors import AdlError, opt, pick
 
 FAMILIES = ("vit", "axial", "swin", "perceiver", "mixer", "poolformer", "fnet", "cnn")
 
@@ -48,19 +48,15 @@ class FamilyResult:
 
 
 def parse_models(models: str | None) -> list[str]:
-    names = [m.strip() for m in (models or ",".join(FAMILIES)).split(",") if m.strip()]
-    for name in names:
-        if name == "slots":
-            raise AdlError(f"{opt('models')}: slots discovers objects and has no top-1 to compare here: train it with `adl vision slots`")
-        if name not in FAMILIES:
-            raise AdlError(f"{opt('models')}: unknown family '{name}'{closest(name, FAMILIES)}; choose among {', '.join(FAMILIES)}")
-    if len(set(names)) != len(names):
-        raise AdlError(f"{opt('models')} names a family twice")
-    return names
+    if models and "slots" in [m.strip() for m in models.split(",")]:
+        raise AdlError(f"{opt('models')}: slots discovers objects and has no top-1 to compare here: train it with `adl vision slots`")
+    return pick("models", models, FAMILIES, "family")
 
 
-def split_settings(items: list[str], models: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """``data.KEY=VALUE`` items (every family) and ``FAMILY:KEY=VALUE`` items (that family's recipe)."""
+def split_settings(items: list[str], models: list[str], shared_sections: tuple[str, ...] = ("data",),
+                   example: str = "vit:model.patch=4") -> tuple[list[str], dict[str, list[str]]]:
+    """``SECTION.KEY=VALUE`` items for a shared section (every family: the data, the task) and
+    ``FAMILY:KEY=VALUE`` items (that family's recipe)."""
     shared: list[str] = []
     own: dict[str, list[str]] = {m: [] for m in models}
     for item in items:
@@ -70,11 +66,11 @@ def split_settings(items: list[str], models: list[str]) -> tuple[list[str], dict
             if fam not in own:
                 raise AdlError(f"{opt('set')} {item}: '{fam}' is not among the families benchmarked ({', '.join(models)})")
             own[fam].append(item[len(fam) + 1:])
-        elif item.startswith("data.") and eq:
+        elif eq and head.split(".")[0] in shared_sections and "." in head:
             shared.append(item)
         else:
-            raise AdlError(f"{opt('set')} takes data.KEY=VALUE (the data every family trains on) or FAMILY:KEY=VALUE "
-                           f"(one family's recipe, e.g. vit:model.patch=4), got '{item}'")
+            keys = " or ".join(f"{s}.KEY=VALUE" for s in shared_sections)
+            raise AdlError(f"{opt('set')} takes {keys} (every family) or FAMILY:KEY=VALUE (one family's recipe, e.g. {example}), got '{item}'")
     return shared, own
 
 

@@ -5,7 +5,8 @@ The recipe (recipes/sequence/<name>.toml) names the family in ``[model]`` (its v
 from the task), the task in ``[task]`` (its name, the training length, the lengths to evaluate at,
 the task's own options) and ``[train]``. A batch is generated from (seed, step, micro-batch, rank),
 so resuming is exact. Scored on the answers only: accuracy per answer token and per example (all
-its answers right), on a fixed evaluation set per length (its own seed), at the training length
+its answers right), on a fixed evaluation set per length (its own seed; the validation set that
+training logs and that picks a learning rate is another), at the training length
 and at the longer ``eval_lengths``; a model whose positions stop at its context
 (``model.block_size``) is not scored past it.
 """
@@ -29,8 +30,6 @@ from adl_cli.models import ModelConfig, build_model
 from adl_cli.models.gpt import GPTConfig
 from adl_cli.recipe import dump_recipe, load_recipe
 from adl_cli.runs import save_run
-
-RECURRENT = ("mamba", "rnn")  # families that read any length
 
 
 @dataclass
@@ -83,6 +82,9 @@ class TaskBatches:
         return self.task.batch(self.batch_size, self.length, gen)
 
 
+VALIDATION = 1  # the seed of the validation sets (choosing a learning rate); the scores use seed 0
+
+
 @torch.no_grad()
 def task_scores(model, task, length: int, examples: int, seed: int = 0, batch_size: int = 128) -> dict[str, Any]:
     """Accuracy on the answers of a fixed evaluation set at ``length``: per answer token and per
@@ -128,7 +130,7 @@ def run_sequence(recipe: SequenceRecipe, out: Path, *, resume: bool = False, for
     except ValueError as e:
         raise AdlError(f"task: {e}") from None
     cfg = recipe.model.with_vocab(spec.vocab_size)
-    fixed = cfg.family not in RECURRENT
+    fixed = not getattr(cfg, "recurrent", False)  # positions or a context stop at model.block_size
     if fixed and spec.seq_len > cfg.block_size:
         raise AdlError(f"task.length {ts.length} makes examples of {spec.seq_len} tokens, longer than model.block_size {cfg.block_size}")
     start = start_run(recipe, out, resume=resume, force=force, accelerator=accelerator, log=log, load=load_sequence_recipe)
@@ -136,7 +138,7 @@ def run_sequence(recipe: SequenceRecipe, out: Path, *, resume: bool = False, for
     torch.manual_seed(recipe.train.seed)
     model = build_model(cfg)
     log(f"task: {ts.name} at length {ts.length} ({spec.seq_len} tokens, {spec.answers} answer(s), vocabulary {spec.vocab_size}); "
-        f"model: {cfg.family}, {model.num_params(non_embedding=False):,} parameters")
+        f"model: {getattr(cfg, 'label', cfg.family)}, {model.num_params(non_embedding=False):,} parameters")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         header = f"resolved recipe of the sequence run in {out.name}; `adl sequence {out / 'recipe.toml'} --out NEW_DIR` reproduces it"
@@ -148,8 +150,8 @@ def run_sequence(recipe: SequenceRecipe, out: Path, *, resume: bool = False, for
         x, y = batch
         return m(x, y)[1]
 
-    def eval_fn(m):
-        s = task_scores(m, task, ts.length, min(ts.eval_examples, 256))
+    def eval_fn(m):  # the validation set (seed 1): never the set the final scores come from
+        s = task_scores(m, task, ts.length, min(ts.eval_examples, 256), seed=VALIDATION)
         return {"val_loss": s["loss"], "val_acc": s["accuracy"]}
 
     trainer = Trainer(model, tc, run_dir=out, batch_fn=batches, loss_fn=loss_fn, eval_fn=eval_fn, units_per_batch=tc.batch_size * spec.seq_len,
@@ -170,9 +172,10 @@ def run_sequence(recipe: SequenceRecipe, out: Path, *, resume: bool = False, for
             scores.append(task_scores(final, task, n, ts.eval_examples))
         except ValueError as e:  # the task cannot be posed at that length
             scores.append({"length": n, "skipped": str(e)})
-    summary = {"name": recipe.name, "family": cfg.family, "task": ts.name, "length": ts.length, "parameters": model.num_params(non_embedding=False),
+    summary = {"name": recipe.name, "family": getattr(cfg, "label", cfg.family), "task": ts.name, "length": ts.length, "parameters": model.num_params(non_embedding=False),
                "steps": result.steps, "tokens_seen": result.units, "tokens_per_s": result.units_per_s, "train_wall_s": result.wall_s,
-               "wall_s": time.perf_counter() - t0, "scores": scores}
+               "wall_s": time.perf_counter() - t0, "scores": scores,
+               "val": task_scores(final, task, ts.length, ts.eval_examples, seed=VALIDATION)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "report.md", report_markdown(summary))
     return SequenceOutcome(out, summary)

@@ -35,7 +35,11 @@ precision = "fp32"
 """
 MODELS = {"gpt": 'family = "gpt"\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 24',
           "mamba": 'family = "mamba"\nn_layer = 1\nn_embd = 16\nd_state = 4\nblock_size = 64',
-          "lstm": 'family = "rnn"\ncell = "lstm"\nn_layer = 1\nn_embd = 16\nblock_size = 64'}
+          "lstm": 'family = "rnn"\ncell = "lstm"\nn_layer = 1\nn_embd = 16\nblock_size = 64',
+          "gru": 'family = "rnn"\ncell = "gru"\nn_layer = 1\nn_embd = 16\nblock_size = 64',
+          "mamba2": 'family = "mamba2"\nn_layer = 1\nn_embd = 16\nd_state = 4\nheaddim = 8\nblock_size = 64',
+          "mlstm": 'family = "mlstm"\nn_layer = 1\nn_embd = 16\nn_head = 2\nblock_size = 64',
+          "slstm": 'family = "slstm"\nn_layer = 1\nn_embd = 16\nn_head = 2\nblock_size = 64'}
 
 
 def _write(tmp_path, fam, task="selective_copy", length=12, longer=24, steps=4, ck=0):
@@ -45,12 +49,14 @@ def _write(tmp_path, fam, task="selective_copy", length=12, longer=24, steps=4, 
     return p
 
 
-@pytest.mark.parametrize("fam", ["gpt", "mamba", "lstm"])
+@pytest.mark.parametrize("fam", sorted(MODELS))
 def test_each_family_trains_and_is_scored_at_two_lengths(fam, tmp_path, capsys, run):
-    code, out, err = run(["sequence", _write(tmp_path, fam, task="selective_copy" if fam != "lstm" else "parity", length=12 if fam != "lstm" else 9,
-                                             longer=24 if fam != "lstm" else 18), "--out", tmp_path / "run", "--json", "--no-progress"], capsys)
+    parity = fam in ("lstm", "slstm")
+    code, out, err = run(["sequence", _write(tmp_path, fam, task="parity" if parity else "selective_copy", length=9 if parity else 12,
+                                             longer=18 if parity else 24), "--out", tmp_path / "run", "--json", "--no-progress"], capsys)
     assert code == 0, err
     s = json.loads(out)
+    assert s["family"] == fam  # the table names the cell, not the rnn family
     first, second = s["scores"]
     assert first["length"] in (12, 9) and 0 <= first["accuracy"] <= 1 and first["examples"] == 32
     if fam == "gpt":  # 24 + 4 markers: 28 tokens exceed its context of 24
