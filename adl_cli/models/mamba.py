@@ -25,6 +25,7 @@ from torch import nn
 
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.models.lm import LMConfig, TiedLM
+from adl_cli.nn.fp32 import in_float32
 from adl_cli.nn.scan import SCANS, selective_scan
 
 
@@ -117,7 +118,7 @@ class Mixer(nn.Module):
             delta = delta * keep[..., None]
         A = -torch.exp(self.A_log.float())
         method = "sequential" if state is not None and length == 1 else self.cfg.scan
-        y, h = selective_scan(x, delta, A, B, C, self.D, None if state is None else state[1], method=method, chunk=self.cfg.scan_chunk)
+        y, h = in_float32(selective_scan, x, delta, A, B, C, self.D, None if state is None else state[1], method=method, chunk=self.cfg.scan_chunk)
         if state is not None:
             state[0] = xt[:, :, -(k - 1):] if k > 1 else xt[:, :, :0]
             state[1] = h

@@ -26,6 +26,7 @@ from torch import nn
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.models.lm import LMConfig
 from adl_cli.models.mamba import Mamba, RMSNorm
+from adl_cli.nn.fp32 import in_float32
 from adl_cli.nn.ssd import SSD_FORMS, ssd
 
 
@@ -103,7 +104,7 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         x = x.reshape(b, length, h, p)
         form = "recurrent" if state is not None and length == 1 else cfg.ssd
-        y, last = ssd(x, dt, A, B, C, None if state is None else state[1], form=form, chunk=cfg.ssd_chunk)
+        y, last = in_float32(ssd, x, dt, A, B, C, None if state is None else state[1], form=form, chunk=cfg.ssd_chunk)
         y = (y + x * self.D[:, None]).reshape(b, length, e)
         if state is not None:
             k = cfg.d_conv

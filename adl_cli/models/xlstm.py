@@ -35,6 +35,7 @@ from torch import nn
 
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.models.lm import LMConfig, TiedLM
+from adl_cli.nn.fp32 import in_float32
 from adl_cli.nn.mlstm import MLSTM_FORMS, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
 
 
@@ -125,15 +126,15 @@ class MLSTMBlock(nn.Module):
             i_pre = i_pre.masked_fill(shut, float("-inf"))
             f_pre = f_pre.masked_fill(shut, float("inf"))
         if state is not None:
-            y, state[1] = (mlstm_recurrent(q, k, v, i_pre, f_pre, state[1]) if length == 1
-                           else mlstm_chunkwise(q, k, v, i_pre, f_pre, state[1], cfg.chunk))
+            y, state[1] = (in_float32(mlstm_recurrent, q, k, v, i_pre, f_pre, state[1]) if length == 1
+                           else in_float32(mlstm_chunkwise, q, k, v, i_pre, f_pre, state[1], cfg.chunk))
             state[0] = xt[:, :, -(cfg.d_conv - 1):] if cfg.d_conv > 1 else xt[:, :, :0]
         elif cfg.form == "parallel":
-            y = mlstm_parallel(q, k, v, i_pre, f_pre)
+            y = in_float32(mlstm_parallel, q, k, v, i_pre, f_pre)
         elif cfg.form == "recurrent":
-            y = mlstm_recurrent(q, k, v, i_pre, f_pre)[0]
+            y = in_float32(mlstm_recurrent, q, k, v, i_pre, f_pre)[0]
         else:
-            y = mlstm_chunkwise(q, k, v, i_pre, f_pre, chunk=cfg.chunk)[0]
+            y = in_float32(mlstm_chunkwise, q, k, v, i_pre, f_pre, chunk=cfg.chunk)[0]
         y = _head_rms(y.transpose(1, 2).reshape(b, length, e), h, self.out_norm) + self.skip * xc
         return x + self.down(y * F.silu(z))
 
@@ -190,7 +191,7 @@ class SLSTMBlock(nn.Module):
         h = cfg.n_head
         pre = self.W(self.norm(x)).reshape(b, length, 4, h, c // h)
         start = self.zero_state(b, x.device, x.dtype) if state is None else state[0]
-        y, last = slstm_scan(pre, self.R, start, keep, cfg.stabilise)
+        y, last = in_float32(slstm_scan, pre, self.R, start, keep, cfg.stabilise)
         if state is not None:
             state[0] = last
         x = x + _head_rms(y.reshape(b, length, c), h, self.out_norm)

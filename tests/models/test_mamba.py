@@ -62,3 +62,4 @@ def test_left_padded_batches_equal_each_prompt_alone(model):
     together = generate_batch(model, prompts, 10)
     for p, row in zip(prompts, together):
         assert generate_batch(model, [p], 10)[0].tokens == row.tokens
+
