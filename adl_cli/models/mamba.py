@@ -25,6 +25,7 @@ from torch import nn
 
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.models.lm import LMConfig, TiedLM
+from adl_cli.nn.causal_conv import CausalConv
 from adl_cli.nn.fp32 import in_float32
 from adl_cli.nn.scan import SCANS, selective_scan
 
@@ -65,7 +66,7 @@ class MambaConfig(LMConfig, ModelConfig):
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """A layer's decode state per sequence: the convolution's last inputs, the SSM state."""
-        return (self.inner, self.d_conv - 1), (self.inner, self.d_state)
+        return (self.d_conv - 1, self.inner), (self.inner, self.d_state)
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +84,7 @@ class Mixer(nn.Module):
         e, n, r = cfg.inner, cfg.d_state, cfg.rank
         self.cfg = cfg
         self.in_proj = nn.Linear(cfg.n_embd, 2 * e, bias=False)
-        self.conv = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1)
+        self.conv = CausalConv(e, cfg.d_conv)
         self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, e)
         dt = torch.exp(torch.rand(e) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))  # steps in [1e-3, 0.1]
@@ -100,19 +101,13 @@ class Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, keep: torch.Tensor | None = None, state=None):
         """u (B, L, C) -> (B, L, C). ``keep`` (B, L) bool: False at left padding. ``state``: a layer's
-        (conv inputs (B, E, d_conv - 1), ssm state (B, E, N)) to continue from and to update."""
+        (conv inputs (B, d_conv - 1, E), ssm state (B, E, N)) to continue from and to update."""
         b, length, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)
         if keep is not None:
             x = x * keep[..., None]
-        xt = x.transpose(1, 2)  # (B, E, L)
-        k = self.cfg.d_conv
-        if state is not None:
-            xt = torch.cat([state[0], xt], dim=2)
-            conv = F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])[:, :, -length:]
-        else:
-            conv = self.conv(xt)[:, :, :length]
-        x = F.silu(conv.transpose(1, 2))
+        conv, last_inputs = self.conv(x, None if state is None else state[0])
+        x = F.silu(conv)
         delta, B, C = self._ssm_inputs(x)
         if keep is not None:
             delta = delta * keep[..., None]
@@ -120,8 +115,7 @@ class Mixer(nn.Module):
         method = "sequential" if state is not None and length == 1 else self.cfg.scan
         y, h = in_float32(selective_scan, x, delta, A, B, C, self.D, None if state is None else state[1], method=method, chunk=self.cfg.scan_chunk)
         if state is not None:
-            state[0] = xt[:, :, -(k - 1):] if k > 1 else xt[:, :, :0]
-            state[1] = h
+            state[0], state[1] = last_inputs, h
         return self.out_proj(y * F.silu(z))
 
 
@@ -135,7 +129,7 @@ class Block(nn.Module):
 
 
 class MambaState:
-    """The decode state: per layer [conv inputs (B, channels, d_conv - 1), SSM state (B, ...)], the
+    """The decode state: per layer [conv inputs (B, d_conv - 1, channels), SSM state (B, ...)], the
     shapes from the config's ``state_shapes`` (Mamba and Mamba-2)."""
 
     can_be_static = False

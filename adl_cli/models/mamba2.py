@@ -26,6 +26,7 @@ from torch import nn
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.models.lm import LMConfig
 from adl_cli.models.mamba import Mamba, RMSNorm
+from adl_cli.nn.causal_conv import CausalConv
 from adl_cli.nn.fp32 import in_float32
 from adl_cli.nn.ssd import SSD_FORMS, ssd
 
@@ -67,7 +68,7 @@ class Mamba2Config(LMConfig, ModelConfig):
         return self.inner // self.headdim
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (self.inner + 2 * self.d_state, self.d_conv - 1), (self.n_heads, self.headdim, self.d_state)
+        return (self.d_conv - 1, self.inner + 2 * self.d_state), (self.n_heads, self.headdim, self.d_state)
 
 
 class Mamba2Mixer(nn.Module):
@@ -76,7 +77,7 @@ class Mamba2Mixer(nn.Module):
         e, n, h = cfg.inner, cfg.d_state, cfg.n_heads
         self.cfg = cfg
         self.in_proj = nn.Linear(cfg.n_embd, 2 * e + 2 * n + h, bias=False)
-        self.conv = nn.Conv1d(e + 2 * n, e + 2 * n, cfg.d_conv, groups=e + 2 * n, padding=cfg.d_conv - 1)
+        self.conv = CausalConv(e + 2 * n, cfg.d_conv)
         dt = torch.exp(torch.rand(h) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.A_log = nn.Parameter(torch.log(torch.empty(h).uniform_(1, 16)))
@@ -91,13 +92,8 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(u).split([e, e + 2 * n, h], dim=-1)
         if keep is not None:
             xbc = xbc * keep[..., None]
-        xt = xbc.transpose(1, 2)
-        if state is not None:
-            xt = torch.cat([state[0], xt], dim=2)
-            conv = F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])[:, :, -length:]
-        else:
-            conv = self.conv(xt)[:, :, :length]
-        x, B, C = F.silu(conv.transpose(1, 2)).split([e, n, n], dim=-1)
+        conv, last_inputs = self.conv(xbc, None if state is None else state[0])
+        x, B, C = F.silu(conv).split([e, n, n], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
         if keep is not None:
             dt = dt * keep[..., None]
@@ -107,9 +103,7 @@ class Mamba2Mixer(nn.Module):
         y, last = in_float32(ssd, x, dt, A, B, C, None if state is None else state[1], form=form, chunk=cfg.ssd_chunk)
         y = (y + x * self.D[:, None]).reshape(b, length, e)
         if state is not None:
-            k = cfg.d_conv
-            state[0] = xt[:, :, -(k - 1):] if k > 1 else xt[:, :, :0]
-            state[1] = last
+            state[0], state[1] = last_inputs, last
         return self.out_proj(self.norm(y * F.silu(z)))
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from adl_cli.models import FAMILIES, Family, ModelConfig
 from adl_cli.models.lm import LMConfig, TiedLM
+from adl_cli.nn.causal_conv import CausalConv
 from adl_cli.nn.fp32 import in_float32
 from adl_cli.nn.mlstm import MLSTM_FORMS, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
 
@@ -89,7 +90,7 @@ class MLSTMBlock(nn.Module):
         self.cfg = cfg
         self.norm = nn.LayerNorm(cfg.n_embd, bias=False)
         self.up = nn.Linear(cfg.n_embd, 2 * e, bias=False)
-        self.conv = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1)
+        self.conv = CausalConv(e, cfg.d_conv)
         self.q, self.k, self.v = (nn.Linear(e, e, bias=False) for _ in range(3))
         self.gates = nn.Linear(e, 2 * h)
         with torch.no_grad():  # forget gates start open (bias 3..6), input gates small
@@ -108,13 +109,8 @@ class MLSTMBlock(nn.Module):
         xm, z = self.up(self.norm(x)).chunk(2, dim=-1)
         if keep is not None:
             xm = xm * keep[..., None]
-        xt = xm.transpose(1, 2)
-        if state is not None:
-            xt = torch.cat([state[0], xt], dim=2)
-            conv = F.conv1d(xt, self.conv.weight, self.conv.bias, groups=e)[:, :, -length:]
-        else:
-            conv = self.conv(xt)[:, :, :length]
-        xc = F.silu(conv.transpose(1, 2))
+        conv, last_inputs = self.conv(xm, None if state is None else state[0])
+        xc = F.silu(conv)
 
         def heads(t):
             return t.reshape(b, length, h, d).transpose(1, 2)
@@ -128,7 +124,7 @@ class MLSTMBlock(nn.Module):
         if state is not None:
             y, state[1] = (in_float32(mlstm_recurrent, q, k, v, i_pre, f_pre, state[1]) if length == 1
                            else in_float32(mlstm_chunkwise, q, k, v, i_pre, f_pre, state[1], cfg.chunk))
-            state[0] = xt[:, :, -(cfg.d_conv - 1):] if cfg.d_conv > 1 else xt[:, :, :0]
+            state[0] = last_inputs
         elif cfg.form == "parallel":
             y = in_float32(mlstm_parallel, q, k, v, i_pre, f_pre)
         elif cfg.form == "recurrent":
@@ -200,7 +196,7 @@ class SLSTMBlock(nn.Module):
 
 
 class XLSTMState:
-    """The decode state per layer: mLSTM [conv inputs (b, E, d_conv - 1), (C, n, m)]; sLSTM
+    """The decode state per layer: mLSTM [conv inputs (b, d_conv - 1, E), (C, n, m)]; sLSTM
     [(c, n, m, h)]. Constant size whatever the length."""
 
     can_be_static = False
@@ -214,7 +210,7 @@ class XLSTMState:
         cfg, b, kw = self.model.config, self.batch, dict(device=self.device, dtype=self.dtype)
         if cfg.family == "mlstm":
             h, d = cfg.n_head, cfg.inner // cfg.n_head
-            self.layers = [[torch.zeros(b, cfg.inner, cfg.d_conv - 1, **kw),
+            self.layers = [[torch.zeros(b, cfg.d_conv - 1, cfg.inner, **kw),
                             (torch.zeros(b, h, d, d, **kw), torch.zeros(b, h, d, **kw), torch.zeros(b, h, **kw))] for _ in range(cfg.n_layer)]
         else:
             self.layers = [[block.zero_state(b, self.device, self.dtype)] for block in self.model.blocks]
