@@ -9,7 +9,8 @@
     seeds      the models alternate their order seed by seed (forward, then backward)
     measured   accuracy on the answers at 1x, 2x and 4x the training length (medians over seeds),
                training tokens/s, greedy decoding tokens/s (batch 1), the decode state's bytes at
-               each length (a constant recurrent state against the GPT's growing cache)
+               each length (a constant recurrent state against the GPT's growing cache); the
+               report also in OUT/report.json
 
 ``--task lm``: language modelling on the main job's corpus (recipes/pretrain/tiny.toml's data and
 training settings, each model's own [model] section at context ``LM_CONTEXT``) at an equal wall
@@ -18,6 +19,7 @@ time; scored in validation bits per byte.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from adl_cli.engine.checkpoint import atomic_write_text
 from adl_cli.errors import AdlError, opt, pick
 
 MODELS = ("rnn", "gru", "lstm", "slstm", "mlstm", "mamba", "mamba2", "gpt")
@@ -162,9 +165,11 @@ def run_bench_sequence(models: list[str], out: Path, *, task: str | None = None,
             bench.collect(r, s)
             if i == 0:
                 bench.decode(r, Path(s["run_dir"]))
-    return {"task": bench.task_name, "budget": {"steps": steps, "budget_seconds": budget_seconds}, "seeds": seeds, "probe_steps": probe_steps,
-            "lengths": bench.lengths, "lr_grid": grid if tune else [], "settings": {m: own[m] for m in models if own[m]},
-            "shared_settings": shared, "rows": [results[m].row() for m in models]}
+    report = {"task": bench.task_name, "budget": {"steps": steps, "budget_seconds": budget_seconds}, "seeds": seeds, "probe_steps": probe_steps,
+              "lengths": bench.lengths, "lr_grid": grid if tune else [], "settings": {m: own[m] for m in models if own[m]},
+              "shared_settings": shared, "rows": [results[m].row() for m in models]}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    return report
 
 
 class _TaskBench:

@@ -30,7 +30,7 @@ def test_models_side_by_side_with_a_tuned_learning_rate(tmp_path, capsys, run):
         assert len(set(rows[name]["state_bytes"].values())) == 1
     sizes = rows["gpt"]["state_bytes"]  # a cache per token: 9, 17, 33 tokens
     assert sizes["33"] / sizes["9"] == 33 / 9
-    assert png.stat().st_size > 0
+    assert png.stat().st_size > 0 and json.loads((out / "report.json").read_text()) == report
     code, table, _ = run(["bench-sequence", "--models", "gru,gpt", "--steps", "2", "--seeds", "1", *SMALL, "--out", tmp_path / "b2"], capsys)
     assert code == 0 and "acc@32" in table and "2 steps each" in table
 
