@@ -56,8 +56,9 @@ def bench_sequence(
     lm = report["task"] == "lm"
     lengths = report["lengths"]
     budget = report["budget"]
-    equal_steps = not budget["budget_seconds"]
-    spent = f"{report['rows'][0]['steps']} steps each" if equal_steps else f"{budget['budget_seconds']:g} s of training each"
+    equal_steps = not budget["budget_seconds"] and len({r["steps"] for r in report["rows"]}) == 1
+    spent = (f"{report['rows'][0]['steps']} steps each" if equal_steps else f"{budget['budget_seconds']:g} s of training each"
+             if budget["budget_seconds"] else "each recipe's own steps")
     t = Table("model", "params", *([] if equal_steps else ["steps"]), "train tok/s", "dec tok/s",
               title=f"{report['task']}: {spent}, median of {report['seeds']} seed(s)", title_justify="left")
     if lm:

@@ -246,21 +246,18 @@ class _LMBench:
     task_name = "lm"
 
     def __init__(self, models, shared, own):
-        import dataclasses
         import tempfile
 
         from adl_cli.cli.recipes import find_recipe
         from adl_cli.methods.pretrain import load_pretrain_recipe
-        from adl_cli.methods.sequence import load_sequence_recipe
+        from adl_cli.methods.sequence import lm_pretrain_recipe, load_sequence_recipe
         from adl_cli.recipe import dump_recipe
 
-        base = load_pretrain_recipe(find_recipe("pretrain/tiny"))
         self.texts = {}
         for m in models:
-            model = dataclasses.replace(load_sequence_recipe(find_recipe(f"sequence/{m}")).model, block_size=LM_CONTEXT)
-            recipe = dataclasses.replace(base, name=f"lm-{m}", description=f"{m} (recipes/sequence/{m}.toml's model) on the main job's corpus",
-                                         model=model, sample_tokens=1)
-            self.texts[m] = dump_recipe(recipe, header=f"adl bench-sequence --task lm: {m} on recipes/pretrain/tiny.toml's data and training")
+            recipe = lm_pretrain_recipe(load_sequence_recipe(find_recipe(f"sequence/{m}")).model, f"lm-{m}", LM_CONTEXT)
+            self.texts[m] = dump_recipe(recipe, header=f"adl bench-sequence --task lm: recipes/sequence/{m}.toml's model on "
+                                                       f"recipes/pretrain/tiny.toml's data and training")
         self.sets = {m: shared + own[m] for m in models}
         self.lengths = [LM_CONTEXT]
         with tempfile.TemporaryDirectory() as tmp:  # every recipe and setting checked before anything is written

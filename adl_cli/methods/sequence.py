@@ -1,5 +1,5 @@
-"""``adl sequence RECIPE``: a language-model family (gpt, mamba, rnn, perceiver_ar) trained on a
-synthetic sequence task through the one trainer.
+"""``adl sequence RECIPE``: a language-model family (gpt, mamba, mamba2, mlstm, slstm, rnn,
+perceiver_ar) trained on a synthetic sequence task through the one trainer.
 
 The recipe (recipes/sequence/<name>.toml) names the family in ``[model]`` (its vocabulary comes
 from the task), the task in ``[task]`` (its name, the training length, the lengths to evaluate at,
@@ -9,6 +9,12 @@ its answers right), on a fixed evaluation set per length (its own seed; the vali
 training logs and that picks a learning rate is another), at the training length
 and at the longer ``eval_lengths``; a model whose positions stop at its context
 (``model.block_size``) is not scored past it.
+
+``task.name = "lm"``: language modelling instead, as an `adl pretrain` run of the recipe's
+[model] and [train] on the main job's corpus and tokenizer (recipes/pretrain/tiny.toml's [data];
+``task.options`` change its keys, e.g. ``{ corpus = "notes.txt", tokenizer = "bytes" }``) at
+``task.length`` tokens of context, scored in validation bits per byte (``eval_lengths`` do not
+apply).
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ class TaskSection:
     options: dict[str, Any] = field(default_factory=dict)  # the task's own: k, data_vocab, keys, ...
 
     def validate(self) -> None:
-        if self.name not in SEQUENCE_TASKS.names():
-            raise ValueError(f"task.name must be one of {', '.join(SEQUENCE_TASKS.names())}, got '{self.name}'")
+        names = [*SEQUENCE_TASKS.names(), LM]
+        if self.name not in names:
+            raise ValueError(f"task.name must be one of {', '.join(names)}, got '{self.name}'")
         if self.length < 1 or self.eval_examples < 1 or any(n < 1 for n in self.eval_lengths):
             raise ValueError("task.length, task.eval_lengths and task.eval_examples must be >= 1")
 
@@ -80,6 +87,32 @@ class TaskBatches:
     def __call__(self, step: int, micro: int, rank: int, world: int):
         gen = torch.Generator().manual_seed(hash((self.seed, step, micro, rank, world)) & 0x7FFF_FFFF)
         return self.task.batch(self.batch_size, self.length, gen)
+
+
+LM = "lm"  # language modelling: the main job's corpus and tokenizer (recipes/pretrain/tiny.toml), in bits per byte
+
+
+def lm_pretrain_recipe(model: ModelConfig, name: str, context: int, train: TrainConfig | None = None, data: dict[str, Any] | None = None):
+    """A pretraining recipe for language modelling with ``model`` at ``context`` tokens:
+    recipes/pretrain/tiny.toml's [data] (``data``: keys of it to change, e.g. the corpus) and its
+    training settings unless ``train`` is given."""
+    import dataclasses
+
+    from adl_cli.cli.recipes import find_recipe
+    from adl_cli.methods.pretrain import load_pretrain_recipe
+
+    base = load_pretrain_recipe(find_recipe("pretrain/tiny"))
+    keys = {f.name for f in dataclasses.fields(base.data)}
+    unknown = sorted(set(data or {}) - keys)
+    if unknown:
+        raise AdlError(f"task.options: the lm task takes [data] keys of adl pretrain ({', '.join(sorted(keys))}), got {', '.join(unknown)}")
+    corpus = dataclasses.replace(base.data, **(data or {}))
+    try:
+        corpus.validate()
+    except ValueError as e:
+        raise AdlError(f"task.options: {e}") from None
+    return dataclasses.replace(base, name=name, description=f"{model.family} on the main job's corpus at {context} tokens",
+                               model=dataclasses.replace(model, block_size=context), train=train or base.train, data=corpus, sample_tokens=1)
 
 
 VALIDATION = 1  # the seed of the validation sets (choosing a learning rate); the scores use seed 0
@@ -123,6 +156,8 @@ def run_sequence(recipe: SequenceRecipe, out: Path, *, resume: bool = False, for
     out = Path(out)
     t0 = time.perf_counter()
     ts = recipe.task
+    if ts.name == LM:
+        return _run_lm(recipe, out, resume=resume, force=force, progress=progress, accelerator=accelerator, log=log)
     task = _task(ts)
     try:
         spec = task.spec(ts.length)
@@ -179,6 +214,21 @@ def run_sequence(recipe: SequenceRecipe, out: Path, *, resume: bool = False, for
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "report.md", report_markdown(summary))
     return SequenceOutcome(out, summary)
+
+
+def _run_lm(recipe: SequenceRecipe, out: Path, **kw) -> SequenceOutcome:
+    """Language modelling as an `adl pretrain` run (its folder, report and checkpoints) of the
+    recipe's [model] and [train] at task.length tokens; scored in validation bits per byte."""
+    from adl_cli.methods.pretrain import load_pretrain_recipe, run_pretrain
+
+    ts = recipe.task
+    outcome = run_pretrain(lm_pretrain_recipe(recipe.model, recipe.name, ts.length, recipe.train, ts.options), out, load=load_pretrain_recipe, **kw)
+    if not outcome.main:
+        return SequenceOutcome(out, {}, main=False)
+    p = outcome.summary
+    return SequenceOutcome(out, {"name": recipe.name, "family": getattr(recipe.model, "label", recipe.model.family), "task": LM, "length": ts.length,
+                                 "parameters": p["parameters"], "steps": p["steps"], "tokens_seen": p["tokens"], "tokens_per_s": p["tokens_per_s"],
+                                 "train_wall_s": p["train_wall_s"], "scores": [{"length": ts.length, "bits_per_byte": p["val_bits_per_byte"]}]})
 
 
 def report_markdown(s: dict[str, Any]) -> str:

@@ -48,9 +48,7 @@ class MambaConfig(LMConfig, ModelConfig):
     recurrent = True
 
     def validate(self) -> None:
-        for name in ("n_layer", "n_embd", "d_state", "d_conv", "expand", "block_size", "scan_chunk", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive("n_layer", "n_embd", "d_state", "d_conv", "expand", "block_size", "scan_chunk", "vocab_multiple")
         if self.dt_rank < 0 or self.vocab_size < 0:
             raise ValueError("model.dt_rank and model.vocab_size must be >= 0 (0: derived)")
         if self.scan not in SCANS:
@@ -160,8 +158,6 @@ class Mamba(TiedLM):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         cfg.validate()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
         self.tie(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, self.mixer) for _ in range(cfg.n_layer))
@@ -171,15 +167,7 @@ class Mamba(TiedLM):
             nn.init.normal_(block.mixer.out_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def hidden(self, idx: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        keep = None
-        if state is not None and state.pad is not None and state.length == 0:
-            keep = torch.arange(idx.shape[1], device=idx.device)[None] >= state.pad[:, None]
-        x = self.wte(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, keep, None if state is None else state.layers[i])
-        if state is not None:
-            state.length += idx.shape[1]
-        return self.norm_f(x)
+        return self.through_blocks(idx, state)
 
     def setup_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> MambaState:
         return MambaState(self.config, batch, max_len or self.config.block_size, device or self.wte.weight.device,

@@ -49,9 +49,7 @@ class Mamba2Config(LMConfig, ModelConfig):
     recurrent = True
 
     def validate(self) -> None:
-        for name in ("n_layer", "n_embd", "d_state", "d_conv", "expand", "headdim", "block_size", "ssd_chunk", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive("n_layer", "n_embd", "d_state", "d_conv", "expand", "headdim", "block_size", "ssd_chunk", "vocab_multiple")
         if self.vocab_size < 0:
             raise ValueError("model.vocab_size must be >= 0 (0: from the tokenizer)")
         if self.inner % self.headdim:

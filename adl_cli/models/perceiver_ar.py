@@ -46,9 +46,7 @@ class PerceiverARConfig(LMConfig, ModelConfig):
     position = "learned"
 
     def validate(self) -> None:
-        for name in ("block_size", "latents", "n_layer", "n_head", "n_embd", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive("block_size", "latents", "n_layer", "n_head", "n_embd", "vocab_multiple")
         if self.latents > self.block_size:
             raise ValueError(f"model.latents ({self.latents}) must be <= model.block_size ({self.block_size})")
         if self.n_embd % self.n_head:
@@ -129,8 +127,6 @@ class PerceiverAR(TiedLM):
     def __init__(self, cfg: PerceiverARConfig):
         super().__init__()
         cfg.validate()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
         c = cfg.n_embd
         self.tie(cfg.vocab_size, c)

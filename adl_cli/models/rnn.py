@@ -41,9 +41,7 @@ class RNNConfig(LMConfig, ModelConfig):
         return self.cell
 
     def validate(self) -> None:
-        for name in ("n_layer", "n_embd", "block_size", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive("n_layer", "n_embd", "block_size", "vocab_multiple")
         if self.cell not in GATES:
             raise ValueError(f"model.cell must be one of {', '.join(GATES)}, got '{self.cell}'")
         if self.impl not in ("fast", "teaching"):
@@ -85,8 +83,6 @@ class RNNLM(TiedLM):
     def __init__(self, cfg: RNNConfig):
         super().__init__()
         cfg.validate()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
         self.tie(cfg.vocab_size, cfg.n_embd)
         self.cells = nn.ModuleList(RecurrentCell(cfg.cell, cfg.n_embd, cfg.n_embd) for _ in range(cfg.n_layer))

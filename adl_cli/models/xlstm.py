@@ -60,9 +60,7 @@ class XLSTMConfig(LMConfig, ModelConfig):
     def validate(self) -> None:
         if self.family not in ("mlstm", "slstm"):
             raise ValueError(f"an xLSTM's family is mlstm or slstm, got '{self.family}'")
-        for name in ("n_layer", "n_embd", "n_head", "expand", "d_conv", "chunk", "block_size", "vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive("n_layer", "n_embd", "n_head", "expand", "d_conv", "chunk", "block_size", "vocab_multiple")
         if self.vocab_size < 0:
             raise ValueError("model.vocab_size must be >= 0 (0: from the tokenizer)")
         width = self.inner if self.family == "mlstm" else self.n_embd
@@ -236,8 +234,6 @@ class XLSTM(TiedLM):
     def __init__(self, cfg: XLSTMConfig):
         super().__init__()
         cfg.validate()
-        if cfg.vocab_size < 1:
-            raise ValueError("model.vocab_size is set from the tokenizer: build from config.with_vocab(size)")
         self.config = cfg
         self.tie(cfg.vocab_size, cfg.n_embd)
         block = MLSTMBlock if cfg.family == "mlstm" else SLSTMBlock
@@ -246,15 +242,7 @@ class XLSTM(TiedLM):
         nn.init.normal_(self.wte.weight, std=0.02)
 
     def hidden(self, idx: torch.Tensor, state: XLSTMState | None = None) -> torch.Tensor:
-        keep = None
-        if state is not None and state.pad is not None and state.length == 0:
-            keep = torch.arange(idx.shape[1], device=idx.device)[None] >= state.pad[:, None]
-        x = self.wte(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, keep, None if state is None else state.layers[i])
-        if state is not None:
-            state.length += idx.shape[1]
-        return self.norm_f(x)
+        return self.through_blocks(idx, state)
 
     def setup_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> XLSTMState:
         return XLSTMState(self, batch, max_len or self.config.block_size, device or self.wte.weight.device, dtype or self.wte.weight.dtype)

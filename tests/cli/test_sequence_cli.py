@@ -99,3 +99,21 @@ def test_bad_input_is_one_line(tmp_path, capsys, run):
     code, _, err = run(["sequence", vit, "--out", tmp_path / "bad", "--no-progress"], capsys)
     assert code == 2 and "not a language model" in err and not (tmp_path / "bad").exists(), err
 
+
+
+def test_the_lm_task_is_a_pretraining_run_scored_in_bits_per_byte(tmp_path, small_corpus, capsys, run):
+    p = tmp_path / "lm.toml"
+    options = f'{{ corpus = "{small_corpus.as_posix()}", tokenizer = "bytes" }}'
+    p.write_text(RECIPE.format(model=MODELS["mamba2"], task="lm", length=32, longer=64, steps=4, ck=0, options=options))
+    out = tmp_path / "run"
+    code, stdout, err = run(["sequence", p, "--out", out, "--json", "--no-progress"], capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["task"] == "lm" and s["family"] == "mamba2" and s["steps"] == 4
+    pretrained = json.loads((out / "summary.json").read_text())  # an adl pretrain run folder
+    assert s["scores"] == [{"length": 32, "bits_per_byte": pretrained["val_bits_per_byte"]}] and 0 < pretrained["val_bits_per_byte"] < 8
+    assert load_run(out).model.config.block_size == 32
+    code, table, err = run(["sequence", p, "--out", tmp_path / "again", "--no-progress"], capsys)
+    assert code == 0 and "bits per byte" in table, err
+    code, _, err = run(["sequence", p, "--out", tmp_path / "bad", "--set", "task.options={colour = 1}", "--no-progress"], capsys)
+    assert code == 2 and "the lm task takes [data] keys" in err and not (tmp_path / "bad").exists(), err

@@ -1,6 +1,7 @@
-"""Mamba and Mamba-2 as language models: causal; decoding step by step from the recurrent state
-equals the full forward (the state's size independent of the length); left-padded batches equal
-each prompt alone; the three scans (Mamba) and the three SSD forms (Mamba-2) give one model."""
+"""The recurrent language-model families (Mamba, Mamba-2, mLSTM, sLSTM): causal; each family's
+forms give one model (Mamba's three scans, Mamba-2's three SSD forms, the mLSTM's three forms);
+decoding step by step from the recurrent state equals the full forward (the state's size
+independent of the length); left-padded batches equal each prompt alone. (The RNNs: test_rnn_lm.py.)"""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import torch
 from adl_cli.models import build_model
 from adl_cli.models.mamba import MambaConfig
 from adl_cli.models.mamba2 import Mamba2Config
+from adl_cli.models.xlstm import XLSTMConfig
 
 TOL = dict(atol=1e-5, rtol=1e-4)  # fp32
 
 
 CONFIGS = {"mamba": MambaConfig(n_layer=2, n_embd=16, d_state=4, block_size=32, scan_chunk=8),
-           "mamba2": Mamba2Config(n_layer=2, n_embd=16, d_state=4, headdim=8, block_size=32, ssd_chunk=8)}
-OTHER_FORMS = {"mamba": ("scan", ("sequential", "parallel")), "mamba2": ("ssd", ("recurrent", "quadratic"))}
+           "mamba2": Mamba2Config(n_layer=2, n_embd=16, d_state=4, headdim=8, block_size=32, ssd_chunk=8),
+           "mlstm": XLSTMConfig(family="mlstm", n_layer=2, n_embd=16, n_head=2, block_size=32, chunk=8),
+           "slstm": XLSTMConfig(family="slstm", n_layer=2, n_embd=16, n_head=2, block_size=32)}
+OTHER_FORMS = {"mamba": ("scan", ("sequential", "parallel")), "mamba2": ("ssd", ("recurrent", "quadratic")),
+               "mlstm": ("form", ("parallel", "recurrent")), "slstm": ("form", ())}  # an sLSTM has only its loop
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -27,8 +32,8 @@ def model(request):
     return build_model(CONFIGS[request.param].with_vocab(40)).eval()
 
 
-def test_causal_and_the_scans_agree(model):
-    idx = torch.randint(0, 40, (2, 20))
+def test_causal_and_the_forms_agree(model):
+    idx = torch.randint(0, 40, (2, 21))
     logits = model(idx)[0]
     changed = idx.clone()
     changed[:, 12] = (changed[:, 12] + 1) % 40
@@ -62,4 +67,3 @@ def test_left_padded_batches_equal_each_prompt_alone(model):
     together = generate_batch(model, prompts, 10)
     for p, row in zip(prompts, together):
         assert generate_batch(model, [p], 10)[0].tokens == row.tokens
-
