@@ -21,6 +21,8 @@
 #  4g. adl rlhf ppo and grpo on CUDA (rollouts through the engine on the GPU, value head, adaptive
 #      KL) from a short all-tasks SFT run, then `adl eval --samples 8` (pass@k, majority vote)
 #  4h. adl bench-quantize --device cuda on 4d's main job (bitsandbytes' CUDA kernels, adl's GPTQ/AWQ)
+#  4i. sequence models: Mamba's chunked scan, Mamba-2's chunked SSD and the chunkwise mLSTM against
+#      their loops on CUDA (float64), benchmarks/scan.py on CUDA, a short adl bench-sequence
 #   5. a compact summary: tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for
 #      H100/H200 SXM; override with PEAK_TFLOPS=...)
 #
@@ -158,6 +160,32 @@ echo "== 4h. quantization on CUDA: bitsandbytes' CUDA NF4 / LLM.int8() kernels b
 timeout 200 $PY -m adl_cli bench-quantize "$OUTDIR/tiny" --device cuda --method int8 --method int4 --method nf4 --method nf4-adl \
   --method llm-int8 --method gptq --method awq --method smoothquant --max-tokens 32768 --plot "$OUTDIR/quant.png" --force 2>&1 | tail -24
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 4i. sequence models on CUDA: each fast form equals its reference, the scan's speed, a short bench-sequence"
+timeout 120 $PY - <<'EOF2'
+import torch
+from adl_cli.nn.mlstm import mlstm_chunkwise, mlstm_recurrent
+from adl_cli.nn.scan import selective_scan
+from adl_cli.nn.ssd import ssd
+torch.manual_seed(0)
+f = dict(device="cuda", dtype=torch.float64)
+x, delta = torch.randn(2, 300, 8, **f), torch.nn.functional.softplus(torch.randn(2, 300, 8, **f))
+A, B, C = -torch.rand(8, 4, **f) - 0.1, torch.randn(2, 300, 4, **f), torch.randn(2, 300, 4, **f)
+y0, _ = selective_scan(x, delta, A, B, C, method="sequential"); y1, _ = selective_scan(x, delta, A, B, C, method="chunked")
+print("mamba chunked vs loop (float64, cuda):", float((y1 - y0).abs().max()))
+xs, dt = torch.randn(2, 300, 3, 4, **f), torch.nn.functional.softplus(torch.randn(2, 300, 3, **f))
+A2 = -torch.rand(3, **f) - 0.1
+z0, _ = ssd(xs, dt, A2, B, C, form="recurrent"); z1, _ = ssd(xs, dt, A2, B, C, form="chunked")
+print("mamba-2 chunked SSD vs recurrence (float64, cuda):", float((z1 - z0).abs().max()))
+q, k, v = (torch.randn(2, 2, 300, 4, **f) for _ in range(3)); i, fg = torch.randn(2, 2, 300, **f), torch.randn(2, 2, 300, **f) + 2
+m0, _ = mlstm_recurrent(q, k, v, i, fg); m1, _ = mlstm_chunkwise(q, k, v, i, fg, chunk=32)
+print("mlstm chunkwise vs recurrent (float64, cuda):", float((m1 - m0).abs().max()))
+assert max(float((y1 - y0).abs().max()), float((z1 - z0).abs().max()), float((m1 - m0).abs().max())) < 1e-9
+EOF2
+[ $? = 0 ] || status=1
+timeout 150 $PY benchmarks/scan.py --device cuda --lengths 1024,4096 --batch 16 --repeats 5 --json "$OUTDIR/scan.json" || status=1
+timeout 240 $PY -m adl_cli bench-sequence --models mamba,mamba2,mlstm,lstm,gpt --steps 500 --seeds 1 --out "$OUTDIR/bench-sequence" \
+  --plot "$OUTDIR/bench-sequence.png" || status=1
 
 echo "== 5. summary"
 $PY - "$OUTDIR" "$PEAK" <<'EOF'

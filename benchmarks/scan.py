@@ -44,10 +44,17 @@ def contenders(chunk: int) -> dict:
 
 def one_call(fn, a0, b0, w):
     a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    sync()
     t0 = time.perf_counter()
     h = fn(a, b)
     ga, gb = torch.autograd.grad((h * w).sum(), (a, b))
+    sync()
     return time.perf_counter() - t0, h.detach(), ga, gb
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -58,6 +65,7 @@ def main() -> None:
     ap.add_argument("--state", type=int, default=16, help="N")
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -65,8 +73,8 @@ def main() -> None:
     rows = []
     for length in [int(v) for v in args.lengths.split(",")]:
         shape = (args.batch, length, args.channels, args.state)
-        a0 = torch.rand(shape) * 0.5 + 0.5  # decays in (0.5, 1): long memory, as Mamba's small steps give
-        b0, w = torch.randn(shape), torch.randn(shape)
+        a0 = torch.rand(shape, device=args.device) * 0.5 + 0.5  # decays in (0.5, 1): long memory, as Mamba's small steps give
+        b0, w = torch.randn(shape, device=args.device), torch.randn(shape, device=args.device)
         _, ref, ref_ga, ref_gb = one_call(fns["sequential"], a0, b0, w)
         times = {name: [] for name in fns}
         for name, fn in fns.items():  # warm-up and the check
@@ -85,7 +93,8 @@ def main() -> None:
         rows.append(row)
         print(f"L={length:5d} " + "  ".join(f"{name} {med[name] * 1e3:8.2f} ms" for name in med))
         print("        adl-chunked is " + ", ".join(f"{v:.2f}x as fast as {name}" for name, v in row["adl_vs"].items()))
-    report = {"host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    host = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or platform.machine()
+    report = {"host": host, "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "batch": args.batch, "channels": args.channels, "state": args.state, "chunk": args.chunk, "repeats": args.repeats,
               "rows": rows}
     if args.json:
