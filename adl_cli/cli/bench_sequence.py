@@ -22,7 +22,9 @@ def bench_sequence(
     tune_lr: str = typer.Option(None, "--tune-lr", help="Models to train at each learning rate of --lrs on seed 0, keeping the one "
                                 "with the best validation score (e.g. lstm).", show_default=False),
     lrs: str = typer.Option(None, "--lrs", help="The learning-rate grid of --tune-lr (default: 1e-3,3e-3,1e-2,3e-2).", show_default=False),
-    set_: list[str] = set_option(),
+    set_: list[str] = set_option("task.KEY=VALUE (not with --task lm) or train.KEY=VALUE for every model, "
+                                 "MODEL:KEY=VALUE for one model's recipe, e.g. --set task.length=32 --set mamba:model.d_state=8 "
+                                 "(repeatable)."),
     out: Path = typer.Option(Path("runs/bench-sequence"), "--out", "-o", help="Folder of the runs (OUT/<model>/seed-<k>)."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier benchmark in --out (and the --plot file)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object (nothing else on stdout)."),

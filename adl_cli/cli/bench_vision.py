@@ -15,7 +15,8 @@ def bench_vision(
     budget_seconds: float = typer.Option(60.0, "--budget-seconds", help="Training seconds each family gets (a probe run measures its "
                                          "seconds per step; steps = budget / that)."),
     seeds: int = typer.Option(3, "--seeds", help="Training seeds per family (families alternate their order seed by seed)."),
-    set_: list[str] = set_option(),
+    set_: list[str] = set_option("data.KEY=VALUE for every family, FAMILY:KEY=VALUE for one family's recipe, e.g. "
+                                 "--set data.set=shapes --set vit:model.patch=4 (repeatable)."),
     out: Path = typer.Option(Path("runs/bench-vision"), "--out", "-o", help="Folder of the runs (OUT/<family>/seed-<k>)."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier benchmark in --out (and the --plot file)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object (nothing else on stdout)."),

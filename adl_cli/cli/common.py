@@ -9,8 +9,8 @@ import typer
 SET_HELP = "Override a recipe key, e.g. --set train.steps=200 --set model.attention=flash (repeatable)."
 
 
-def set_option():
-    return typer.Option(None, "--set", "-s", help=SET_HELP, metavar="KEY=VALUE")
+def set_option(help: str = SET_HELP):
+    return typer.Option(None, "--set", "-s", help=help, metavar="KEY=VALUE")
 
 
 def default_out(recipe_path: Path, name: str) -> Path:
