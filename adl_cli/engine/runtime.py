@@ -56,6 +56,15 @@ def keep_freed_memory() -> str:
     return _allocator_state
 
 
+def flush_denormals() -> bool:
+    """Treat denormal floats (below 1.2e-38 in float32) as zero on the CPU (flush-to-zero and
+    denormals-are-zero). Arithmetic on denormals takes a slow path on x86, up to ~100x: a training
+    run whose gradients, optimizer moments or saturated gates drift there slows down for good (an
+    LSTM at lr 1e-2 on selective copying fell from 80k to 6k tokens/s over 3,000 steps). Values
+    that small are rounding noise to every model here. Returns whether the CPU supports it."""
+    return torch.set_flush_denormal(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -54,7 +54,7 @@ from adl_cli.engine import distributed as dist_
 from adl_cli.engine.distributed import STRATEGIES
 from adl_cli.engine import optim
 from adl_cli.engine.ema import EMA
-from adl_cli.engine.runtime import autocast_dtype, keep_freed_memory, matmul_peak, resolve_precision, seed_everything
+from adl_cli.engine.runtime import autocast_dtype, flush_denormals, keep_freed_memory, matmul_peak, resolve_precision, seed_everything
 from adl_cli.errors import AdlError, Interrupted, opt
 
 
@@ -264,6 +264,7 @@ class Trainer:
         self.parallel = "none" if world == 1 else cfg.distributed
         self.sharded = self.parallel == "fsdp"
         keep_freed_memory()  # glibc: reuse freed step buffers instead of re-faulting them (ADL_MALLOC=default opts out)
+        flush_denormals()  # x86: denormal arithmetic is a slow path that a long run can drift into
         self.raw_model = model.to(self.device)
         if cfg.activation_checkpointing:
             if not hasattr(self.raw_model, "activation_checkpointing"):
