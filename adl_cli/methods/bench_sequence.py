@@ -114,7 +114,7 @@ def run_bench_sequence(models: list[str], out: Path, *, task: str | None = None,
         raise AdlError(f"{opt('budget_seconds')} must be a positive number of seconds, got {budget_seconds}")
     if steps is not None and budget_seconds is not None:
         raise AdlError(f"{opt('steps')} (equal steps) and {opt('budget_seconds')} (equal wall time) are two budgets: give one")
-    tune = [m for m in (tune_lr or [])]
+    tune = list(tune_lr or [])
     for m in tune:
         if m not in models:
             raise AdlError(f"{opt('tune_lr')}: '{m}' is not among the models benchmarked ({', '.join(models)})")

@@ -51,3 +51,23 @@ def test_an_unknown_method_is_a_value_error():
     x, delta, A, B, C, D, _ = [t.detach() for t in _inputs(length=4)]
     with pytest.raises(ValueError, match="sequential, parallel, chunked"):
         selective_scan(x, delta, A, B, C, D, method="fft")
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_the_two_level_scan_on_its_own_equals_the_loop_forward_and_backward(chunk):
+    """scan_chunked (a, b -> states; the primitive benchmarks/scan.py times) with its written-out backward."""
+    from adl_cli.nn.scan import scan_chunked, scan_sequential
+
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(2, 23, 3, 4, generator=g, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    b = torch.randn(2, 23, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_h, ref_last = scan_sequential(a, b, h0)
+    h, last = scan_chunked(a, b, h0, chunk)
+    torch.testing.assert_close(h, ref_h, **TOL)
+    torch.testing.assert_close(last, ref_last, **TOL)
+    w = torch.randn_like(ref_h)
+    want = torch.autograd.grad((ref_h * w).sum() + ref_last.square().sum(), (a, b, h0))
+    got = torch.autograd.grad((h * w).sum() + last.square().sum(), (a, b, h0))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL)
